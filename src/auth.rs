@@ -1,0 +1,417 @@
+//! Biscuit bearer tokens: the root key, authentication, authorization, minting.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use biscuit_auth::builder::{fact, string, Check};
+use biscuit_auth::builder_ext::BuilderExt;
+use biscuit_auth::error::{FailedCheck, Logic, Token as TokenError};
+use biscuit_auth::{AuthorizerBuilder, AuthorizerLimits, Biscuit, BlockBuilder, KeyPair, PublicKey};
+
+use crate::config::AuthConfig;
+use crate::error::ApiError;
+
+/// The four operations the authorizer knows, as `operation($op)` facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    IdentityProvidersList,
+    LinkedIdentitiesList,
+    LinkedIdentitiesCreate,
+    LinkedIdentitiesDelete,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 4] = [
+        Operation::IdentityProvidersList,
+        Operation::LinkedIdentitiesList,
+        Operation::LinkedIdentitiesCreate,
+        Operation::LinkedIdentitiesDelete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::IdentityProvidersList => "identity_providers:list",
+            Operation::LinkedIdentitiesList => "linked_identities:list",
+            Operation::LinkedIdentitiesCreate => "linked_identities:create",
+            Operation::LinkedIdentitiesDelete => "linked_identities:delete",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Operation> {
+        Operation::ALL.into_iter().find(|op| op.as_str() == text)
+    }
+}
+
+/// What a request asks to do, as the authorizer sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Access<'a> {
+    pub operation: Operation,
+    pub user: Option<&'a str>,
+    pub provider: Option<&'a str>,
+}
+
+/// The root key: the public half always, the private half where we hold it.
+pub struct RootKey {
+    pub public: PublicKey,
+    pub keypair: Option<KeyPair>,
+    /// Set when this call generated the key file.
+    pub generated: Option<PathBuf>,
+}
+
+impl RootKey {
+    /// Loads the key from the config, generating the key file on first use
+    /// when neither `auth.public_key` nor the key file exists.
+    pub fn load_or_create(config: &AuthConfig) -> anyhow::Result<RootKey> {
+        let path = &config.private_key_file;
+        let configured_public = config
+            .public_key
+            .as_deref()
+            .map(|text| {
+                text.parse::<PublicKey>()
+                    .map_err(|e| anyhow::anyhow!("auth.public_key is not a public key: {e}"))
+            })
+            .transpose()?;
+        let keypair = if !path.as_os_str().is_empty() && path.exists() {
+            Some(read_key_file(path)?)
+        } else {
+            None
+        };
+        match (configured_public, keypair) {
+            (Some(public), keypair) => Ok(RootKey {
+                public,
+                keypair,
+                generated: None,
+            }),
+            (None, Some(keypair)) => Ok(RootKey {
+                public: keypair.public(),
+                keypair: Some(keypair),
+                generated: None,
+            }),
+            (None, None) => {
+                let keypair = KeyPair::new();
+                write_key_file(path, &keypair)?;
+                Ok(RootKey {
+                    public: keypair.public(),
+                    keypair: Some(keypair),
+                    generated: Some(path.clone()),
+                })
+            }
+        }
+    }
+
+    /// The key pair, or why tokens cannot be minted here.
+    pub fn signing_key(&self) -> anyhow::Result<&KeyPair> {
+        self.keypair.as_ref().context(
+            "no private key: auth.public_key is set and auth.private_key_file does not exist, \
+             so tokens must be minted where the private key is",
+        )
+    }
+}
+
+fn read_key_file(path: &Path) -> anyhow::Result<KeyPair> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read auth.private_key_file {}", path.display()))?;
+    let private = text.trim().parse::<biscuit_auth::PrivateKey>().map_err(|_| {
+        anyhow::anyhow!(
+            "auth.private_key_file {} does not hold a private key in the form \"ed25519-private/<hex>\"",
+            path.display()
+        )
+    })?;
+    if let Ok(meta) = fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "the root key file is readable by other users; chmod 600 it");
+        }
+    }
+    Ok(KeyPair::from(&private))
+}
+
+fn write_key_file(path: &Path, keypair: &KeyPair) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the key directory {}", dir.display()))?;
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create auth.private_key_file {}", path.display()))?;
+    let text = keypair.private().to_prefixed_string();
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Revocation ids (hex) the server refuses; refreshed from the database.
+#[derive(Default)]
+pub struct RevocationList {
+    ids: RwLock<HashSet<String>>,
+}
+
+impl RevocationList {
+    pub fn extend(&self, ids: impl IntoIterator<Item = String>) {
+        let mut set = self.ids.write().unwrap_or_else(|e| e.into_inner());
+        set.extend(ids);
+    }
+
+    fn contains_any(&self, ids: &[String]) -> bool {
+        let set = self.ids.read().unwrap_or_else(|e| e.into_inner());
+        !set.is_empty() && ids.iter().any(|id| set.contains(id))
+    }
+}
+
+/// A token whose signature checked out, ready to be authorized.
+pub struct Bearer {
+    token: Biscuit,
+    revocation_ids: Vec<String>,
+    has_time_checks: bool,
+}
+
+impl Bearer {
+    /// A short, non-secret name for the token in logs: its last revocation id's prefix.
+    pub fn log_id(&self) -> &str {
+        self.revocation_ids
+            .last()
+            .map(|id| &id[..id.len().min(16)])
+            .unwrap_or("?")
+    }
+}
+
+/// Verifies bearer tokens and runs the authorizer.
+pub struct Authority {
+    root: PublicKey,
+    revoked: Arc<RevocationList>,
+    policies: AuthorizerBuilder,
+}
+
+const POLICIES: &str = r#"
+    allow if role("admin");
+    allow if operation($op), right($op);
+    deny if true;
+"#;
+
+impl Authority {
+    pub fn new(root: PublicKey, revoked: Arc<RevocationList>) -> Authority {
+        let policies = AuthorizerBuilder::new()
+            .code(POLICIES)
+            .expect("the built-in policies parse")
+            .set_limits(AuthorizerLimits {
+                max_facts: 1000,
+                max_iterations: 100,
+                // The default 1 ms trips on a busy two-core machine.
+                max_time: Duration::from_millis(50),
+            });
+        Authority {
+            root,
+            revoked,
+            policies,
+        }
+    }
+
+    /// Checks the `Authorization` header: present, well-formed, signed by the
+    /// root key, not revoked, not expired.
+    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Bearer, ApiError> {
+        let header = header.ok_or(ApiError::MissingToken)?;
+        let header = std::str::from_utf8(header).map_err(|_| ApiError::InvalidToken("malformed"))?;
+        let (scheme, token) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(ApiError::MissingToken);
+        }
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(ApiError::InvalidToken("empty"));
+        }
+        let token = Biscuit::from_base64(token, self.root).map_err(|e| match e {
+            TokenError::Format(biscuit_auth::error::Format::Signature(_)) => {
+                ApiError::InvalidToken("not signed by a key this server trusts")
+            }
+            _ => ApiError::InvalidToken("malformed"),
+        })?;
+        let bearer = Bearer {
+            revocation_ids: token.revocation_identifiers().iter().map(hex).collect(),
+            has_time_checks: has_time_only_checks(&token),
+            token,
+        };
+        self.check_current(&bearer)?;
+        Ok(bearer)
+    }
+
+    /// Revocation and expiry: these can change between two uses of one token.
+    fn check_current(&self, bearer: &Bearer) -> Result<(), ApiError> {
+        if self.revoked.contains_any(&bearer.revocation_ids) {
+            return Err(ApiError::InvalidToken("revoked"));
+        }
+        if bearer.has_time_checks {
+            let outcome = AuthorizerBuilder::new()
+                .time()
+                .code("allow if true;")
+                .and_then(|b| b.build(&bearer.token))
+                .and_then(|mut a| a.authorize());
+            if let Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. })) = &outcome {
+                if checks.iter().any(is_time_only) {
+                    return Err(ApiError::InvalidToken("expired"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the authorizer for one access: `Forbidden` unless a policy allows it.
+    pub fn authorize(&self, bearer: &Bearer, access: Access<'_>) -> Result<(), ApiError> {
+        let outcome = self
+            .authorizer_for(access)
+            .and_then(|b| b.build(&bearer.token))
+            .and_then(|mut a| a.authorize());
+        match outcome {
+            Ok(_) => Ok(()),
+            Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. }))
+                if checks.iter().any(is_time_only) =>
+            {
+                Err(ApiError::InvalidToken("expired"))
+            }
+            Err(_) => Err(ApiError::Forbidden),
+        }
+    }
+
+    /// Whether the bearer may perform this access now (for `embed=ACTIONS`).
+    pub fn allows(&self, bearer: &Bearer, access: Access<'_>) -> bool {
+        self.authorize(bearer, access).is_ok()
+    }
+
+    fn authorizer_for(&self, access: Access<'_>) -> Result<AuthorizerBuilder, TokenError> {
+        let mut builder = self
+            .policies
+            .clone()
+            .time()
+            .fact(fact("operation", &[string(access.operation.as_str())]))?;
+        if let Some(user) = access.user {
+            builder = builder.fact(fact("user", &[string(user)]))?;
+        }
+        if let Some(provider) = access.provider {
+            builder = builder.fact(fact("provider", &[string(provider)]))?;
+        }
+        Ok(builder)
+    }
+}
+
+fn hex(bytes: &Vec<u8>) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A check that looks only at `time` is an expiry (or not-before) bound:
+/// failing it makes the token invalid, not merely short of a right.
+fn is_time_only(failed: &FailedCheck) -> bool {
+    let rule = match failed {
+        FailedCheck::Block(b) => &b.rule,
+        FailedCheck::Authorizer(a) => &a.rule,
+    };
+    Check::try_from(rule.as_str()).is_ok_and(|check| check_is_time_only(&check))
+}
+
+fn check_is_time_only(check: &Check) -> bool {
+    !check.queries.is_empty()
+        && check.queries.iter().all(|query| {
+            !query.body.is_empty() && query.body.iter().all(|p| p.name == "time")
+        })
+}
+
+fn has_time_only_checks(token: &Biscuit) -> bool {
+    (0..token.block_count()).any(|i| {
+        token
+            .print_block_source(i)
+            .ok()
+            .and_then(|source| BlockBuilder::new().code(source).ok())
+            .is_some_and(|block| block.checks.iter().any(check_is_time_only))
+    })
+}
+
+/// What `linkid token mint` puts in a new token.
+#[derive(Debug, Default, Clone)]
+pub struct MintRequest {
+    pub admin: bool,
+    pub rights: Vec<Operation>,
+    pub user: Option<String>,
+    pub ttl: Option<Duration>,
+}
+
+/// Mints a token signed by the root key.
+pub fn mint(keypair: &KeyPair, request: &MintRequest) -> anyhow::Result<String> {
+    if !request.admin && request.rights.is_empty() {
+        bail!("a token needs --admin or at least one --right");
+    }
+    let mut builder = Biscuit::builder();
+    if request.admin {
+        builder = builder.fact(fact("role", &[string("admin")]))?;
+    }
+    for right in &request.rights {
+        builder = builder.fact(fact("right", &[string(right.as_str())]))?;
+    }
+    if let Some(user) = &request.user {
+        crate::domain::UserId::parse(user)
+            .map_err(|why| anyhow::anyhow!("--user {why}"))?;
+        // Listing the providers names no user, and a user's own token needs it.
+        builder = builder.code_with_params(
+            r#"check if user({user}) or operation("identity_providers:list");"#,
+            HashMap::from([("user".to_string(), string(user))]),
+            HashMap::new(),
+        )?;
+    }
+    if let Some(ttl) = request.ttl {
+        builder = builder.check_expiration_date(SystemTime::now() + ttl);
+    }
+    Ok(builder.build(keypair)?.to_base64()?)
+}
+
+/// A token's revocation ids (hex), verified against the root key.
+pub fn revocation_ids(root: PublicKey, token: &str) -> anyhow::Result<Vec<String>> {
+    let token = Biscuit::from_base64(token.trim(), root)
+        .context("the token is malformed or not signed by this root key")?;
+    Ok(token.revocation_identifiers().iter().map(hex).collect())
+}
+
+/// A readable description of a token: its blocks and revocation ids.
+pub fn inspect(root: PublicKey, token: &str) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let token = token.trim();
+    let (verified, blocks, ids) = match Biscuit::from_base64(token, root) {
+        Ok(t) => {
+            let blocks: Vec<String> = (0..t.block_count())
+                .map(|i| t.print_block_source(i).unwrap_or_default())
+                .collect();
+            (true, blocks, t.revocation_identifiers())
+        }
+        Err(_) => {
+            let t = biscuit_auth::UnverifiedBiscuit::from_base64(token)
+                .context("the token is not a biscuit")?;
+            let blocks: Vec<String> = (0..t.block_count())
+                .map(|i| t.print_block_source(i).unwrap_or_default())
+                .collect();
+            (false, blocks, t.revocation_identifiers())
+        }
+    };
+    let mut out = String::new();
+    writeln!(
+        out,
+        "signature: {}",
+        if verified {
+            "valid for this server's root key"
+        } else {
+            "NOT valid for this server's root key"
+        }
+    )?;
+    for (i, (source, id)) in blocks.iter().zip(&ids).enumerate() {
+        writeln!(out, "block {i}:")?;
+        writeln!(out, "  revocation id: {}", hex(id))?;
+        for line in source.lines().filter(|l| !l.trim().is_empty()) {
+            writeln!(out, "  {}", line.trim())?;
+        }
+    }
+    Ok(out)
+}

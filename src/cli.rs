@@ -1,0 +1,137 @@
+//! Command-line interface: `serve` (the default), `token ...` and `openapi`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::auth::{self, MintRequest, Operation, RootKey};
+use crate::config::Config;
+use crate::startup::{self, Application};
+use crate::store::Store;
+
+/// linkid: a small, fast server for the Linked Identities admin API.
+#[derive(Debug, Parser)]
+#[command(
+    name = "linkid",
+    version,
+    after_help = "Examples:\n  linkid                              serve with ./config.toml or the built-in defaults\n  linkid --config /etc/linkid.toml serve\n  linkid token mint --admin --ttl 1h  print an admin token valid for one hour\n  linkid openapi > openapi/openapi.json"
+)]
+pub struct Cli {
+    /// Config file (default: ./config.toml if present; also LINKID_CONFIG).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default when no command is given).
+    #[command(after_help = "Example:\n  LINKID_SERVER__ADDR=0.0.0.0:8080 linkid serve")]
+    Serve,
+    /// Mint, inspect and revoke bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print the OpenAPI document (JSON) on stdout.
+    #[command(after_help = "Example:\n  linkid openapi > openapi/openapi.json")]
+    Openapi,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new token signed by the root key (only the token, on stdout).
+    #[command(after_help = "Examples:\n  linkid token mint --admin\n  linkid token mint --right linked_identities:list --right identity_providers:list --ttl 30m\n  linkid token mint --admin --user u-42 --ttl 7d")]
+    Mint {
+        /// Grant every operation (role("admin")).
+        #[arg(long)]
+        admin: bool,
+        /// Grant one operation; repeat for more.
+        #[arg(long = "right", value_name = "OP", value_parser = clap::builder::PossibleValuesParser::new(Operation::ALL.map(Operation::as_str)))]
+        rights: Vec<String>,
+        /// Restrict the token to one user's linked identities (listing providers stays allowed).
+        #[arg(long, value_name = "USER_ID")]
+        user: Option<String>,
+        /// Expire the token after this long, e.g. 30s, 15m, 1h, 7d (default: never).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Show a token's blocks, checks and revocation ids.
+    #[command(after_help = "Example:\n  linkid token inspect \"$TOKEN\"")]
+    Inspect {
+        /// The token (base64).
+        token: String,
+    },
+    /// Revoke a token and every token attenuated from it; a running server
+    /// refuses it within a second.
+    #[command(after_help = "Example:\n  linkid token revoke \"$TOKEN\"")]
+    Revoke {
+        /// The token (base64).
+        token: String,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 30s, 15m, 1h, 7d)"))
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            startup::init_tracing(&config.log);
+            let app = Application::build(&config).await?;
+            tracing::info!(addr = %app.local_addr(), "listening; docs at /docs");
+            app.run_until_stopped(startup::shutdown_signal()).await
+        }
+        Command::Openapi => {
+            print!("{}", crate::openapi::document_json());
+            Ok(())
+        }
+        Command::Token(command) => run_token(&config, command).await,
+    }
+}
+
+async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
+    let key = RootKey::load_or_create(&config.auth)?;
+    if let Some(path) = &key.generated {
+        eprintln!("generated a new root key at {} (mode 0600)", path.display());
+    }
+    match command {
+        TokenCommand::Mint {
+            admin,
+            rights,
+            user,
+            ttl,
+        } => {
+            let request = MintRequest {
+                admin,
+                rights: rights.iter().filter_map(|r| Operation::parse(r)).collect(),
+                user,
+                ttl,
+            };
+            println!("{}", auth::mint(key.signing_key()?, &request)?);
+        }
+        TokenCommand::Inspect { token } => print!("{}", auth::inspect(key.public, &token)?),
+        TokenCommand::Revoke { token } => {
+            let ids = auth::revocation_ids(key.public, &token)?;
+            // The last block's id belongs to this token and to every token
+            // attenuated from it, and to no token it was attenuated from.
+            let own = ids.last().cloned().context("the token has no blocks")?;
+            let store = Store::open(&config.database.path, 1, 1)?;
+            let added = store
+                .revoke(vec![own.clone()])
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            store.close().await;
+            if added == 0 {
+                eprintln!("already revoked: {own}");
+            } else {
+                eprintln!("revoked: {own}");
+            }
+        }
+    }
+    Ok(())
+}

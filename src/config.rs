@@ -1,0 +1,210 @@
+//! Configuration: built-in defaults -> TOML file -> `LINKID_SECTION__KEY` env vars.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The shipped `config.toml`, which is also the built-in defaults layer.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
+
+/// Where the server looks for a config file when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
+
+/// The whole configuration, as read from every layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+    #[serde(default)]
+    pub identity_providers: Vec<IdentityProviderConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub shutdown_timeout_secs: u64,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+    pub pool_size: u32,
+    pub max_batch: usize,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub private_key_file: PathBuf,
+    #[serde(default)]
+    pub public_key: Option<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// `log.format`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One `[[identity_providers]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityProviderConfig {
+    pub id: String,
+    pub display_name: String,
+    pub protocol: Protocol,
+    #[serde(default = "default_linkable")]
+    pub linkable: bool,
+}
+
+fn default_linkable() -> bool {
+    true
+}
+
+/// The protocol an identity provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum Protocol {
+    #[serde(rename = "OIDC")]
+    Oidc,
+    #[serde(rename = "SAML")]
+    Saml,
+}
+
+/// Every problem found in a configuration, each naming its key.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for problem in &self.problems {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads the layers. `path` is the `--config` option; `LINKID_CONFIG` is
+    /// its fallback, then `./config.toml` if it exists.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let named = path
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("LINKID_CONFIG").map(PathBuf::from));
+        let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML));
+        match named {
+            Some(file) => {
+                if !file.is_file() {
+                    return Err(ConfigError {
+                        problems: vec![format!(
+                            "config file {} does not exist or is not a file: pass an existing file with --config or LINKID_CONFIG",
+                            file.display()
+                        )],
+                    });
+                }
+                figment = figment.merge(Toml::file_exact(file));
+            }
+            None => figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_PATH)),
+        }
+        let figment = figment.merge(
+            Env::prefixed("LINKID_")
+                .filter(|key| key.as_str() != "config")
+                .split("__"),
+        );
+        Self::from_figment(figment)
+    }
+
+    /// Extracts and checks a configuration from any figment (tests use this).
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(|errors| ConfigError {
+            problems: errors.into_iter().map(|e| e.to_string()).collect(),
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Checks that types alone cannot express.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.database.path.as_os_str().is_empty() {
+            problems.push("database.path is empty: set it to a file path".to_string());
+        }
+        if self.database.pool_size == 0 {
+            problems.push("database.pool_size is 0: set it to 1 or more".to_string());
+        }
+        if self.database.max_batch == 0 {
+            problems.push("database.max_batch is 0: set it to 1 or more".to_string());
+        }
+        if let Some(key) = &self.auth.public_key {
+            if let Err(e) = key.parse::<biscuit_auth::PublicKey>() {
+                problems.push(format!(
+                    "auth.public_key is not a public key ({e}): use the text form \"ed25519/<64 hex digits>\""
+                ));
+            }
+        }
+        if self.auth.public_key.is_none() && self.auth.private_key_file.as_os_str().is_empty() {
+            problems.push(
+                "auth.private_key_file is empty and auth.public_key is unset: set one of them"
+                    .to_string(),
+            );
+        }
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            problems.push(format!(
+                "log.level {:?} is not a level filter: use error, warn, info, debug or trace",
+                self.log.level
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, idp) in self.identity_providers.iter().enumerate() {
+            if crate::domain::ProviderId::parse(&idp.id).is_err() {
+                problems.push(format!(
+                    "identity_providers[{i}].id {:?} must be 1-255 characters without control characters",
+                    idp.id
+                ));
+            }
+            if idp.display_name.trim().is_empty() {
+                problems.push(format!(
+                    "identity_providers[{i}].display_name is empty: give the provider a name"
+                ));
+            }
+            if !seen.insert(idp.id.as_str()) {
+                problems.push(format!(
+                    "identity_providers[{i}].id {:?} is used twice: provider ids must be unique",
+                    idp.id
+                ));
+            }
+        }
+        problems
+    }
+}

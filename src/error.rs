@@ -1,0 +1,216 @@
+//! One error type for the API, mapped to RFC 9457 problem details in one place.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use warp::http::StatusCode;
+
+/// One field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FieldError {
+    /// The field's name: a body field, `user_id`, `provider_id` or `embed`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// An RFC 9457 problem details body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "type": "about:blank",
+    "title": "Bad Request",
+    "status": 400,
+    "detail": "user u-42 is already linked to identity provider okta; delete that link first",
+    "code": "USER_ALREADY_LINKED",
+    "request_id": "5f0c6f0e-8f5e-4a8e-9a3c-2b1f7d4e6a10"
+}))]
+pub struct Problem {
+    /// Always `about:blank`: `code` says which problem this is.
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    /// The HTTP status's reason phrase.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong, for people.
+    pub detail: String,
+    /// A stable upper-case code, for programs.
+    pub code: String,
+    /// The request's `x-request-id`.
+    pub request_id: String,
+    /// For validation errors: each field that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+/// Every way a request can fail.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `VALIDATION_FAILED`: fields, path segments or query values are invalid.
+    #[error("the request is invalid: {}", describe_fields(.0))]
+    Validation(Vec<FieldError>),
+    /// 400 `MALFORMED_JSON`: the body is not well-formed JSON.
+    #[error("the body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// 400 `INVALID_IDENTITY_PROVIDER`: unknown or not linkable provider.
+    #[error("{0:?} is not a configured, linkable identity provider; GET /api/admin/users/v4/users/identity-providers lists them")]
+    InvalidIdentityProvider(String),
+    /// 400 `USER_ALREADY_LINKED`: the user has a link to another identity.
+    #[error("user {user_id:?} is already linked to identity provider {provider_id:?}; a user may be linked to one identity provider at a time, so delete that link first")]
+    UserAlreadyLinked {
+        user_id: String,
+        provider_id: String,
+    },
+    /// 409 `IDENTITY_ALREADY_LINKED`: another user holds this remote identity.
+    #[error("the remote identity {linked_user_id:?} at {provider_id:?} is already linked to another user")]
+    IdentityAlreadyLinked {
+        provider_id: String,
+        linked_user_id: String,
+    },
+    /// 404 `LINKED_IDENTITY_NOT_FOUND`: the user has no link to that provider.
+    #[error("user {user_id:?} has no linked identity at provider {provider_id:?}")]
+    LinkedIdentityNotFound {
+        user_id: String,
+        provider_id: String,
+    },
+    /// 401 `UNAUTHENTICATED`: no bearer token was presented.
+    #[error("this operation needs a bearer token: send Authorization: Bearer <token>")]
+    MissingToken,
+    /// 401 `INVALID_TOKEN`: malformed, forged, expired or revoked token.
+    #[error("the bearer token is {0}")]
+    InvalidToken(&'static str),
+    /// 403 `FORBIDDEN`: a valid token without the right for this request.
+    #[error("the bearer token does not allow this operation on this resource")]
+    Forbidden,
+    /// 404 `NOT_FOUND`: no such path.
+    #[error("there is no resource at this path; the API lives under /api/admin/users/v4")]
+    NotFound,
+    /// 405 `METHOD_NOT_ALLOWED`: the path exists, the method does not.
+    #[error("this method is not allowed on this path")]
+    MethodNotAllowed,
+    /// 413 `PAYLOAD_TOO_LARGE`: body over the limit.
+    #[error("the body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 415 `UNSUPPORTED_MEDIA_TYPE`: the body is not declared as JSON.
+    #[error("the body must be sent with Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// 500 `INTERNAL`: logged with its cause, never shown.
+    #[error("an internal error occurred; the request id identifies it in the server's log")]
+    Internal(Arc<anyhow::Error>),
+}
+
+fn describe_fields(fields: &[FieldError]) -> String {
+    fields
+        .iter()
+        .map(|f| format!("{} {}", f.field, f.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(error: anyhow::Error) -> Self {
+        ApiError::Internal(Arc::new(error))
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Validation(_)
+            | ApiError::MalformedJson(_)
+            | ApiError::InvalidIdentityProvider(_)
+            | ApiError::UserAlreadyLinked { .. } => StatusCode::BAD_REQUEST,
+            ApiError::IdentityAlreadyLinked { .. } => StatusCode::CONFLICT,
+            ApiError::LinkedIdentityNotFound { .. } | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MissingToken | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Validation(_) => "VALIDATION_FAILED",
+            ApiError::MalformedJson(_) => "MALFORMED_JSON",
+            ApiError::InvalidIdentityProvider(_) => "INVALID_IDENTITY_PROVIDER",
+            ApiError::UserAlreadyLinked { .. } => "USER_ALREADY_LINKED",
+            ApiError::IdentityAlreadyLinked { .. } => "IDENTITY_ALREADY_LINKED",
+            ApiError::LinkedIdentityNotFound { .. } => "LINKED_IDENTITY_NOT_FOUND",
+            ApiError::MissingToken => "UNAUTHENTICATED",
+            ApiError::InvalidToken(_) => "INVALID_TOKEN",
+            ApiError::Forbidden => "FORBIDDEN",
+            ApiError::NotFound => "NOT_FOUND",
+            ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            ApiError::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// The `WWW-Authenticate` value RFC 6750 asks for on a 401.
+    pub fn www_authenticate(&self) -> Option<String> {
+        match self {
+            ApiError::MissingToken => Some(r#"Bearer realm="linkid""#.to_string()),
+            ApiError::InvalidToken(reason) => Some(format!(
+                r#"Bearer realm="linkid", error="invalid_token", error_description="the token is {reason}""#
+            )),
+            _ => None,
+        }
+    }
+
+    /// The problem details body for this error.
+    pub fn to_problem(&self, request_id: &str) -> Problem {
+        let status = self.status();
+        Problem {
+            problem_type: "about:blank".to_string(),
+            title: status.canonical_reason().unwrap_or("Error").to_string(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            code: self.code().to_string(),
+            request_id: request_id.to_string(),
+            errors: match self {
+                ApiError::Validation(fields) => Some(fields.clone()),
+                _ => None,
+            },
+        }
+    }
+
+    /// Turns a warp rejection into our error: ours as they are, warp's by kind.
+    pub fn from_rejection(rejection: &warp::Rejection) -> ApiError {
+        if let Some(error) = rejection.find::<ApiError>() {
+            return error.clone();
+        }
+        if rejection.is_not_found() {
+            ApiError::NotFound
+        } else if rejection
+            .find::<warp::reject::MethodNotAllowed>()
+            .is_some()
+        {
+            ApiError::MethodNotAllowed
+        } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+            ApiError::PayloadTooLarge(crate::routes::MAX_BODY_BYTES)
+        } else if rejection
+            .find::<warp::reject::UnsupportedMediaType>()
+            .is_some()
+        {
+            ApiError::UnsupportedMediaType
+        } else {
+            anyhow::anyhow!("unhandled rejection: {rejection:?}").into()
+        }
+    }
+}

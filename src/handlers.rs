@@ -1,0 +1,436 @@
+//! One handler per operation: parse the edge, authorize, call the store.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use warp::http::header::{HeaderValue, LOCATION};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Rejection;
+
+use crate::auth::{Access, Bearer, Operation};
+use crate::domain::{
+    Embed, IdentityAction, IdentityProvider, IdentityProviderList, LinkedIdentity,
+    LinkedIdentityList, LinkedUserId, LinkedUsername, ListAction, NewLink, ProviderId, UserId,
+};
+use crate::error::{ApiError, FieldError};
+use crate::routes::{json_response, API_PREFIX};
+use crate::startup::AppState;
+use crate::store::LinkOutcome;
+
+/// List linkable identity providers.
+///
+/// Provides a list of configured identity providers that can be linked to a user.
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/v4/users/identity-providers",
+    operation_id = "listIdentityProviders",
+    tag = "Linked Identities",
+    responses(
+        (status = 200, description = "The linkable identity providers.", body = IdentityProviderList,
+            example = json!({"identity_providers": [
+                {"provider_id": "azure-ad", "display_name": "Azure AD", "protocol": "OIDC"},
+                {"provider_id": "corporate-saml", "display_name": "Corporate SAML", "protocol": "SAML"}
+            ]})),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_identity_providers(
+    state: Arc<AppState>,
+    bearer: Bearer,
+) -> Result<Response, Rejection> {
+    state.authority.authorize(
+        &bearer,
+        Access {
+            operation: Operation::IdentityProvidersList,
+            user: None,
+            provider: None,
+        },
+    )?;
+    let list = IdentityProviderList {
+        identity_providers: state
+            .linkable_providers()
+            .map(|p| IdentityProvider {
+                provider_id: p.id.clone(),
+                display_name: p.display_name.clone(),
+                protocol: p.protocol,
+            })
+            .collect(),
+    };
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+/// List linked identities for user.
+///
+/// Lists all identities of remote identity providers linked to a user.
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/v4/users/{user_id}/linked-identities",
+    operation_id = "listLinkedIdentities",
+    tag = "Linked Identities",
+    params(
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"),
+        ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform on each identity (`DELETE`) and on the list (`CREATE`). Repeat the parameter or separate values with commas.", explode = true),
+    ),
+    responses(
+        (status = 200, description = "The user's linked identities (empty when none).", body = LinkedIdentityList,
+            examples(
+                ("plain" = (summary = "Without embed", value = json!({"linked_identities": [{
+                    "provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z"}]}))),
+                ("actions" = (summary = "With embed=ACTIONS", value = json!({"linked_identities": [{
+                    "provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z",
+                    "actions": ["DELETE"]}], "actions": []})))
+            )),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_linked_identities(
+    raw_user: String,
+    query: String,
+    state: Arc<AppState>,
+    bearer: Bearer,
+) -> Result<Response, Rejection> {
+    let (user, embed) =
+        gather(parse_user(&raw_user), parse_embed(&query)).map_err(ApiError::from)?;
+    state.authority.authorize(
+        &bearer,
+        Access {
+            operation: Operation::LinkedIdentitiesList,
+            user: Some(user.as_str()),
+            provider: None,
+        },
+    )?;
+    let mut identities = state.store.list(&user).await?;
+    let mut list_actions = None;
+    if embed {
+        for identity in &mut identities {
+            identity.actions = Some(identity_actions(&state, &bearer, &user, identity));
+        }
+        let may_create = identities.is_empty()
+            && state.linkable_providers().any(|p| {
+                state.authority.allows(
+                    &bearer,
+                    Access {
+                        operation: Operation::LinkedIdentitiesCreate,
+                        user: Some(user.as_str()),
+                        provider: Some(&p.id),
+                    },
+                )
+            });
+        list_actions = Some(if may_create {
+            vec![ListAction::Create]
+        } else {
+            vec![]
+        });
+    }
+    let list = LinkedIdentityList {
+        linked_identities: identities,
+        actions: list_actions,
+    };
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+/// Link identity to user.
+///
+/// Links an identity of a remote identity provider to a user. A user may be
+/// linked to one identity provider at a time: linking another one fails with
+/// `USER_ALREADY_LINKED`. Repeating the same link is a 200 (the username is
+/// updated if it changed). A remote identity linked to another user is a 409
+/// `IDENTITY_ALREADY_LINKED`.
+#[utoipa::path(
+    post,
+    path = "/api/admin/users/v4/users/{user_id}/linked-identities",
+    operation_id = "linkIdentity",
+    tag = "Linked Identities",
+    params(
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"),
+        ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform on the identity (`DELETE`).", explode = true),
+    ),
+    request_body(content = crate::domain::LinkRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The identity was linked.", body = LinkedIdentity,
+            headers(("Location" = String, description = "The new linked identity's URL."))),
+        (status = 200, description = "The user already had exactly this link; the stored identity (with the username updated if it changed).", body = LinkedIdentity),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn link_identity(
+    raw_user: String,
+    query: String,
+    state: Arc<AppState>,
+    bearer: Bearer,
+    body: Bytes,
+) -> Result<Response, Rejection> {
+    let fields = parse_link_body(&body)?;
+    let (user, (embed, fields)) = gather(parse_user(&raw_user), gather(parse_embed(&query), fields))
+        .map_err(ApiError::from)?;
+    state.authority.authorize(
+        &bearer,
+        Access {
+            operation: Operation::LinkedIdentitiesCreate,
+            user: Some(user.as_str()),
+            provider: Some(&fields.provider_id),
+        },
+    )?;
+    let provider = state
+        .linkable_providers()
+        .find(|p| p.id == fields.provider_id)
+        .and_then(|p| ProviderId::parse(&p.id).ok())
+        .ok_or_else(|| ApiError::InvalidIdentityProvider(fields.provider_id.clone()))?;
+    let link = NewLink {
+        provider_id: provider,
+        linked_user_id: fields.linked_user_id,
+        linked_username: fields.linked_username,
+    };
+    let (status, mut identity) = match state.store.link(user.clone(), link).await? {
+        LinkOutcome::Created(identity) => (StatusCode::CREATED, identity),
+        LinkOutcome::Existing(identity) => (StatusCode::OK, identity),
+    };
+    if embed {
+        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity));
+    }
+    let mut response = json_response(status, &identity);
+    if status == StatusCode::CREATED {
+        let location = format!(
+            "{API_PREFIX}/users/{}/linked-identities/{}",
+            utf8_percent_encode(user.as_str(), SEGMENT),
+            utf8_percent_encode(&identity.provider_id, SEGMENT)
+        );
+        if let Ok(value) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(LOCATION, value);
+        }
+    }
+    Ok(response)
+}
+
+/// Delete linked identity.
+///
+/// Deletes a linked identity of a remote identity provider from a user. Links
+/// to providers that are no longer configured can be deleted too.
+#[utoipa::path(
+    delete,
+    path = "/api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
+    operation_id = "deleteLinkedIdentity",
+    tag = "Linked Identities",
+    params(
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"),
+        ("provider_id" = String, Path, description = "Identifier of the linked identity provider: the unique alias assigned to it in the configuration.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"),
+    ),
+    responses(
+        (status = 200, description = "The link was deleted; the body is the deleted identity.", body = LinkedIdentity),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete_linked_identity(
+    raw_user: String,
+    raw_provider: String,
+    state: Arc<AppState>,
+    bearer: Bearer,
+) -> Result<Response, Rejection> {
+    let (user, provider) = gather(
+        parse_user(&raw_user),
+        decode_segment("provider_id", &raw_provider).and_then(|p| {
+            ProviderId::parse(&p).map_err(|why| vec![FieldError::new("provider_id", why)])
+        }),
+    )
+    .map_err(ApiError::from)?;
+    state.authority.authorize(
+        &bearer,
+        Access {
+            operation: Operation::LinkedIdentitiesDelete,
+            user: Some(user.as_str()),
+            provider: Some(provider.as_str()),
+        },
+    )?;
+    let identity = state.store.unlink(user, provider).await?;
+    Ok(json_response(StatusCode::OK, &identity))
+}
+
+/// The actions the bearer may perform on one identity now.
+fn identity_actions(
+    state: &AppState,
+    bearer: &Bearer,
+    user: &UserId,
+    identity: &LinkedIdentity,
+) -> Vec<IdentityAction> {
+    let may_delete = state.authority.allows(
+        bearer,
+        Access {
+            operation: Operation::LinkedIdentitiesDelete,
+            user: Some(user.as_str()),
+            provider: Some(&identity.provider_id),
+        },
+    );
+    if may_delete {
+        vec![IdentityAction::Delete]
+    } else {
+        vec![]
+    }
+}
+
+/// Path segment characters to escape in a `Location` header.
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
+
+type Fields<T> = Result<T, Vec<FieldError>>;
+
+/// Both results, or every field error from either, as one validation error.
+fn gather<A, B>(a: Fields<A>, b: Fields<B>) -> Fields<(A, B)> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (a, b) => {
+            let mut errors = a.err().unwrap_or_default();
+            errors.extend(b.err().unwrap_or_default());
+            Err(errors)
+        }
+    }
+}
+
+impl From<Vec<FieldError>> for ApiError {
+    fn from(errors: Vec<FieldError>) -> Self {
+        ApiError::Validation(errors)
+    }
+}
+
+fn decode_segment(field: &str, raw: &str) -> Fields<String> {
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| vec![FieldError::new(field, "must be percent-encoded UTF-8")])
+}
+
+fn parse_user(raw: &str) -> Fields<UserId> {
+    let text = decode_segment("user_id", raw)?;
+    UserId::parse(&text).map_err(|why| vec![FieldError::new("user_id", why)])
+}
+
+/// `embed` values: repeated and/or comma-separated; only `ACTIONS` exists.
+fn parse_embed(query: &str) -> Fields<bool> {
+    let mut actions = false;
+    let mut errors = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key != "embed" {
+            continue;
+        }
+        for item in value.split(',') {
+            match serde_json::from_value::<Embed>(serde_json::Value::String(item.to_owned())) {
+                Ok(Embed::Actions) => actions = true,
+                Err(_) => errors.push(FieldError::new(
+                    "embed",
+                    format!("{item:?} is not an embed option; the only one is ACTIONS"),
+                )),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(actions)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A link request body whose fields are well-formed (the provider is
+/// checked against the configuration later).
+struct LinkFields {
+    provider_id: String,
+    linked_user_id: LinkedUserId,
+    linked_username: LinkedUsername,
+}
+
+/// A JSON object's members in order, duplicates kept, so that every
+/// problem can be reported by name.
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Members, M::Error> {
+                let mut members = Vec::new();
+                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+                    members.push(entry);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+const LINK_FIELDS: [&str; 3] = ["provider_id", "linked_user_id", "linked_username"];
+
+/// The outer error is a body that is not JSON at all; the inner one lists
+/// each field that is wrong.
+fn parse_link_body(body: &[u8]) -> Result<Fields<LinkFields>, ApiError> {
+    let members = match serde_json::from_slice::<Members>(body) {
+        Ok(members) => members.0,
+        Err(e) if e.is_data() => {
+            return Ok(Err(vec![FieldError::new("body", "must be a JSON object")]));
+        }
+        Err(e) => return Err(ApiError::MalformedJson(e.to_string())),
+    };
+    let mut errors = Vec::new();
+    for (i, (name, _)) in members.iter().enumerate() {
+        if !LINK_FIELDS.contains(&name.as_str()) {
+            errors.push(FieldError::new(
+                name.clone(),
+                "is not a known field; the fields are provider_id, linked_user_id and linked_username",
+            ));
+        } else if members[..i].iter().any(|(earlier, _)| earlier == name) {
+            errors.push(FieldError::new(name.clone(), "appears more than once"));
+        }
+    }
+    let mut text = |field: &str| -> Option<String> {
+        match members.iter().find(|(name, _)| name == field).map(|(_, v)| v) {
+            None => errors.push(FieldError::new(field, "is required")),
+            Some(serde_json::Value::String(s)) => return Some(s.clone()),
+            Some(serde_json::Value::Null) => {
+                errors.push(FieldError::new(field, "must be a string, not null"))
+            }
+            Some(_) => errors.push(FieldError::new(field, "must be a string")),
+        }
+        None
+    };
+    let provider_id = text("provider_id");
+    let linked_user_id = text("linked_user_id");
+    let linked_username = text("linked_username");
+    let linked_user_id = linked_user_id.and_then(|v| {
+        LinkedUserId::parse(&v)
+            .map_err(|why| errors.push(FieldError::new("linked_user_id", why)))
+            .ok()
+    });
+    let linked_username = linked_username.and_then(|v| {
+        LinkedUsername::parse(&v)
+            .map_err(|why| errors.push(FieldError::new("linked_username", why)))
+            .ok()
+    });
+    Ok(match (provider_id, linked_user_id, linked_username) {
+        (Some(provider_id), Some(linked_user_id), Some(linked_username)) if errors.is_empty() => {
+            Ok(LinkFields {
+                provider_id,
+                linked_user_id,
+                linked_username,
+            })
+        }
+        _ => Err(errors),
+    })
+}
