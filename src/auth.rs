@@ -12,7 +12,9 @@ use anyhow::{bail, Context};
 use biscuit_auth::builder::{fact, string, Check};
 use biscuit_auth::builder_ext::BuilderExt;
 use biscuit_auth::error::{FailedCheck, Logic, Token as TokenError};
-use biscuit_auth::{AuthorizerBuilder, AuthorizerLimits, Biscuit, BlockBuilder, KeyPair, PublicKey};
+use biscuit_auth::{
+    AuthorizerBuilder, AuthorizerLimits, Biscuit, BlockBuilder, KeyPair, PublicKey,
+};
 
 use crate::config::AuthConfig;
 use crate::error::ApiError;
@@ -219,7 +221,8 @@ impl Authority {
     /// root key, not revoked, not expired.
     pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Bearer, ApiError> {
         let header = header.ok_or(ApiError::MissingToken)?;
-        let header = std::str::from_utf8(header).map_err(|_| ApiError::InvalidToken("malformed"))?;
+        let header =
+            std::str::from_utf8(header).map_err(|_| ApiError::InvalidToken("malformed"))?;
         let (scheme, token) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(ApiError::MissingToken);
@@ -301,7 +304,8 @@ impl Authority {
     }
 }
 
-fn hex(bytes: &Vec<u8>) -> String {
+fn hex(bytes: impl AsRef<[u8]>) -> String {
+    let bytes = bytes.as_ref();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -317,9 +321,10 @@ fn is_time_only(failed: &FailedCheck) -> bool {
 
 fn check_is_time_only(check: &Check) -> bool {
     !check.queries.is_empty()
-        && check.queries.iter().all(|query| {
-            !query.body.is_empty() && query.body.iter().all(|p| p.name == "time")
-        })
+        && check
+            .queries
+            .iter()
+            .all(|query| !query.body.is_empty() && query.body.iter().all(|p| p.name == "time"))
 }
 
 fn has_time_only_checks(token: &Biscuit) -> bool {
@@ -354,8 +359,7 @@ pub fn mint(keypair: &KeyPair, request: &MintRequest) -> anyhow::Result<String> 
         builder = builder.fact(fact("right", &[string(right.as_str())]))?;
     }
     if let Some(user) = &request.user {
-        crate::domain::UserId::parse(user)
-            .map_err(|why| anyhow::anyhow!("--user {why}"))?;
+        crate::domain::UserId::parse(user).map_err(|why| anyhow::anyhow!("--user {why}"))?;
         // Listing the providers names no user, and a user's own token needs it.
         builder = builder.code_with_params(
             r#"check if user({user}) or operation("identity_providers:list");"#,

@@ -34,6 +34,14 @@ pub enum Command {
     /// Mint, inspect and revoke bearer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Load N synthetic links (users seed-user-0..N-1) into the database, for
+    /// benchmarks and demos. Existing links are kept.
+    #[command(after_help = "Example:\n  linkid seed --links 1000000")]
+    Seed {
+        /// How many links to load.
+        #[arg(long, value_name = "N")]
+        links: u64,
+    },
     /// Print the OpenAPI document (JSON) on stdout.
     #[command(after_help = "Example:\n  linkid openapi > openapi/openapi.json")]
     Openapi,
@@ -42,7 +50,9 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Print a new token signed by the root key (only the token, on stdout).
-    #[command(after_help = "Examples:\n  linkid token mint --admin\n  linkid token mint --right linked_identities:list --right identity_providers:list --ttl 30m\n  linkid token mint --admin --user u-42 --ttl 7d")]
+    #[command(
+        after_help = "Examples:\n  linkid token mint --admin\n  linkid token mint --right linked_identities:list --right identity_providers:list --ttl 30m\n  linkid token mint --admin --user u-42 --ttl 7d"
+    )]
     Mint {
         /// Grant every operation (role("admin")).
         #[arg(long)]
@@ -91,6 +101,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token(command) => run_token(&config, command).await,
+        Command::Seed { links } => {
+            let providers: Vec<String> = config
+                .identity_providers
+                .iter()
+                .filter(|p| p.linkable)
+                .map(|p| p.id.clone())
+                .collect();
+            let bar = indicatif::ProgressBar::new(links);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} links ({per_sec}, {eta} left)",
+                )
+                .expect("the progress template parses"),
+            );
+            let path = config.database.path.clone();
+            let added = tokio::task::spawn_blocking(move || {
+                crate::store::seed(&path, links, &providers, |done| bar.set_position(done))
+            })
+            .await??;
+            eprintln!("added {added} links");
+            Ok(())
+        }
     }
 }
 

@@ -131,11 +131,14 @@ impl Config {
                 }
                 figment = figment.merge(Toml::file_exact(file));
             }
-            None => figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_PATH)),
+            None if Path::new(DEFAULT_CONFIG_PATH).is_file() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_PATH))
+            }
+            None => {}
         }
         let figment = figment.merge(
             Env::prefixed("LINKID_")
-                .filter(|key| key.as_str() != "config")
+                .filter(|key| !key.as_str().eq_ignore_ascii_case("config"))
                 .split("__"),
         );
         Self::from_figment(figment)
@@ -179,7 +182,12 @@ impl Config {
                     .to_string(),
             );
         }
-        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
             problems.push(format!(
                 "log.level {:?} is not a level filter: use error, warn, info, debug or trace",
                 self.log.level

@@ -152,14 +152,29 @@ pub struct LinkedIdentityList {
     "linked_username": "ada@example.com"
 }))]
 pub struct LinkRequest {
-    /// The alias of a configured, linkable identity provider.
-    #[schema(min_length = 1, max_length = 255)]
+    /// The alias of a configured, linkable identity provider: one of the
+    /// `provider_id`s that `listIdentityProviders` returns. The set depends on
+    /// the server's configuration, so it is not an `enum` here; any other value
+    /// is a 400 `INVALID_IDENTITY_PROVIDER`.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub provider_id: String,
     /// The user's identifier at the identity provider.
-    #[schema(min_length = 1, max_length = 255, pattern = "^[^\\p{Cc}]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub linked_user_id: String,
     /// The user's login name or e-mail at the identity provider.
-    #[schema(min_length = 1, max_length = 255, pattern = "^[^\\p{Cc}]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub linked_username: String,
 }
 

@@ -197,10 +197,7 @@ impl ApiError {
         }
         if rejection.is_not_found() {
             ApiError::NotFound
-        } else if rejection
-            .find::<warp::reject::MethodNotAllowed>()
-            .is_some()
-        {
+        } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
             ApiError::MethodNotAllowed
         } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
             ApiError::PayloadTooLarge(crate::routes::MAX_BODY_BYTES)

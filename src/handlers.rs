@@ -154,8 +154,16 @@ pub async fn list_linked_identities(
     request_body(content = crate::domain::LinkRequest, content_type = "application/json"),
     responses(
         (status = 201, description = "The identity was linked.", body = LinkedIdentity,
-            headers(("Location" = String, description = "The new linked identity's URL."))),
-        (status = 200, description = "The user already had exactly this link; the stored identity (with the username updated if it changed).", body = LinkedIdentity),
+            headers(("Location" = String, description = "The new linked identity's URL.")),
+            links(
+                ("ListLinkedIdentities" = (operation_id = "listLinkedIdentities", parameters(("user_id" = "$request.path.user_id")))),
+                ("DeleteLinkedIdentity" = (operation_id = "deleteLinkedIdentity", parameters(("user_id" = "$request.path.user_id"), ("provider_id" = "$response.body#/provider_id"))))
+            )),
+        (status = 200, description = "The user already had exactly this link; the stored identity (with the username updated if it changed).", body = LinkedIdentity,
+            links(
+                ("ListLinkedIdentities" = (operation_id = "listLinkedIdentities", parameters(("user_id" = "$request.path.user_id")))),
+                ("DeleteLinkedIdentity" = (operation_id = "deleteLinkedIdentity", parameters(("user_id" = "$request.path.user_id"), ("provider_id" = "$response.body#/provider_id"))))
+            )),
     ),
     security(("bearer" = []))
 )]
@@ -167,8 +175,9 @@ pub async fn link_identity(
     body: Bytes,
 ) -> Result<Response, Rejection> {
     let fields = parse_link_body(&body)?;
-    let (user, (embed, fields)) = gather(parse_user(&raw_user), gather(parse_embed(&query), fields))
-        .map_err(ApiError::from)?;
+    let (user, (embed, fields)) =
+        gather(parse_user(&raw_user), gather(parse_embed(&query), fields))
+            .map_err(ApiError::from)?;
     state.authority.authorize(
         &bearer,
         Access {
@@ -400,7 +409,11 @@ fn parse_link_body(body: &[u8]) -> Result<Fields<LinkFields>, ApiError> {
         }
     }
     let mut text = |field: &str| -> Option<String> {
-        match members.iter().find(|(name, _)| name == field).map(|(_, v)| v) {
+        match members
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, v)| v)
+        {
             None => errors.push(FieldError::new(field, "is required")),
             Some(serde_json::Value::String(s)) => return Some(s.clone()),
             Some(serde_json::Value::Null) => {

@@ -34,7 +34,9 @@ use crate::error::{ApiError, FieldError};
         crate::handlers::link_identity,
         crate::handlers::delete_linked_identity,
     ),
-    components(schemas(crate::error::Problem, FieldError)),
+    // Embed is only named by the `embed` query parameters, which utoipa does
+    // not collect on its own: without it their `$ref` dangles.
+    components(schemas(crate::error::Problem, FieldError, crate::domain::Embed)),
     modifiers(&Errors),
     tags((name = "Linked Identities", description = "Links between local users and accounts at remote identity providers."))
 )]
@@ -152,8 +154,13 @@ impl Modify for Errors {
             ),
         );
         let request_id = HeaderBuilder::new()
-            .schema(Some(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String)))
-            .description(Some("The request's id: the caller's `x-request-id` when sent and sane, else a new one."))
+            .schema(Some(
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String),
+            ))
+            .description(Some(
+                "The request's id: the caller's `x-request-id` when sent and sane, else a new one.",
+            ))
             .build();
         for item in openapi.paths.paths.values_mut() {
             for operation in [&mut item.get, &mut item.post, &mut item.delete]
@@ -162,10 +169,10 @@ impl Modify for Errors {
             {
                 let id = operation.operation_id.clone().unwrap_or_default();
                 for (status, errors) in operation_errors(&id) {
-                    operation
-                        .responses
-                        .responses
-                        .insert(status.as_str().to_string(), error_response(status, &errors).into());
+                    operation.responses.responses.insert(
+                        status.as_str().to_string(),
+                        error_response(status, &errors).into(),
+                    );
                 }
                 for response in operation.responses.responses.values_mut() {
                     if let RefOr::T(response) = response {
@@ -187,7 +194,10 @@ fn error_response(status: StatusCode, errors: &[ApiError]) -> utoipa::openapi::R
             .expect("a problem serializes");
         (
             error.code().to_string(),
-            ExampleBuilder::new().summary(error.code()).value(Some(value)).build(),
+            ExampleBuilder::new()
+                .summary(error.code())
+                .value(Some(value))
+                .build(),
         )
     }));
     let mut response = ResponseBuilder::new()

@@ -25,9 +25,7 @@ pub const API_PREFIX: &str = "/api/admin/users/v4";
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// The whole application: every route, never rejecting.
-pub fn app(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+pub fn app(state: Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let outcome = routes(state)
         .map(Ok::<Response, Rejection>)
         .or_else(|rejection| async move { Ok::<_, Infallible>((Err(rejection),)) });
@@ -38,12 +36,13 @@ pub fn app(
         .map(finish)
 }
 
-fn routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+fn routes(state: Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let api = warp::path!("api" / "admin" / "users" / "v4" / ..);
     let with_state = warp::any().map(move || state.clone());
-    let bearer = with_state.clone().and(authorization()).and_then(authenticate);
+    let bearer = with_state
+        .clone()
+        .and(authorization())
+        .and_then(authenticate);
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
 
     // GET /api/admin/users/v4/users/identity-providers
@@ -58,7 +57,7 @@ fn routes(
     let list_identities = api
         .and(warp::path!("users" / String / "linked-identities"))
         .and(warp::get())
-        .and(query.clone())
+        .and(query)
         .and(with_state.clone())
         .and(bearer.clone())
         .and_then(handlers::list_linked_identities);
@@ -138,7 +137,12 @@ fn json_body() -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
         .map(Some)
         .or(warp::any().map(|| None))
         .unify()
-        .and(warp::header::value("content-length").map(Some).or(warp::any().map(|| None)).unify())
+        .and(
+            warp::header::value("content-length")
+                .map(Some)
+                .or(warp::any().map(|| None))
+                .unify(),
+        )
         .and_then(
             |content_type: Option<HeaderValue>, length: Option<HeaderValue>| async move {
                 if !content_type.as_ref().is_some_and(is_json) {
@@ -149,7 +153,9 @@ fn json_body() -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok());
                 if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-                    return Err(warp::reject::custom(ApiError::PayloadTooLarge(MAX_BODY_BYTES)));
+                    return Err(warp::reject::custom(ApiError::PayloadTooLarge(
+                        MAX_BODY_BYTES,
+                    )));
                 }
                 Ok(())
             },
@@ -173,7 +179,9 @@ where
             )))
         })?;
         if collected.len() + chunk.remaining() > MAX_BODY_BYTES {
-            return Err(warp::reject::custom(ApiError::PayloadTooLarge(MAX_BODY_BYTES)));
+            return Err(warp::reject::custom(ApiError::PayloadTooLarge(
+                MAX_BODY_BYTES,
+            )));
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
@@ -190,7 +198,12 @@ fn is_json(value: &HeaderValue) -> bool {
     let Ok(text) = value.to_str() else {
         return false;
     };
-    let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }

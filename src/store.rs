@@ -374,7 +374,9 @@ fn constraint_error(error: rusqlite::Error, user: &UserId, link: &NewLink) -> Ap
             }
         }
     }
-    anyhow::Error::new(error).context("cannot insert a link").into()
+    anyhow::Error::new(error)
+        .context("cannot insert a link")
+        .into()
 }
 
 fn unlink_in(
@@ -409,5 +411,58 @@ fn revoke_in(conn: &Connection, ids: &[String], stamp: &str) -> Result<usize, Ap
             .execute(params![id, stamp])
             .context("cannot record a revocation")?;
     }
+    Ok(added)
+}
+
+/// Loads `count` synthetic links (users `seed-user-N`, spread over
+/// `providers`) in large transactions, for benchmarks and demos. Existing
+/// rows are kept; returns how many were added. `progress` gets the number done.
+pub fn seed(
+    path: &Path,
+    count: u64,
+    providers: &[String],
+    progress: impl Fn(u64),
+) -> anyhow::Result<u64> {
+    anyhow::ensure!(
+        !providers.is_empty(),
+        "no identity providers to seed links with"
+    );
+    let store_dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = store_dir {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut conn = Connection::open(path)
+        .with_context(|| format!("cannot open database.path {}", path.display()))?;
+    conn.execute_batch(PRAGMAS)?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+    conn.execute_batch(SCHEMA)?;
+    let stamp = now();
+    let mut added = 0;
+    let mut done = 0;
+    while done < count {
+        let chunk = (count - done).min(50_000);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO linked_identities \
+                 (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            )?;
+            for i in done..done + chunk {
+                let provider = &providers[(i % providers.len() as u64) as usize];
+                added += insert.execute(params![
+                    format!("seed-user-{i}"),
+                    provider,
+                    format!("seed-remote-{i}"),
+                    format!("seed-user-{i}@example.com"),
+                    stamp
+                ])? as u64;
+            }
+        }
+        tx.commit()?;
+        done += chunk;
+        progress(done);
+    }
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     Ok(added)
 }

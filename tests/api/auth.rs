@@ -1,0 +1,294 @@
+use std::time::{Duration, SystemTime};
+
+use biscuit_auth::builder_ext::BuilderExt;
+use biscuit_auth::{Biscuit, BlockBuilder, KeyPair};
+use linkid::auth::{revocation_ids, MintRequest, Operation};
+use linkid::store::Store;
+
+use crate::helpers::{assert_problem, link_body, spawn_app};
+
+fn attenuate(token: &str, app_key: &KeyPair, code: &str) -> String {
+    Biscuit::from_base64(token, app_key.public())
+        .unwrap()
+        .append(BlockBuilder::new().code(code).unwrap())
+        .unwrap()
+        .to_base64()
+        .unwrap()
+}
+
+async fn assert_invalid_token(response: reqwest::Response) {
+    let challenge = response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(challenge.starts_with("Bearer "), "{challenge}");
+    assert!(
+        challenge.contains(r#"error="invalid_token""#),
+        "{challenge}"
+    );
+    assert_problem(response, 401, "INVALID_TOKEN").await;
+}
+
+#[tokio::test]
+async fn a_request_without_a_token_is_401_with_a_bare_bearer_challenge() {
+    let app = spawn_app().await;
+
+    let response = app
+        .client
+        .get(app.api("/users/identity-providers"))
+        .send()
+        .await
+        .unwrap();
+
+    let challenge = response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(challenge.starts_with("Bearer"), "{challenge}");
+    assert!(!challenge.contains("error="), "{challenge}");
+    assert_problem(response, 401, "UNAUTHENTICATED").await;
+}
+
+#[tokio::test]
+async fn every_operation_needs_a_token() {
+    let app = spawn_app().await;
+    let requests = [
+        app.client.get(app.api("/users/u-1/linked-identities")),
+        app.client
+            .post(app.api("/users/u-1/linked-identities"))
+            .json(&link_body("okta", "r", "n")),
+        app.client
+            .delete(app.api("/users/u-1/linked-identities/okta")),
+    ];
+    for request in requests {
+        assert_problem(request.send().await.unwrap(), 401, "UNAUTHENTICATED").await;
+    }
+}
+
+#[tokio::test]
+async fn another_scheme_is_treated_as_no_bearer_token() {
+    let app = spawn_app().await;
+
+    let response = app
+        .client
+        .get(app.api("/users/identity-providers"))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .send()
+        .await
+        .unwrap();
+
+    assert_problem(response, 401, "UNAUTHENTICATED").await;
+}
+
+#[tokio::test]
+async fn malformed_tokens_are_invalid_token() {
+    let app = spawn_app().await;
+    let truncated = &app.admin[..app.admin.len() / 2];
+    for token in ["not-a-biscuit", "!!!!", truncated, "e30"] {
+        assert_invalid_token(app.list_providers(token).await).await;
+    }
+    let empty = app
+        .client
+        .get(app.api("/users/identity-providers"))
+        .header("authorization", "Bearer ")
+        .send()
+        .await
+        .unwrap();
+    assert_invalid_token(empty).await;
+}
+
+#[tokio::test]
+async fn a_token_signed_by_another_root_key_is_invalid_token() {
+    let app = spawn_app().await;
+    let forged = linkid::auth::mint(
+        &KeyPair::new(),
+        &MintRequest {
+            admin: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+
+    assert_invalid_token(app.list_providers(&forged).await).await;
+}
+
+#[tokio::test]
+async fn an_expired_token_is_invalid_token() {
+    let app = spawn_app().await;
+    let expired = Biscuit::builder()
+        .code(r#"role("admin");"#)
+        .unwrap()
+        .check_expiration_date(SystemTime::now() - Duration::from_secs(60))
+        .build(&app.keypair)
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    let attenuated_expired = attenuate(
+        &app.admin,
+        &app.keypair,
+        "check if time($t), $t <= 2020-01-01T00:00:00Z;",
+    );
+
+    assert_invalid_token(app.list_providers(&expired).await).await;
+    assert_invalid_token(app.list_providers(&attenuated_expired).await).await;
+    assert_invalid_token(
+        app.link(&expired, "u-1", &link_body("okta", "r", "n"))
+            .await,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_with_a_ttl_works_until_it_expires() {
+    let app = spawn_app().await;
+    let token = app.mint(MintRequest {
+        admin: true,
+        ttl: Some(Duration::from_secs(1)),
+        ..Default::default()
+    });
+
+    assert_eq!(app.list_providers(&token).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_invalid_token(app.list_providers(&token).await).await;
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_within_a_second_without_restart() {
+    let app = spawn_app().await;
+    let token = app.mint(MintRequest {
+        admin: true,
+        ..Default::default()
+    });
+    let child = attenuate(&token, &app.keypair, r#"check if user("u-1");"#);
+    assert_eq!(app.list_providers(&token).await.status(), 200);
+    let ids = revocation_ids(app.keypair.public(), &token).unwrap();
+    let store = Store::open(&app.config.database.path, 1, 1).unwrap();
+
+    store
+        .revoke(vec![ids.last().unwrap().clone()])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    assert_invalid_token(app.list_providers(&token).await).await;
+    assert_invalid_token(app.list(&child, "u-1", "").await).await;
+    assert_eq!(app.list_providers(&app.admin).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_valid_token_without_the_right_is_403() {
+    let app = spawn_app().await;
+    let lister = app.token_with_rights(&[Operation::LinkedIdentitiesList]);
+
+    assert_eq!(app.list(&lister, "u-1", "").await.status(), 200);
+    assert_problem(
+        app.link(&lister, "u-1", &link_body("okta", "r", "n")).await,
+        403,
+        "FORBIDDEN",
+    )
+    .await;
+    assert_problem(app.delete(&lister, "u-1", "okta").await, 403, "FORBIDDEN").await;
+    assert_problem(app.list_providers(&lister).await, 403, "FORBIDDEN").await;
+}
+
+#[tokio::test]
+async fn rights_grant_exactly_their_operation() {
+    let app = spawn_app().await;
+    let creator = app.token_with_rights(&[Operation::LinkedIdentitiesCreate]);
+    let deleter = app.token_with_rights(&[Operation::LinkedIdentitiesDelete]);
+
+    assert_eq!(
+        app.link(&creator, "u-1", &link_body("okta", "r", "n"))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(app.delete(&deleter, "u-1", "okta").await.status(), 200);
+    assert_problem(app.list(&creator, "u-1", "").await, 403, "FORBIDDEN").await;
+}
+
+#[tokio::test]
+async fn a_token_attenuated_to_one_user_works_for_that_user_only() {
+    let app = spawn_app().await;
+    let token = attenuate(&app.admin, &app.keypair, r#"check if user("u-1");"#);
+
+    assert_eq!(
+        app.link(&token, "u-1", &link_body("okta", "r1", "n"))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(app.list(&token, "u-1", "").await.status(), 200);
+    assert_problem(app.list(&token, "u-2", "").await, 403, "FORBIDDEN").await;
+    assert_problem(
+        app.link(&token, "u-2", &link_body("okta", "r2", "n")).await,
+        403,
+        "FORBIDDEN",
+    )
+    .await;
+    assert_problem(app.delete(&token, "u-2", "okta").await, 403, "FORBIDDEN").await;
+    assert_eq!(app.delete(&token, "u-1", "okta").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_read_only_attenuation_is_403_on_post_and_delete() {
+    let app = spawn_app().await;
+    app.link_as_admin("u-1", "okta", "r1").await;
+    let token = attenuate(
+        &app.admin,
+        &app.keypair,
+        r#"check if operation("linked_identities:list") or operation("identity_providers:list");"#,
+    );
+
+    assert_eq!(app.list(&token, "u-1", "").await.status(), 200);
+    assert_eq!(app.list_providers(&token).await.status(), 200);
+    assert_problem(
+        app.link(&token, "u-2", &link_body("okta", "r2", "n")).await,
+        403,
+        "FORBIDDEN",
+    )
+    .await;
+    assert_problem(app.delete(&token, "u-1", "okta").await, 403, "FORBIDDEN").await;
+}
+
+#[tokio::test]
+async fn an_attenuation_cannot_add_rights() {
+    let app = spawn_app().await;
+    let lister = app.token_with_rights(&[Operation::LinkedIdentitiesList]);
+    let escalated = attenuate(
+        &lister,
+        &app.keypair,
+        r#"role("admin"); right("linked_identities:delete");"#,
+    );
+
+    assert_problem(
+        app.delete(&escalated, "u-1", "okta").await,
+        403,
+        "FORBIDDEN",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_attenuation_to_one_provider_is_honoured_on_link() {
+    let app = spawn_app().await;
+    let token = attenuate(
+        &app.admin,
+        &app.keypair,
+        r#"check if provider("okta") or operation("linked_identities:list");"#,
+    );
+
+    assert_problem(
+        app.link(&token, "u-1", &link_body("azure-ad", "r1", "n"))
+            .await,
+        403,
+        "FORBIDDEN",
+    )
+    .await;
+    assert_eq!(
+        app.link(&token, "u-1", &link_body("okta", "r1", "n"))
+            .await
+            .status(),
+        201
+    );
+}

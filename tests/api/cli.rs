@@ -1,0 +1,339 @@
+//! The real binary, as a user runs it.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_linkid");
+
+/// A `linkid` server process started in a directory with no config file.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
+        let mut command = Command::new(BIN);
+        command
+            .current_dir(dir)
+            .env_remove("LINKID_CONFIG")
+            .env_remove("RUST_LOG")
+            .env("LINKID_SERVER__ADDR", "127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(rest) = line.split("addr=").nth(1) {
+                        let _ =
+                            addr_tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the server did not say where it listens: {}",
+                    log.lock().unwrap()
+                )
+            });
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn linkid(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .current_dir(dir)
+        .env_remove("LINKID_CONFIG")
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+pub fn mint(dir: &Path, args: &[&str]) -> String {
+    let mut all = vec!["token", "mint"];
+    all.extend_from_slice(args);
+    let output = linkid(dir, &all);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "mint prints only the token: {stdout:?}"
+    );
+    stdout.trim().to_owned()
+}
+
+async fn get(server: &Server, path: &str, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("{}{path}", server.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_first_start_in_an_empty_directory_generates_the_key_and_database() {
+    let dir = TempDir::new().unwrap();
+    let server = Server::start(dir.path(), &[]);
+
+    let key = dir.path().join("data/root.key");
+    assert!(key.exists());
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(dir.path().join("data/linkid.db").exists());
+    let log = server.log();
+    assert!(
+        log.contains("data/root.key"),
+        "the log says where the key is: {log}"
+    );
+    let private = std::fs::read_to_string(&key).unwrap();
+    let hex = private.trim().split('/').nth(1).unwrap();
+    assert!(!log.contains(hex), "the private key must never be logged");
+
+    let token = mint(dir.path(), &["--admin"]);
+    let response = get(
+        &server,
+        "/api/admin/users/v4/users/identity-providers",
+        &token,
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["identity_providers"].as_array().unwrap().len(), 3);
+    assert!(
+        !server.log().contains(&token),
+        "tokens must never be logged"
+    );
+}
+
+#[tokio::test]
+async fn minted_rights_user_and_ttl_are_enforced() {
+    let dir = TempDir::new().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let lister = mint(
+        dir.path(),
+        &["--right", "linked_identities:list", "--user", "u-1"],
+    );
+    let short = mint(dir.path(), &["--admin", "--ttl", "1s"]);
+
+    assert_eq!(
+        get(
+            &server,
+            "/api/admin/users/v4/users/u-1/linked-identities",
+            &lister
+        )
+        .await
+        .status(),
+        200
+    );
+    assert_eq!(
+        get(
+            &server,
+            "/api/admin/users/v4/users/u-2/linked-identities",
+            &lister
+        )
+        .await
+        .status(),
+        403
+    );
+    assert_eq!(
+        get(
+            &server,
+            "/api/admin/users/v4/users/identity-providers",
+            &lister
+        )
+        .await
+        .status(),
+        403
+    );
+    assert_eq!(
+        get(
+            &server,
+            "/api/admin/users/v4/users/identity-providers",
+            &short
+        )
+        .await
+        .status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        get(
+            &server,
+            "/api/admin/users/v4/users/identity-providers",
+            &short
+        )
+        .await
+        .status(),
+        401
+    );
+}
+
+#[test]
+fn mint_refuses_a_token_without_rights_and_unknown_rights() {
+    let dir = TempDir::new().unwrap();
+
+    let nothing = linkid(dir.path(), &["token", "mint"]);
+    let unknown = linkid(dir.path(), &["token", "mint", "--right", "everything"]);
+    let bad_ttl = linkid(dir.path(), &["token", "mint", "--admin", "--ttl", "soon"]);
+
+    assert!(!nothing.status.success());
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("--admin"));
+    assert!(!unknown.status.success());
+    assert!(!bad_ttl.status.success());
+}
+
+#[test]
+fn inspect_shows_blocks_and_revocation_ids() {
+    let dir = TempDir::new().unwrap();
+    let token = mint(
+        dir.path(),
+        &["--right", "linked_identities:list", "--ttl", "1h"],
+    );
+
+    let output = linkid(dir.path(), &["token", "inspect", &token]);
+
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("valid for this server's root key"), "{text}");
+    assert!(
+        text.contains(r#"right("linked_identities:list")"#),
+        "{text}"
+    );
+    assert!(text.contains("check if time"), "{text}");
+    assert!(text.contains("revocation id: "), "{text}");
+}
+
+#[tokio::test]
+async fn token_revoke_makes_a_running_server_refuse_the_token_within_a_second() {
+    let dir = TempDir::new().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let token = mint(dir.path(), &["--admin"]);
+    let other = mint(dir.path(), &["--admin"]);
+    let path = "/api/admin/users/v4/users/identity-providers";
+    assert_eq!(get(&server, path, &token).await.status(), 200);
+
+    let output = linkid(dir.path(), &["token", "revoke", &token]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    let refused = get(&server, path, &token).await;
+    assert_eq!(refused.status(), 401);
+    assert!(refused.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+    assert_eq!(get(&server, path, &other).await.status(), 200);
+}
+
+#[test]
+fn openapi_prints_the_committed_document() {
+    let dir = TempDir::new().unwrap();
+
+    let output = linkid(dir.path(), &["openapi"]);
+
+    assert!(output.status.success());
+    assert!(
+        output.stdout == include_bytes!("../../openapi/openapi.json"),
+        "openapi/openapi.json is stale: regenerate it with `cargo run -- openapi > openapi/openapi.json`"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_exits_zero_and_leaves_a_clean_database() {
+    let dir = TempDir::new().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let token = mint(dir.path(), &["--admin"]);
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/admin/users/v4/users/u-1/linked-identities", server.base))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"provider_id": "okta", "linked_user_id": "r1", "linked_username": "n"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    let status = server.terminate();
+
+    assert!(status.success(), "{status:?}");
+    let wal = dir.path().join("data/linkid.db-wal");
+    assert!(
+        !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
+        "the WAL is checkpointed"
+    );
+    let conn = rusqlite::Connection::open(dir.path().join("data/linkid.db")).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let count: i64 = conn
+        .query_row("SELECT count(*) FROM linked_identities", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count, 1);
+}

@@ -1,0 +1,14 @@
+//! HTTP-level tests: each starts the real application on a real port with a
+//! fresh SQLite file and real biscuit tokens.
+
+mod helpers;
+
+mod auth;
+mod cli;
+mod config;
+mod delete;
+mod errors;
+mod identity_providers;
+mod link;
+mod list;
+mod openapi;
