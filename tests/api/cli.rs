@@ -40,9 +40,13 @@ impl Server {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(rest) = line.split("addr=").nth(1) {
-                        let _ =
-                            addr_tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                    if line.contains("listening") {
+                        // Text (`addr=127.0.0.1:N`) and JSON (`"addr":"127.0.0.1:N"`) logs.
+                        if let Some(rest) = line.split("127.0.0.1:").nth(1) {
+                            let port: String =
+                                rest.chars().take_while(char::is_ascii_digit).collect();
+                            let _ = addr_tx.send(format!("127.0.0.1:{port}"));
+                        }
                     }
                     let mut log = log.lock().unwrap();
                     log.push_str(&line);
@@ -65,8 +69,18 @@ impl Server {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn crash(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -122,7 +136,7 @@ pub fn mint(dir: &Path, args: &[&str]) -> String {
     stdout.trim().to_owned()
 }
 
-async fn get(server: &Server, path: &str, token: &str) -> reqwest::Response {
+pub async fn get(server: &Server, path: &str, token: &str) -> reqwest::Response {
     reqwest::Client::new()
         .get(format!("{}{path}", server.base))
         .bearer_auth(token)
