@@ -77,7 +77,13 @@ async fn acknowledged_writes_survive_sigkill() {
         drop(conn);
 
         let server = Server::start(dir.path(), &[]);
-        let acked_now = acked.lock().unwrap();
+        let acked_now = {
+            let acked = acked.lock().unwrap();
+            Acknowledged {
+                linked: acked.linked.clone(),
+                unlinked: acked.unlinked.clone(),
+            }
+        };
         total_acks = acked_now.linked.len() + acked_now.unlinked.len();
         for (user, remote) in &acked_now.linked {
             let listed: Value = client
