@@ -169,8 +169,12 @@ impl RevocationList {
     }
 }
 
-/// A token whose signature checked out, ready to be authorized.
-pub struct Bearer {
+/// A token whose signature checked out, ready to be authorized. Cheap to
+/// clone: verified tokens are shared through the cache.
+#[derive(Clone)]
+pub struct Bearer(Arc<VerifiedToken>);
+
+struct VerifiedToken {
     token: Biscuit,
     revocation_ids: Vec<String>,
     has_time_checks: bool,
@@ -179,7 +183,8 @@ pub struct Bearer {
 impl Bearer {
     /// A short, non-secret name for the token in logs: its last revocation id's prefix.
     pub fn log_id(&self) -> &str {
-        self.revocation_ids
+        self.0
+            .revocation_ids
             .last()
             .map(|id| &id[..id.len().min(16)])
             .unwrap_or("?")
@@ -191,6 +196,8 @@ pub struct Authority {
     root: PublicKey,
     revoked: Arc<RevocationList>,
     policies: AuthorizerBuilder,
+    /// Verified tokens by their text: the signature is checked once per token.
+    verified: quick_cache::sync::Cache<String, Bearer>,
 }
 
 const POLICIES: &str = r#"
@@ -200,7 +207,8 @@ const POLICIES: &str = r#"
 "#;
 
 impl Authority {
-    pub fn new(root: PublicKey, revoked: Arc<RevocationList>) -> Authority {
+    /// `cache_size` bounds how many verified tokens are kept.
+    pub fn new(root: PublicKey, revoked: Arc<RevocationList>, cache_size: usize) -> Authority {
         let policies = AuthorizerBuilder::new()
             .code(POLICIES)
             .expect("the built-in policies parse")
@@ -214,6 +222,7 @@ impl Authority {
             root,
             revoked,
             policies,
+            verified: quick_cache::sync::Cache::new(cache_size.max(1)),
         }
     }
 
@@ -231,23 +240,30 @@ impl Authority {
         if token.is_empty() {
             return Err(ApiError::InvalidToken("empty"));
         }
-        let token = Biscuit::from_base64(token, self.root).map_err(|e| match e {
+        if let Some(bearer) = self.verified.get(token) {
+            self.check_current(&bearer)?;
+            return Ok(bearer);
+        }
+        let text = token;
+        let token = Biscuit::from_base64(text, self.root).map_err(|e| match e {
             TokenError::Format(biscuit_auth::error::Format::Signature(_)) => {
                 ApiError::InvalidToken("not signed by a key this server trusts")
             }
             _ => ApiError::InvalidToken("malformed"),
         })?;
-        let bearer = Bearer {
+        let bearer = Bearer(Arc::new(VerifiedToken {
             revocation_ids: token.revocation_identifiers().iter().map(hex).collect(),
             has_time_checks: has_time_only_checks(&token),
             token,
-        };
+        }));
         self.check_current(&bearer)?;
+        self.verified.insert(text.to_owned(), bearer.clone());
         Ok(bearer)
     }
 
     /// Revocation and expiry: these can change between two uses of one token.
     fn check_current(&self, bearer: &Bearer) -> Result<(), ApiError> {
+        let bearer = &bearer.0;
         if self.revoked.contains_any(&bearer.revocation_ids) {
             return Err(ApiError::InvalidToken("revoked"));
         }
@@ -270,7 +286,7 @@ impl Authority {
     pub fn authorize(&self, bearer: &Bearer, access: Access<'_>) -> Result<(), ApiError> {
         let outcome = self
             .authorizer_for(access)
-            .and_then(|b| b.build(&bearer.token))
+            .and_then(|b| b.build(&bearer.0.token))
             .and_then(|mut a| a.authorize());
         match outcome {
             Ok(_) => Ok(()),

@@ -51,6 +51,7 @@ pub struct AuthConfig {
     pub private_key_file: PathBuf,
     #[serde(default)]
     pub public_key: Option<String>,
+    pub token_cache_size: usize,
 }
 
 /// `[log]`

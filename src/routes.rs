@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
-use warp::http::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use warp::http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use warp::http::{Method, StatusCode};
 use warp::path::FullPath;
 use warp::reply::Response;
@@ -25,15 +25,22 @@ pub const API_PREFIX: &str = "/api/admin/users/v4";
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// The whole application: every route, never rejecting.
-pub fn app(state: Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+pub fn app(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let outcome = routes(state)
         .map(Ok::<Response, Rejection>)
         .or_else(|rejection| async move { Ok::<_, Infallible>((Err(rejection),)) });
     request_context()
         .and(warp::method())
         .and(warp::path::full())
+        .and(declares_body())
         .and(outcome)
         .map(finish)
+        // The span carries the token's log id, recorded once authenticated.
+        .with(warp::trace(|_| {
+            tracing::info_span!("request", token = tracing::field::Empty)
+        }))
 }
 
 fn routes(state: Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
@@ -124,10 +131,15 @@ async fn authenticate(
     state: Arc<AppState>,
     header: Option<HeaderValue>,
 ) -> Result<Bearer, Rejection> {
-    state
+    let outcome = state
         .authority
-        .authenticate(header.as_ref().map(HeaderValue::as_bytes))
-        .map_err(warp::reject::custom)
+        .authenticate(header.as_ref().map(HeaderValue::as_bytes));
+    let span = tracing::Span::current();
+    match &outcome {
+        Ok(bearer) => span.record("token", tracing::field::display(bearer.log_id())),
+        Err(_) => span.record("token", tracing::field::display("anonymous")),
+    };
+    outcome.map_err(warp::reject::custom)
 }
 
 /// A JSON request body: declared as JSON (415 otherwise) and at most
@@ -240,10 +252,26 @@ fn is_sane_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
 }
 
+/// Whether the request says it carries a body.
+fn declares_body() -> impl Filter<Extract = (bool,), Error = Infallible> + Clone {
+    fn optional(name: &'static str) -> impl Filter<Extract = (Option<HeaderValue>,), Error = Infallible> + Clone {
+        warp::header::value(name)
+            .map(Some)
+            .or(warp::any().map(|| None))
+            .unify()
+    }
+    optional("content-length")
+        .and(optional("transfer-encoding"))
+        .map(|length: Option<HeaderValue>, encoding: Option<HeaderValue>| {
+            encoding.is_some() || length.is_some_and(|n| n.as_bytes() != b"0")
+        })
+}
+
 fn finish(
     context: RequestContext,
     method: Method,
     path: FullPath,
+    declares_body: bool,
     outcome: Result<Response, Rejection>,
 ) -> Response {
     let mut response = match outcome {
@@ -255,11 +283,21 @@ fn finish(
             }
             let mut response = problem_response(&error, &context.id);
             if matches!(error, ApiError::MethodNotAllowed) {
-                if let Some(allow) = allowed_methods(path.as_str()) {
+                if let Some((_, allow)) = route_of(path.as_str()) {
                     response
                         .headers_mut()
                         .insert(ALLOW, HeaderValue::from_static(allow));
                 }
+            }
+            // A request refused before its body was read (no or bad token,
+            // wrong Content-Type, too large, no such route) leaves that body
+            // on the connection, and hyper then closes it without a word: a
+            // keep-alive client would send its next request into the closing
+            // socket and get a connection error. Say that it closes.
+            if declares_body {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
             }
             response
         }
@@ -270,7 +308,7 @@ fn finish(
     tracing::info!(
         target: "linkid::request",
         method = %method,
-        path = %path.as_str(),
+        route = route_of(path.as_str()).map_or("unknown", |(route, _)| route),
         status = response.status().as_u16(),
         latency_us = context.started.elapsed().as_micros() as u64,
         request_id = %context.id,
@@ -296,14 +334,24 @@ pub fn problem_response(error: &ApiError, request_id: &str) -> Response {
     response
 }
 
-/// The methods a known path allows, for the `Allow` header of a 405.
-fn allowed_methods(path: &str) -> Option<&'static str> {
+/// A known path's route template and the methods it allows.
+pub fn route_of(path: &str) -> Option<(&'static str, &'static str)> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
-        ["healthz"] | ["openapi.json"] => Some("GET"),
-        ["api", "admin", "users", "v4", "users", "identity-providers"] => Some("GET"),
-        ["api", "admin", "users", "v4", "users", _, "linked-identities"] => Some("GET, POST"),
-        ["api", "admin", "users", "v4", "users", _, "linked-identities", _] => Some("DELETE"),
+        ["healthz"] => Some(("/healthz", "GET")),
+        ["openapi.json"] => Some(("/openapi.json", "GET")),
+        ["docs", ..] => Some(("/docs", "GET")),
+        ["api", "admin", "users", "v4", "users", "identity-providers"] => {
+            Some(("/api/admin/users/v4/users/identity-providers", "GET"))
+        }
+        ["api", "admin", "users", "v4", "users", _, "linked-identities"] => Some((
+            "/api/admin/users/v4/users/{user_id}/linked-identities",
+            "GET, POST",
+        )),
+        ["api", "admin", "users", "v4", "users", _, "linked-identities", _] => Some((
+            "/api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
+            "DELETE",
+        )),
         _ => None,
     }
 }

@@ -59,7 +59,7 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on server.addr {}", config.server.addr))?;
         let state = Arc::new(AppState {
-            authority: Authority::new(key.public, revoked.clone()),
+            authority: Authority::new(key.public, revoked.clone(), config.auth.token_cache_size),
             store,
             providers: config.identity_providers.clone(),
             openapi_json: Bytes::from(crate::openapi::document_json()),
@@ -160,8 +160,9 @@ pub async fn shutdown_signal() {
 /// Sets up logging: `log.level` (or `RUST_LOG`) and `log.format`.
 pub fn init_tracing(config: &crate::config::LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    // warp's own per-request events would double our one line per request.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},warp::filters::trace=off", config.level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
