@@ -20,3 +20,6 @@ cargo test --locked -- --test-threads 4
 
 echo "== contract tests"
 LINKID_BIN="$PWD/target/debug/linkid" python3 -m pytest tests/contract -q -p no:cacheprovider
+
+echo "== the docs page in headless Chromium"
+LINKID_BIN="$PWD/target/debug/linkid" tests/browser/run.sh

@@ -32,8 +32,26 @@ pub enum Command {
     #[command(after_help = "Example:\n  LINKID_SERVER__ADDR=0.0.0.0:8080 linkid serve")]
     Serve,
     /// Mint, inspect and revoke bearer tokens.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  linkid token mint --admin --ttl 1h\n  linkid token inspect \"$TOKEN\"\n  linkid token revoke \"$TOKEN\""
+    )]
     Token(TokenCommand),
+    /// Copy the database to PATH while the server keeps serving (SQLite's
+    /// online backup API; one consistent snapshot).
+    #[command(
+        after_help = "Example:\n  linkid backup /var/backups/linkid-$(date +%F).db\n\nRestore: stop the server, copy the backup over database.path (removing any\n-wal and -shm files beside it), start the server."
+    )]
+    Backup {
+        /// Where to write the copy (must not exist yet).
+        path: PathBuf,
+    },
+    /// Check the configuration and explain every problem; exit 0 when it is valid.
+    #[command(
+        name = "check-config",
+        after_help = "Example:\n  linkid --config /etc/linkid/config.toml check-config"
+    )]
+    CheckConfig,
     /// Load N synthetic links (users seed-user-0..N-1) into the database, for
     /// benchmarks and demos. Existing links are kept.
     #[command(after_help = "Example:\n  linkid seed --links 1000000")]
@@ -90,8 +108,59 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => {
+            let linkable = config
+                .identity_providers
+                .iter()
+                .filter(|p| p.linkable)
+                .count();
+            println!("configuration is valid");
+            println!("  server.addr      {}", config.server.addr);
+            println!("  database.path    {}", config.database.path.display());
+            match &config.auth.public_key {
+                Some(key) => println!("  tokens verified  with auth.public_key {key}"),
+                None => println!(
+                    "  tokens verified  with the key in {}{}",
+                    config.auth.private_key_file.display(),
+                    if config.auth.private_key_file.exists() {
+                        ""
+                    } else {
+                        " (generated on first start)"
+                    }
+                ),
+            }
+            println!(
+                "  providers        {} configured, {linkable} linkable",
+                config.identity_providers.len()
+            );
+            Ok(())
+        }
+        Command::Backup { path } => {
+            let source = config.database.path.clone();
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} pages")
+                    .expect("the progress template parses"),
+            );
+            let destination = path.clone();
+            let progress = bar.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::store::backup(&source, &destination, |done, total| {
+                    progress.set_length(total);
+                    progress.set_position(done);
+                })
+            })
+            .await??;
+            bar.finish_and_clear();
+            eprintln!(
+                "backed up {} to {}",
+                config.database.path.display(),
+                path.display()
+            );
+            Ok(())
+        }
         Command::Serve => {
-            startup::init_tracing(&config.log);
+            crate::telemetry::init_tracing(&config.log);
             let app = Application::build(&config).await?;
             tracing::info!(addr = %app.local_addr(), "listening; docs at /docs");
             app.run_until_stopped(startup::shutdown_signal()).await

@@ -23,8 +23,43 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    pub rate_limit: RateLimitConfig,
+    pub cors: CorsConfig,
     #[serde(default)]
     pub identity_providers: Vec<IdentityProviderConfig>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus text at `GET /metrics`.
+    pub enabled: bool,
+    /// Answer `/metrics` only to loopback clients (others get a 404).
+    pub loopback_only: bool,
+}
+
+/// `[rate_limit]`; a rate of 0 turns that limit off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Failed authentications per client address per minute (brute force).
+    pub failed_auth_per_minute: u32,
+    /// Failed authentications a client address may make at once.
+    pub failed_auth_burst: u32,
+    /// Requests per token per second.
+    pub per_token_per_second: u32,
+    /// Requests a token may make at once (0: the per-second rate).
+    pub per_token_burst: u32,
+}
+
+/// `[cors]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins (`https://admin.example.com`) whose pages may call the API; empty turns CORS off.
+    pub allowed_origins: Vec<String>,
 }
 
 /// `[server]`
@@ -194,6 +229,20 @@ impl Config {
                 self.log.level
             ));
         }
+        for (i, origin) in self.cors.allowed_origins.iter().enumerate() {
+            if !is_origin(origin) {
+                problems.push(format!(
+                    "cors.allowed_origins[{i}] {origin:?} is not an origin: use scheme://host[:port], e.g. \"https://admin.example.com\""
+                ));
+            }
+        }
+        problems.extend(file_problems("database.path", &self.database.path));
+        if !self.auth.private_key_file.as_os_str().is_empty() {
+            problems.extend(file_problems(
+                "auth.private_key_file",
+                &self.auth.private_key_file,
+            ));
+        }
         let mut seen = HashSet::new();
         for (i, idp) in self.identity_providers.iter().enumerate() {
             if crate::domain::ProviderId::parse(&idp.id).is_err() {
@@ -216,4 +265,57 @@ impl Config {
         }
         problems
     }
+}
+
+/// `scheme://host[:port]` with nothing after it.
+fn is_origin(text: &str) -> bool {
+    let Ok(uri) = text.parse::<warp::http::Uri>() else {
+        return false;
+    };
+    matches!(uri.scheme_str(), Some("http" | "https"))
+        && uri.authority().is_some()
+        && uri
+            .path_and_query()
+            .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/")
+        && !text.ends_with('/')
+}
+
+/// A file the server reads or creates: if it exists it must be a readable
+/// file; if not, the nearest existing directory above it must be a directory.
+fn file_problems(key: &str, path: &Path) -> Vec<String> {
+    if path.exists() {
+        if !path.is_file() {
+            return vec![format!(
+                "{key} {} is not a file: point it at a file path",
+                path.display()
+            )];
+        }
+        if let Err(e) = std::fs::File::open(path) {
+            return vec![format!(
+                "{key} {} cannot be read ({e}): fix its permissions or ownership",
+                path.display()
+            )];
+        }
+        return vec![];
+    }
+    let mut ancestor = path.parent();
+    while let Some(dir) = ancestor {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if dir.exists() {
+            if !dir.is_dir() {
+                return vec![format!(
+                    "{key} {} cannot be created: {} is not a directory",
+                    path.display(),
+                    dir.display()
+                )];
+            }
+            return vec![];
+        }
+        ancestor = dir.parent();
+    }
+    vec![]
 }

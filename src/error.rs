@@ -104,6 +104,20 @@ pub enum ApiError {
     /// 415 `UNSUPPORTED_MEDIA_TYPE`: the body is not declared as JSON.
     #[error("the body must be sent with Content-Type: application/json")]
     UnsupportedMediaType,
+    /// 429 `RATE_LIMITED`: too many requests (or failed authentications).
+    #[error("too many {what}; retry in {retry_after} s")]
+    RateLimited {
+        what: &'static str,
+        retry_after: u64,
+        limit: u32,
+        window_secs: u64,
+    },
+    /// 403 `CORS_FORBIDDEN`: a cross-origin request from an origin not allowed.
+    #[error("this cross-origin request is not allowed: {0}")]
+    CorsForbidden(String),
+    /// 503 `NOT_READY`: the database does not answer.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// 500 `INTERNAL`: logged with its cause, never shown.
     #[error("an internal error occurred; the request id identifies it in the server's log")]
     Internal(Arc<anyhow::Error>),
@@ -135,7 +149,9 @@ impl ApiError {
             ApiError::IdentityAlreadyLinked { .. } => StatusCode::CONFLICT,
             ApiError::LinkedIdentityNotFound { .. } | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MissingToken | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::CorsForbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -154,6 +170,9 @@ impl ApiError {
             ApiError::MissingToken => "UNAUTHENTICATED",
             ApiError::InvalidToken(_) => "INVALID_TOKEN",
             ApiError::Forbidden => "FORBIDDEN",
+            ApiError::CorsForbidden(_) => "CORS_FORBIDDEN",
+            ApiError::RateLimited { .. } => "RATE_LIMITED",
+            ApiError::NotReady(_) => "NOT_READY",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
@@ -162,14 +181,32 @@ impl ApiError {
         }
     }
 
-    /// The `WWW-Authenticate` value RFC 6750 asks for on a 401.
-    pub fn www_authenticate(&self) -> Option<String> {
+    /// Headers this error's response carries: the RFC 6750 challenge on a
+    /// 401, `Retry-After` and the `RateLimit-*` fields on a 429.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
-            ApiError::MissingToken => Some(r#"Bearer realm="linkid""#.to_string()),
-            ApiError::InvalidToken(reason) => Some(format!(
-                r#"Bearer realm="linkid", error="invalid_token", error_description="the token is {reason}""#
-            )),
-            _ => None,
+            ApiError::MissingToken => {
+                vec![("www-authenticate", r#"Bearer realm="linkid""#.to_string())]
+            }
+            ApiError::InvalidToken(reason) => vec![(
+                "www-authenticate",
+                format!(
+                    r#"Bearer realm="linkid", error="invalid_token", error_description="the token is {reason}""#
+                ),
+            )],
+            ApiError::RateLimited {
+                retry_after,
+                limit,
+                window_secs,
+                ..
+            } => vec![
+                ("retry-after", retry_after.to_string()),
+                ("ratelimit-limit", limit.to_string()),
+                ("ratelimit-remaining", "0".to_string()),
+                ("ratelimit-reset", retry_after.to_string()),
+                ("ratelimit-policy", format!("{limit};w={window_secs}")),
+            ],
+            _ => vec![],
         }
     }
 
@@ -206,6 +243,8 @@ impl ApiError {
             .is_some()
         {
             ApiError::UnsupportedMediaType
+        } else if let Some(cors) = rejection.find::<warp::filters::cors::CorsForbidden>() {
+            ApiError::CorsForbidden(cors.to_string())
         } else {
             anyhow::anyhow!("unhandled rejection: {rejection:?}").into()
         }

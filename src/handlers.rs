@@ -447,3 +447,35 @@ fn parse_link_body(body: &[u8]) -> Result<Fields<LinkFields>, ApiError> {
         _ => Err(errors),
     })
 }
+
+/// `GET /readyz`: 200 while the database answers, else 503 `NOT_READY` with the reason.
+pub async fn readyz(state: Arc<AppState>) -> Result<Response, Rejection> {
+    state.store.ready().await.map_err(ApiError::NotReady)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ready"}),
+    ))
+}
+
+/// `GET /metrics`: Prometheus text, when enabled and (by default) only to loopback clients.
+pub async fn metrics(
+    state: Arc<AppState>,
+    remote: Option<std::net::SocketAddr>,
+) -> Result<Response, Rejection> {
+    let local = remote.is_some_and(|r| r.ip().is_loopback());
+    if !state.metrics.enabled || (state.metrics.loopback_only && !local) {
+        return Err(warp::reject::not_found());
+    }
+    let links = state.store.count().await?;
+    let (connections, idle) = state.store.pool_state();
+    metrics::gauge!("linkid_links_stored").set(links as f64);
+    metrics::gauge!("linkid_db_pool_connections").set(connections);
+    metrics::gauge!("linkid_db_pool_idle_connections").set(idle);
+    metrics::gauge!("linkid_token_cache_entries").set(state.authority.cached_tokens() as f64);
+    let mut response = Response::new(crate::telemetry::prometheus().render().into());
+    response.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(response)
+}

@@ -7,6 +7,8 @@ pub mod domain;
 pub mod error;
 pub mod handlers;
 pub mod openapi;
+pub mod rate_limit;
 pub mod routes;
 pub mod startup;
 pub mod store;
+pub mod telemetry;

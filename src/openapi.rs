@@ -59,6 +59,17 @@ fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
         vec![ApiError::MissingToken, ApiError::InvalidToken("expired")],
     );
     let forbidden = (StatusCode::FORBIDDEN, vec![ApiError::Forbidden]);
+    // Any operation: an address that failed to authenticate too often, or a
+    // token that made too many requests (`[rate_limit]`).
+    let rate_limited = (
+        StatusCode::TOO_MANY_REQUESTS,
+        vec![ApiError::RateLimited {
+            what: "failed authentications from this address",
+            retry_after: 12,
+            limit: 100,
+            window_secs: 60,
+        }],
+    );
     let internal = (
         StatusCode::INTERNAL_SERVER_ERROR,
         vec![ApiError::from(anyhow::anyhow!("example"))],
@@ -76,11 +87,12 @@ fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
         )])
     };
     match operation_id {
-        "listIdentityProviders" => vec![unauthenticated, forbidden, internal],
+        "listIdentityProviders" => vec![unauthenticated, forbidden, rate_limited, internal],
         "listLinkedIdentities" => vec![
             (StatusCode::BAD_REQUEST, vec![bad_embed()]),
             unauthenticated,
             forbidden,
+            rate_limited,
             internal,
         ],
         "linkIdentity" => vec![
@@ -113,6 +125,7 @@ fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
             ),
             (StatusCode::PAYLOAD_TOO_LARGE, vec![ApiError::PayloadTooLarge(crate::routes::MAX_BODY_BYTES)]),
             (StatusCode::UNSUPPORTED_MEDIA_TYPE, vec![ApiError::UnsupportedMediaType]),
+            rate_limited,
             internal,
         ],
         "deleteLinkedIdentity" => vec![
@@ -126,6 +139,7 @@ fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
                     provider_id: "okta".into(),
                 }],
             ),
+            rate_limited,
             internal,
         ],
         _ => vec![],
@@ -215,6 +229,46 @@ fn error_response(status: StatusCode, errors: &[ApiError]) -> utoipa::openapi::R
                 .description(Some("`Bearer realm=\"linkid\"`, with `error=\"invalid_token\"` when a token was presented but is not valid (RFC 6750)."))
                 .build(),
         );
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        use utoipa::openapi::schema::Type;
+        for (name, schema_type, description) in [
+            (
+                "Retry-After",
+                Type::Integer,
+                "Seconds to wait before trying again.",
+            ),
+            (
+                "RateLimit-Limit",
+                Type::Integer,
+                "The requests (or failed authentications) allowed at once.",
+            ),
+            (
+                "RateLimit-Remaining",
+                Type::Integer,
+                "Requests left now: 0.",
+            ),
+            (
+                "RateLimit-Reset",
+                Type::Integer,
+                "Seconds until a request is allowed again.",
+            ),
+            (
+                "RateLimit-Policy",
+                Type::String,
+                "The quota: `<limit>;w=<window seconds>`.",
+            ),
+        ] {
+            response = response.header(
+                name,
+                HeaderBuilder::new()
+                    .schema(Some(
+                        utoipa::openapi::ObjectBuilder::new().schema_type(schema_type),
+                    ))
+                    .description(Some(description))
+                    .build(),
+            );
+        }
     }
     response.build()
 }

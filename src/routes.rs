@@ -2,12 +2,13 @@
 //! into a response with an `x-request-id`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
-use warp::http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use warp::http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use warp::http::{Method, StatusCode};
 use warp::path::FullPath;
 use warp::reply::Response;
@@ -28,7 +29,30 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub fn app(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    let outcome = routes(state)
+    let origins = state.cors_origins.clone();
+    let routes = if origins.is_empty() {
+        routes(state).boxed()
+    } else {
+        // Preflights and cross-origin requests from other origins are
+        // answered (or refused) by warp's CORS filter.
+        let cors = warp::cors()
+            .allow_origins(origins.iter().map(String::as_str))
+            .allow_methods(["GET", "POST", "DELETE"])
+            .allow_headers(["authorization", "content-type", "x-request-id"])
+            .expose_headers([
+                "x-request-id",
+                "location",
+                "www-authenticate",
+                "retry-after",
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "ratelimit-reset",
+                "ratelimit-policy",
+            ])
+            .max_age(600);
+        routes(state).with(cors).map(Reply::into_response).boxed()
+    };
+    let outcome = routes
         .map(Ok::<Response, Rejection>)
         .or_else(|rejection| async move { Ok::<_, Infallible>((Err(rejection),)) });
     request_context()
@@ -48,6 +72,7 @@ fn routes(state: Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Re
     let with_state = warp::any().map(move || state.clone());
     let bearer = with_state
         .clone()
+        .and(warp::addr::remote())
         .and(authorization())
         .and_then(authenticate);
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
@@ -92,6 +117,19 @@ fn routes(state: Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Re
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
 
+    // GET /readyz
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and_then(handlers::readyz);
+
+    // GET /metrics
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(warp::addr::remote())
+        .and_then(handlers::metrics);
+
     // GET /openapi.json
     let openapi = warp::path!("openapi.json")
         .and(warp::get())
@@ -113,6 +151,10 @@ fn routes(state: Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Re
         .unify()
         .or(healthz)
         .unify()
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
         .or(openapi)
         .unify()
         .or(crate::openapi::docs())
@@ -127,19 +169,34 @@ fn authorization() -> impl Filter<Extract = (Option<HeaderValue>,), Error = Infa
         .unify()
 }
 
+/// Authenticates the bearer, within the rate limits: an address that keeps
+/// failing is refused for a while, and a token may have a request budget.
 async fn authenticate(
     state: Arc<AppState>,
+    remote: Option<SocketAddr>,
     header: Option<HeaderValue>,
 ) -> Result<Bearer, Rejection> {
-    let outcome = state
-        .authority
-        .authenticate(header.as_ref().map(HeaderValue::as_bytes));
+    let address = remote.map(|r| r.ip());
     let span = tracing::Span::current();
-    match &outcome {
-        Ok(bearer) => span.record("token", tracing::field::display(bearer.log_id())),
-        Err(_) => span.record("token", tracing::field::display("anonymous")),
-    };
-    outcome.map_err(warp::reject::custom)
+    state.limits.check_address(address)?;
+    match state
+        .authority
+        .authenticate(header.as_ref().map(HeaderValue::as_bytes))
+    {
+        Ok(bearer) => {
+            span.record("token", tracing::field::display(bearer.log_id()));
+            state.limits.check_token(bearer.id())?;
+            Ok(bearer)
+        }
+        Err(error) => {
+            span.record("token", tracing::field::display("anonymous"));
+            Err(state
+                .limits
+                .failed_authentication(address)
+                .unwrap_or(error)
+                .into())
+        }
+    }
 }
 
 /// A JSON request body: declared as JSON (415 otherwise) and at most
@@ -254,7 +311,9 @@ fn is_sane_request_id(id: &str) -> bool {
 
 /// Whether the request says it carries a body.
 fn declares_body() -> impl Filter<Extract = (bool,), Error = Infallible> + Clone {
-    fn optional(name: &'static str) -> impl Filter<Extract = (Option<HeaderValue>,), Error = Infallible> + Clone {
+    fn optional(
+        name: &'static str,
+    ) -> impl Filter<Extract = (Option<HeaderValue>,), Error = Infallible> + Clone {
         warp::header::value(name)
             .map(Some)
             .or(warp::any().map(|| None))
@@ -262,9 +321,11 @@ fn declares_body() -> impl Filter<Extract = (bool,), Error = Infallible> + Clone
     }
     optional("content-length")
         .and(optional("transfer-encoding"))
-        .map(|length: Option<HeaderValue>, encoding: Option<HeaderValue>| {
-            encoding.is_some() || length.is_some_and(|n| n.as_bytes() != b"0")
-        })
+        .map(
+            |length: Option<HeaderValue>, encoding: Option<HeaderValue>| {
+                encoding.is_some() || length.is_some_and(|n| n.as_bytes() != b"0")
+            },
+        )
 }
 
 fn finish(
@@ -305,12 +366,19 @@ fn finish(
     if let Ok(id) = HeaderValue::from_str(&context.id) {
         response.headers_mut().insert("x-request-id", id);
     }
+    let route = route_of(path.as_str()).map(|(route, _)| route);
+    let elapsed = context.started.elapsed();
+    crate::telemetry::record_request(
+        crate::telemetry::operation_of(route, &method),
+        response.status().as_u16(),
+        elapsed,
+    );
     tracing::info!(
         target: "linkid::request",
         method = %method,
-        route = route_of(path.as_str()).map_or("unknown", |(route, _)| route),
+        route = %route.unwrap_or("unknown"),
         status = response.status().as_u16(),
-        latency_us = context.started.elapsed().as_micros() as u64,
+        latency_us = elapsed.as_micros() as u64,
         request_id = %context.id,
         "request"
     );
@@ -326,9 +394,9 @@ pub fn problem_response(error: &ApiError, request_id: &str) -> Response {
         CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
-    if let Some(challenge) = error.www_authenticate() {
-        if let Ok(value) = HeaderValue::from_str(&challenge) {
-            response.headers_mut().insert(WWW_AUTHENTICATE, value);
+    for (name, value) in error.headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
         }
     }
     response
@@ -339,6 +407,8 @@ pub fn route_of(path: &str) -> Option<(&'static str, &'static str)> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
         ["healthz"] => Some(("/healthz", "GET")),
+        ["readyz"] => Some(("/readyz", "GET")),
+        ["metrics"] => Some(("/metrics", "GET")),
         ["openapi.json"] => Some(("/openapi.json", "GET")),
         ["docs", ..] => Some(("/docs", "GET")),
         ["api", "admin", "users", "v4", "users", "identity-providers"] => {

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 
 use crate::auth::{Authority, RevocationList, RootKey};
-use crate::config::{Config, IdentityProviderConfig};
+use crate::config::{Config, IdentityProviderConfig, MetricsConfig};
+use crate::rate_limit::RateLimits;
 use crate::store::Store;
 
 /// How often the server reads new revocations (a revoked token is refused
@@ -21,7 +22,10 @@ pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
 pub struct AppState {
     pub store: Store,
     pub authority: Authority,
+    pub limits: RateLimits,
     pub providers: Vec<IdentityProviderConfig>,
+    pub metrics: MetricsConfig,
+    pub cors_origins: Vec<String>,
     pub openapi_json: Bytes,
 }
 
@@ -61,7 +65,10 @@ impl Application {
         let state = Arc::new(AppState {
             authority: Authority::new(key.public, revoked.clone(), config.auth.token_cache_size),
             store,
+            limits: RateLimits::new(&config.rate_limit),
             providers: config.identity_providers.clone(),
+            metrics: config.metrics.clone(),
+            cors_origins: config.cors.allowed_origins.clone(),
             openapi_json: Bytes::from(crate::openapi::document_json()),
         });
         Ok(Application {
@@ -89,14 +96,19 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        crate::telemetry::prometheus();
         let store = self.state.store.clone();
         let mut newest = load_revocations(&store, &self.revoked, 0).await?;
         let poller = {
             let store = store.clone();
             let revoked = self.revoked.clone();
+            let state = self.state.clone();
             tokio::spawn(async move {
-                loop {
+                for tick in 1u64.. {
                     tokio::time::sleep(REVOCATION_POLL).await;
+                    if tick % 240 == 0 {
+                        state.limits.forget_idle();
+                    }
                     match load_revocations(&store, &revoked, newest).await {
                         Ok(n) => newest = n,
                         Err(e) => tracing::warn!(error = ?e, "cannot read revocations"),
@@ -155,20 +167,4 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
     }
-}
-
-/// Sets up logging: `log.level` (or `RUST_LOG`) and `log.format`.
-pub fn init_tracing(config: &crate::config::LogConfig) {
-    use tracing_subscriber::EnvFilter;
-    // warp's own per-request events would double our one line per request.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{},warp::filters::trace=off", config.level)));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match config.format {
-        crate::config::LogFormat::Json => builder.json().try_init(),
-        crate::config::LogFormat::Text => builder.try_init(),
-    };
 }

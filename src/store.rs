@@ -6,6 +6,7 @@
 //! answers each request only after that transaction's commit is durable:
 //! WAL with `synchronous = FULL` syncs the log on every commit.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::SystemTime;
@@ -58,6 +59,8 @@ struct WriteJob {
 
 enum Message {
     Write(WriteJob),
+    /// Answered at once (after any batch in progress): the writer is alive.
+    Ping(oneshot::Sender<()>),
     /// Finish what is queued, checkpoint the WAL into the database, stop.
     Close(oneshot::Sender<()>),
 }
@@ -72,6 +75,16 @@ impl Store {
             std::fs::create_dir_all(dir).with_context(|| {
                 format!("cannot create the database directory {}", dir.display())
             })?;
+        }
+        if !path.exists() {
+            // Links are personal data: only the service's user reads them
+            // (SQLite gives the -wal and -shm files the same mode).
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("cannot create database.path {}", path.display()))?;
         }
         let mut writer = Connection::open(path)
             .with_context(|| format!("cannot open database.path {}", path.display()))?;
@@ -189,6 +202,49 @@ impl Store {
         Ok(result?)
     }
 
+    /// Whether the database answers: the writer thread responds, and the
+    /// file opens and reads afresh. The error says why not.
+    pub async fn ready(&self) -> Result<(), String> {
+        let (pong, answered) = oneshot::channel();
+        self.writer
+            .send(Message::Ping(pong))
+            .map_err(|_| "the writer has stopped".to_string())?;
+        match tokio::time::timeout(std::time::Duration::from_secs(2), answered).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err("the writer has stopped".into()),
+            Err(_) => return Err("the writer is stuck: no answer in 2 s".into()),
+        }
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = Connection::open_with_flags(
+                &path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            conn.busy_timeout(std::time::Duration::from_secs(2))
+                .map_err(|e| e.to_string())?;
+            conn.query_row("SELECT count(*) FROM linked_identities LIMIT 1", [], |_| {
+                Ok(())
+            })
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        })
+        .await
+        .map_err(|e| format!("the readiness check died: {e}"))?
+    }
+
+    /// How many links are stored.
+    pub async fn count(&self) -> Result<i64, ApiError> {
+        self.read(|conn| conn.query_row("SELECT count(*) FROM linked_identities", [], |r| r.get(0)))
+            .await
+    }
+
+    /// Open and idle read connections.
+    pub fn pool_state(&self) -> (u32, u32) {
+        let state = self.readers.state();
+        (state.connections, state.idle_connections)
+    }
+
     /// Writes what is queued, checkpoints the WAL and stops the writer;
     /// later writes fail. Called once the server has drained.
     pub async fn close(&self) {
@@ -231,12 +287,18 @@ fn run_writer(conn: &mut Connection, messages: mpsc::Receiver<Message>, max_batc
         let mut batch = Vec::new();
         match messages.recv() {
             Ok(Message::Write(job)) => batch.push(job),
+            Ok(Message::Ping(pong)) => {
+                let _ = pong.send(());
+            }
             Ok(Message::Close(done)) => closing = Some(done),
             Err(_) => break,
         }
         while closing.is_none() && !batch.is_empty() && batch.len() < max_batch {
             match messages.try_recv() {
                 Ok(Message::Write(job)) => batch.push(job),
+                Ok(Message::Ping(pong)) => {
+                    let _ = pong.send(());
+                }
                 Ok(Message::Close(done)) => closing = Some(done),
                 Err(_) => break,
             }
@@ -244,6 +306,7 @@ fn run_writer(conn: &mut Connection, messages: mpsc::Receiver<Message>, max_batc
         if batch.is_empty() {
             continue;
         }
+        metrics::histogram!("linkid_write_batch_size").record(batch.len() as f64);
         match apply_batch(conn, &batch) {
             Ok(results) => {
                 for (job, result) in batch.into_iter().zip(results) {
@@ -465,4 +528,62 @@ pub fn seed(
     }
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     Ok(added)
+}
+
+/// Copies the database at `source` to a new file `destination` with
+/// SQLite's online backup API, from one consistent snapshot, while a server
+/// may be writing. `progress` gets (pages done, pages in all).
+pub fn backup(
+    source: &Path,
+    destination: &Path,
+    progress: impl Fn(u64, u64),
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        source.is_file(),
+        "there is no database at {}",
+        source.display()
+    );
+    anyhow::ensure!(
+        !destination.exists(),
+        "{} already exists: choose a new path",
+        destination.display()
+    );
+    let src = Connection::open_with_flags(source, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .with_context(|| format!("cannot open {}", source.display()))?;
+    src.busy_timeout(std::time::Duration::from_secs(5))?;
+    // A read transaction pins one snapshot: writers carry on in the WAL,
+    // and the copy never restarts.
+    src.execute_batch("BEGIN; SELECT count(*) FROM sqlite_master;")?;
+    let partial = destination.with_extension("partial");
+    let _ = std::fs::remove_file(&partial);
+    {
+        let mut dst = Connection::open(&partial)
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        let copy = rusqlite::backup::Backup::new(&src, &mut dst)?;
+        loop {
+            let more = copy.step(1024)?;
+            let p = copy.progress();
+            let total = p.pagecount.max(0) as u64;
+            progress(total - p.remaining.max(0) as u64, total);
+            match more {
+                rusqlite::backup::StepResult::Done => break,
+                rusqlite::backup::StepResult::More => {}
+                rusqlite::backup::StepResult::Busy | rusqlite::backup::StepResult::Locked => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                _ => {}
+            }
+        }
+        drop(copy);
+        dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))?;
+        let check: String = dst.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        anyhow::ensure!(
+            check == "ok",
+            "the copy failed its integrity check: {check}"
+        );
+    }
+    src.execute_batch("COMMIT;")?;
+    std::fs::rename(&partial, destination)
+        .with_context(|| format!("cannot move the copy to {}", destination.display()))?;
+    Ok(())
 }

@@ -15,5 +15,6 @@ mod link;
 mod list;
 mod logs;
 mod openapi;
+mod ops;
 mod races;
 mod shutdown;

@@ -1,0 +1,140 @@
+//! Logging set-up and Prometheus metrics (the `metrics` facade with the
+//! Prometheus exporter's recorder; rendered at `GET /metrics`).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Sets up logging: `log.level` (or `RUST_LOG`) and `log.format`.
+pub fn init_tracing(config: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    // warp's own per-request events would double our one line per request.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},warp::filters::trace=off", config.level)));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match config.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0,
+            ])
+            .expect("the buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (e.g. by an embedding
+        // program); then our figures go there.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        "linkid_requests_total",
+        "HTTP requests by operation and status."
+    );
+    metrics::describe_histogram!(
+        "linkid_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from routing to response, by operation."
+    );
+    metrics::describe_gauge!("linkid_links_stored", "Linked identities in the database.");
+    metrics::describe_gauge!(
+        "linkid_db_pool_connections",
+        "Open read connections in the pool."
+    );
+    metrics::describe_gauge!(
+        "linkid_db_pool_idle_connections",
+        "Idle read connections in the pool."
+    );
+    metrics::describe_histogram!(
+        "linkid_write_batch_size",
+        "Writes that shared one transaction and one fsync (group commit)."
+    );
+    metrics::describe_counter!(
+        "linkid_token_cache_hits_total",
+        "Tokens found verified in the cache."
+    );
+    metrics::describe_counter!(
+        "linkid_token_cache_misses_total",
+        "Tokens whose signature had to be checked."
+    );
+    metrics::describe_gauge!(
+        "linkid_token_cache_entries",
+        "Verified tokens in the cache."
+    );
+    metrics::describe_counter!(
+        "linkid_rate_limited_total",
+        "Requests answered 429, by limit."
+    );
+}
+
+/// Records one answered request.
+pub fn record_request(operation: &'static str, status: u16, elapsed: Duration) {
+    metrics::counter!("linkid_requests_total", "operation" => operation, "status" => status_label(status))
+        .increment(1);
+    metrics::histogram!("linkid_request_duration_seconds", "operation" => operation)
+        .record(elapsed.as_secs_f64());
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        201 => "201",
+        302 => "302",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+/// The operation a route and method stand for, as the OpenAPI document names it.
+pub fn operation_of(route: Option<&str>, method: &warp::http::Method) -> &'static str {
+    use warp::http::Method;
+    match (route, method) {
+        (Some("/api/admin/users/v4/users/identity-providers"), &Method::GET) => {
+            "listIdentityProviders"
+        }
+        (Some("/api/admin/users/v4/users/{user_id}/linked-identities"), &Method::GET) => {
+            "listLinkedIdentities"
+        }
+        (Some("/api/admin/users/v4/users/{user_id}/linked-identities"), &Method::POST) => {
+            "linkIdentity"
+        }
+        (
+            Some("/api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}"),
+            &Method::DELETE,
+        ) => "deleteLinkedIdentity",
+        (Some("/healthz"), _) => "healthz",
+        (Some("/readyz"), _) => "readyz",
+        (Some("/metrics"), _) => "metrics",
+        (Some("/openapi.json"), _) => "openapi",
+        (Some("/docs"), _) => "docs",
+        _ => "other",
+    }
+}
