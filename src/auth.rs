@@ -202,6 +202,8 @@ pub struct Authority {
     root: PublicKey,
     revoked: Arc<RevocationList>,
     policies: AuthorizerBuilder,
+    /// Checks expiry alone: no request facts, allows everything else.
+    validity: AuthorizerBuilder,
     /// Verified tokens by their text: the signature is checked once per token.
     verified: quick_cache::sync::Cache<String, Bearer>,
 }
@@ -231,10 +233,15 @@ impl Authority {
             .code(POLICIES)
             .expect("the built-in policies parse")
             .set_limits(limits());
+        let validity = AuthorizerBuilder::new()
+            .code("allow if true;")
+            .expect("the validity policy parses")
+            .set_limits(limits());
         Authority {
             root,
             revoked,
             policies,
+            validity,
             verified: quick_cache::sync::Cache::new(cache_size.max(1)),
         }
     }
@@ -283,11 +290,11 @@ impl Authority {
             return Err(ApiError::InvalidToken("revoked"));
         }
         if bearer.has_time_checks {
-            let outcome = AuthorizerBuilder::new()
-                .set_limits(limits())
+            let outcome = self
+                .validity
+                .clone()
                 .time()
-                .code("allow if true;")
-                .and_then(|b| b.build(&bearer.token))
+                .build(&bearer.token)
                 .and_then(|mut a| a.authorize());
             if let Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. })) = &outcome {
                 if checks.iter().any(is_time_only) {

@@ -6,14 +6,18 @@ the database and the root key. Nothing here talks to anything but 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -22,6 +26,15 @@ SCHEMATHESIS_CONFIG = HERE / "schemathesis.toml"
 
 STARTUP_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 15.0
+SCHEMATHESIS_TIMEOUT_S = 420
+
+# The four operations, as schemathesis labels them.
+OPERATIONS = {
+    "listIdentityProviders": "GET /api/admin/users/v4/users/identity-providers",
+    "listLinkedIdentities": "GET /api/admin/users/v4/users/{user_id}/linked-identities",
+    "linkIdentity": "POST /api/admin/users/v4/users/{user_id}/linked-identities",
+    "deleteLinkedIdentity": "DELETE /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
+}
 
 
 def linkid_binary() -> Path:
@@ -57,6 +70,7 @@ class LinkidServer:
 
     `key_file` is `auth.private_key_file`; `public_key` (text form
     "ed25519/<hex>") is `auth.public_key`, for tokens minted elsewhere.
+    `extra_env` adds LINKID_* overrides of the config file.
     """
 
     def __init__(
@@ -66,6 +80,7 @@ class LinkidServer:
         key_file: Path,
         public_key: str | None = None,
         config: Path = SERVER_CONFIG,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.binary = linkid_binary()
         self.workdir = workdir
@@ -73,6 +88,7 @@ class LinkidServer:
         self.config = config
         self.key_file = key_file
         self.public_key = public_key
+        self.extra_env = dict(extra_env or {})
         self.port = free_port()
         self.log_path = workdir / "server.log"
         self.process: subprocess.Popen | None = None
@@ -89,6 +105,7 @@ class LinkidServer:
         env["LINKID_AUTH__PRIVATE_KEY_FILE"] = str(self.key_file)
         if self.public_key is not None:
             env["LINKID_AUTH__PUBLIC_KEY"] = self.public_key
+        env.update(self.extra_env)
         return env
 
     def command(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -194,3 +211,39 @@ class LinkidServer:
 
 class _ExitedEarly(Exception):
     pass
+
+
+def run_schemathesis(location: str, token: str, reports: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs the schemathesis CLI; returns the process and its JSON report."""
+    json_report = reports / f"{name}.json"
+    for stale in reports.glob(f"{name}.*"):
+        stale.unlink()
+    command = [
+        sys.executable, "-m", "schemathesis.cli",
+        "--config-file", str(SCHEMATHESIS_CONFIG),
+        "run", location,
+        "--no-color",
+        "--generation-database", "none",
+        "--request-timeout", "10",
+        "--report", "json,ndjson,junit",
+        "--report-json-path", str(json_report),
+        "--report-ndjson-path", str(reports / f"{name}.ndjson"),
+        "--report-junit-path", str(reports / f"{name}.junit.xml"),
+        *args,
+    ]
+    env = base_env()
+    env["LINKID_TOKEN"] = token
+    env["COLUMNS"] = "160"
+    result = subprocess.run(
+        command,
+        env=env,
+        cwd=reports,  # anything schemathesis writes on its own lands here
+        capture_output=True,
+        text=True,
+        timeout=SCHEMATHESIS_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+    (reports / f"{name}.out").write_text(result.stdout + result.stderr)
+    if not json_report.is_file():
+        pytest.fail(f"schemathesis wrote no report (exit {result.returncode}):\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
+    return result, json.loads(json_report.read_text())
