@@ -58,7 +58,13 @@ fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
         StatusCode::UNAUTHORIZED,
         vec![ApiError::MissingToken, ApiError::InvalidToken("expired")],
     );
-    let forbidden = (StatusCode::FORBIDDEN, vec![ApiError::Forbidden]);
+    let forbidden = (
+        StatusCode::FORBIDDEN,
+        vec![
+            ApiError::Forbidden,
+            ApiError::CorsForbidden("origin not allowed".into()),
+        ],
+    );
     // Any operation: an address that failed to authenticate too often, or a
     // token that made too many requests (`[rate_limit]`).
     let rate_limited = (
