@@ -109,6 +109,11 @@ impl Application {
                     if tick % 240 == 0 {
                         state.limits.forget_idle();
                     }
+                    if tick % 8 == 0 {
+                        // Folds recorded histogram samples into their buckets;
+                        // without it they pile up in memory until a scrape.
+                        crate::telemetry::prometheus().run_upkeep();
+                    }
                     match load_revocations(&store, &revoked, newest).await {
                         Ok(n) => newest = n,
                         Err(e) => tracing::warn!(error = ?e, "cannot read revocations"),

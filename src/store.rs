@@ -108,6 +108,8 @@ impl Store {
         let readers = Pool::builder()
             .max_size(pool_size)
             .min_idle(Some(1))
+            // r2d2's default check prepares a statement on every checkout.
+            .test_on_check_out(false)
             .build(manager)
             .context("cannot open the read connections")?;
 

@@ -1,6 +1,7 @@
 //! Logging set-up and Prometheus metrics (the `metrics` facade with the
 //! Prometheus exporter's recorder; rendered at `GET /metrics`).
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -85,12 +86,32 @@ fn describe() {
     );
 }
 
-/// Records one answered request.
+/// Records one answered request. Handles are looked up once per
+/// (operation, status) and kept, so the hot path only bumps atomics.
 pub fn record_request(operation: &'static str, status: u16, elapsed: Duration) {
-    metrics::counter!("linkid_requests_total", "operation" => operation, "status" => status_label(status))
-        .increment(1);
-    metrics::histogram!("linkid_request_duration_seconds", "operation" => operation)
-        .record(elapsed.as_secs_f64());
+    type Handles = (metrics::Counter, metrics::Histogram);
+    static HANDLES: OnceLock<std::sync::RwLock<HashMap<(&'static str, u16), Handles>>> =
+        OnceLock::new();
+    let handles = HANDLES.get_or_init(Default::default);
+    let key = (operation, status);
+    let cached = handles
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let (counter, histogram) = cached.unwrap_or_else(|| {
+        let made = (
+            metrics::counter!("linkid_requests_total", "operation" => operation, "status" => status_label(status)),
+            metrics::histogram!("linkid_request_duration_seconds", "operation" => operation),
+        );
+        handles
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, made.clone());
+        made
+    });
+    counter.increment(1);
+    histogram.record(elapsed.as_secs_f64());
 }
 
 fn status_label(status: u16) -> &'static str {

@@ -1,0 +1,516 @@
+#!/usr/bin/env bash
+# linkid benchmark harness (issue 4). One command from the repository root:
+#
+#   bench/run.sh
+#
+# Installs wrk when missing (Debian's package), builds the release binaries,
+# then in one run on this machine, with the same wrk threads, connections and
+# duration for every row, measures:
+#   1. baseline   a bare warp server (examples/baseline.rs), fixed 205-byte JSON
+#   2. list-small   linkid: authenticated GET of a random seeded user's linked
+#                   identities, LINKS (10,000) links stored
+#   3. providers    linkid: authenticated GET identity providers
+#   4. list-big     as list-small with BIG_LINKS (1,000,000) links stored
+#   5. write-group  linkid write mix (POST a new link, then DELETE it; a new
+#                   user and remote id for every link) with group commit
+#                   (database.max_batch as configured, 256 by default)
+#   6. write-single the same with LINKID_DATABASE__MAX_BATCH=1 (one commit
+#                   per request), same build
+# and prints throughput, p50/p99 latency, the server's peak RSS (VmHWM) and
+# CPU, each linkid figure's ratio to the baseline, and the targets of issue 4.
+# The same report is written to bench/RESULTS.md.
+#
+# Settings (environment):
+#   DURATION=10s     measured time per scenario (wrk -d; "10" means 10s)
+#   WARMUP=2s        unmeasured load before each measurement (0 to skip)
+#   CONNECTIONS=64   wrk connections, every scenario (the write target needs 64)
+#   THREADS=1        wrk threads, every scenario
+#   LINKS=10000      links seeded for list-small, providers and the write DBs
+#   BIG_LINKS=1000000  links seeded for list-big
+#   PORT=18700       first loopback port; scenarios use PORT .. PORT+5
+#   OUT=bench/out    scratch directory (databases, key, logs, raw wrk output);
+#                    emptied at the start, so it must be one this script made
+#   RESULTS=bench/RESULTS.md   where the report goes
+#   WAIT_IDLE=300    before each scenario, wait up to this many seconds for
+#                    the machine to be idle (other load skews the figures; the
+#                    report says when it was not idle)
+#   ROUNDS=1         measured runs per scenario (same server); the run with
+#                    the median throughput is reported, with the spread
+#   STRICT=1         exit 3 when a target is missed (default: report only)
+#
+# Exit status: 0 when every scenario ran clean; 1 when a scenario saw a
+# non-2xx answer or a socket error, or a server failed (the report is still
+# written, marked INVALID); 3 with STRICT=1 and a missed target.
+# Only loopback addresses are used.
+
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+seconds_of() { # "10", "10s", "2m" -> seconds
+    local v=$1
+    case $v in
+        *m) echo $(( ${v%m} * 60 )) ;;
+        *s) echo "${v%s}" ;;
+        *) echo "$v" ;;
+    esac
+}
+
+DURATION_S=$(seconds_of "${DURATION:-10s}")
+WARMUP_S=$(seconds_of "${WARMUP:-2s}")
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+LINKS=${LINKS:-10000}
+BIG_LINKS=${BIG_LINKS:-1000000}
+PORT=${PORT:-18700}
+OUT=${OUT:-bench/out}
+RESULTS=${RESULTS:-bench/RESULTS.md}
+STRICT=${STRICT:-0}
+WAIT_IDLE=${WAIT_IDLE:-300}
+ROUNDS=${ROUNDS:-1}
+WRK_TIMEOUT=10s
+RSS_LIMIT_KIB=65536 # 64 MiB
+
+for n in DURATION_S WARMUP_S CONNECTIONS THREADS LINKS BIG_LINKS PORT WAIT_IDLE ROUNDS; do
+    [[ ${!n} =~ ^[0-9]+$ ]] || { echo "bench: $n must be a whole number (got '${!n}')" >&2; exit 2; }
+done
+(( DURATION_S > 0 )) || { echo "bench: DURATION must be at least 1s" >&2; exit 2; }
+(( ROUNDS > 0 )) || { echo "bench: ROUNDS must be at least 1" >&2; exit 2; }
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf '\033[1;31mbench: %s\033[0m\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- tools
+ensure_wrk() {
+    command -v wrk >/dev/null 2>&1 && return
+    command -v apt-get >/dev/null 2>&1 || die "wrk is missing and there is no apt-get: install wrk and run again"
+    local sudo=()
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    say "installing wrk (Debian package)"
+    if ! apt-cache policy wrk 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        "${sudo[@]}" apt-get update -qq
+    fi
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq wrk >/dev/null
+    command -v wrk >/dev/null 2>&1 || die "could not install wrk"
+}
+ensure_wrk
+command -v curl >/dev/null 2>&1 || die "curl is needed for the health checks"
+
+say "building release binaries (linkid, examples/baseline)"
+cargo build --release --quiet --bin linkid --example baseline
+LINKID=target/release/linkid
+BASELINE=target/release/examples/baseline
+
+# $OUT is emptied: only when this script made it (or it is empty).
+if [[ -d $OUT && ! -e $OUT/.linkid-bench ]] && [[ -n $(ls -A "$OUT" 2>/dev/null) ]]; then
+    die "$OUT exists and was not made by bench/run.sh; remove it or set OUT to another directory"
+fi
+rm -rf "$OUT"
+mkdir -p "$OUT"
+touch "$OUT/.linkid-bench"
+export BENCH_DIR=bench
+KEY="$OUT/root.key"
+CLK_TCK=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------- servers
+declare -a STARTED=()
+cleanup() {
+    local pid
+    for pid in "${STARTED[@]}"; do
+        kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${STARTED[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+
+# start_server NAME PORT COMMAND... ; sets SERVER_PID
+start_server() {
+    local name=$1 port=$2
+    shift 2
+    port_busy "$port" && die "port $port is in use; set PORT to a free range"
+    "$@" >"$OUT/$name.server.log" 2>&1 &
+    SERVER_PID=$!
+    STARTED+=("$SERVER_PID")
+    local i
+    for ((i = 0; i < 300; i++)); do
+        curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/healthz" 2>/dev/null && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || die "$name server exited at start; see $OUT/$name.server.log"
+        sleep 0.1
+    done
+    die "$name server did not answer /healthz on 127.0.0.1:$port within 30 s"
+}
+
+# stop_server PID EXPECTED_STATUS NAME: SIGTERM, wait, check the exit status
+stop_server() {
+    local pid=$1 expected=$2 name=$3 rc=0
+    kill -TERM "$pid"
+    wait "$pid" || rc=$?
+    if [[ $rc -ne $expected ]]; then
+        echo "bench: $name server exited with status $rc after SIGTERM (expected $expected); see $OUT/$name.server.log" >&2
+        INVALID+=("$name: server exit status $rc after SIGTERM")
+    fi
+}
+
+linkid_env() { # linkid_env PORT DBPATH -> env assignments
+    echo "LINKID_SERVER__ADDR=127.0.0.1:$1" "LINKID_DATABASE__PATH=$2" \
+        "LINKID_AUTH__PRIVATE_KEY_FILE=$KEY" "LINKID_LOG__LEVEL=warn" "LINKID_LOG__FORMAT=text"
+}
+
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+vmhwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+# CPU ticks the whole machine spent busy (user, nice, system, irq, softirq, steal)
+busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+
+# ---------------------------------------------------------------- measuring
+declare -A RPS P50 P99 MEAN RSS CPU CPUREQ WRKCPU OTHER BYTES REQS ERRS NOTE SERVER SPREAD
+declare -a ORDER=() INVALID=() BUSY=()
+
+field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"; }
+
+# errors_in LINE: every non-2xx answer and socket error wrk reported
+errors_in() {
+    local line=$1 s k n
+    s=$(field "$line" status_errors)
+    k=$(field "$line" socket_errors)
+    n=$(field "$line" non2xx)
+    # write.lua counts every non-2xx exactly; elsewhere wrk's status > 399
+    echo $(( ${n:-${s:-0}} + ${k:-0} ))
+}
+
+# run_wrk OUTFILE SECONDS SCRIPT URL [wrk args...] -> the BENCH line, plus
+# wrk_cpu_s= (wrk's own user+system CPU seconds)
+run_wrk() {
+    local out=$1 secs=$2 script=$3 url=$4 line
+    shift 4
+    local TIMEFORMAT='%U %S'
+    { time wrk -t"$THREADS" -c"$CONNECTIONS" -d"${secs}s" --timeout "$WRK_TIMEOUT" --latency \
+        -s "$script" "$@" "$url" >"$out" 2>&1; } 2>"$out.cpu" || die "wrk failed; see $out"
+    line=$(grep '^BENCH ' "$out") || die "wrk printed no result line; see $out"
+    echo "$line wrk_cpu_s=$(awk '{print $1 + $2}' "$out.cpu")"
+}
+
+# measure NAME SERVER_LABEL PID SCRIPT URL [wrk args...]
+measure() {
+    local name=$1 label=$2 pid=$3 script=$4 url=$5
+    shift 5
+    local line errs t0 t1 s0 s1
+    if (( WARMUP_S > 0 )); then
+        line=$(BENCH_RUN_ID="w$RUN_ID" run_wrk "$OUT/$name.warmup.txt" "$WARMUP_S" "$script" "$url" "$@")
+        errs=$(errors_in "$line")
+        (( errs == 0 )) || INVALID+=("$name (warm-up): $errs non-2xx answers or socket errors: $line")
+    fi
+    # ROUNDS measured runs against the same server; the one with the median
+    # throughput is reported, errors are counted over all of them.
+    local -a lines=() srv=() sys=()
+    local r all_rps="" pick
+    errs=0
+    for ((r = 1; r <= ROUNDS; r++)); do
+        s0=$(busy_ticks)
+        t0=$(cpu_ticks "$pid")
+        line=$(BENCH_RUN_ID="m$r-$RUN_ID" run_wrk "$OUT/$name.wrk$r.txt" "$DURATION_S" "$script" "$url" "$@")
+        t1=$(cpu_ticks "$pid")
+        s1=$(busy_ticks)
+        lines+=("$line")
+        srv+=($((t1 - t0)))
+        sys+=($((s1 - s0)))
+        errs=$((errs + $(errors_in "$line")))
+        all_rps+="$(field "$line" rps) "
+    done
+    pick=$(for ((r = 0; r < ROUNDS; r++)); do echo "$(field "${lines[$r]}" rps) $r"; done |
+        sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {print $2}')
+    line=${lines[$pick]}
+    t0=0 t1=${srv[$pick]} s0=0 s1=${sys[$pick]}
+    SPREAD[$name]=$(tr ' ' '\n' <<<"$all_rps" | awk 'NF {v = $1 + 0; if (min == "" || v < min) min = v; if (v > max) max = v}
+        END {printf "%.0f–%.0f", min, max}')
+    ORDER+=("$name")
+    SERVER[$name]=$label
+    RPS[$name]=$(field "$line" rps)
+    P50[$name]=$(field "$line" p50_us)
+    P99[$name]=$(field "$line" p99_us)
+    MEAN[$name]=$(field "$line" mean_us)
+    ERRS[$name]=$errs
+    RSS[$name]=$(vmhwm_kib "$pid")
+    local requests duration_us bytes wrk_cpu
+    requests=$(field "$line" requests)
+    duration_us=$(field "$line" duration_us)
+    bytes=$(field "$line" bytes)
+    wrk_cpu=$(field "$line" wrk_cpu_s)
+    REQS[$name]=$requests
+    CPU[$name]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v d="$duration_us" 'BEGIN {printf "%.2f", (t / hz) / (d / 1e6)}')
+    CPUREQ[$name]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$requests" 'BEGIN {printf "%.0f", r ? (t / hz) * 1e6 / r : 0}')
+    WRKCPU[$name]=$(awk -v w="$wrk_cpu" -v d="$duration_us" 'BEGIN {printf "%.2f", w / (d / 1e6)}')
+    # Everything else the machine did meanwhile (should be about 0).
+    OTHER[$name]=$(awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v w="$wrk_cpu" -v d="$duration_us" \
+        'BEGIN {o = ((s - t) / hz - w) / (d / 1e6); if (o < 0) o = 0; printf "%.2f", o}')
+    BYTES[$name]=$(awk -v b="$bytes" -v r="$requests" 'BEGIN {printf "%.0f", r ? b / r : 0}')
+    NOTE[$name]=$(field "$line" statuses)
+    if (( errs != 0 )); then
+        INVALID+=("$name: $errs non-2xx answers or socket errors: $line")
+        printf '\033[1;31m%s: %s NON-2XX ANSWERS OR SOCKET ERRORS\033[0m\n' "$name" "$errs" >&2
+    fi
+    if awk -v o="${OTHER[$name]}" 'BEGIN {exit !(o > 0.2)}'; then
+        BUSY+=("$name: other processes used ${OTHER[$name]} cores")
+    fi
+    printf '    %-13s %10.0f req/s  p50 %7.2f ms  p99 %7.2f ms  peak RSS %6.1f MiB  CPU: server %s, wrk %s, other %s cores\n' \
+        "$name" "${RPS[$name]}" "$(ms "${P50[$name]}")" "$(ms "${P99[$name]}")" \
+        "$(mib "${RSS[$name]}")" "${CPU[$name]}" "${WRKCPU[$name]}" "${OTHER[$name]}" >&2
+}
+
+ms() { awk -v v="$1" 'BEGIN {printf "%.2f", v / 1000}'; }
+mib() { awk -v v="$1" 'BEGIN {printf "%.1f", v / 1024}'; }
+commas() { sed ':a;s/\B[0-9]\{3\}\>/,&/;ta' <<<"$1"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0) print "n/a"; else printf "%.2f", a / b}'; }
+
+RUN_ID=$(date +%s)-$$
+# The first mint makes the root key, in $OUT.
+TOKEN=$(env LINKID_AUTH__PRIVATE_KEY_FILE="$KEY" LINKID_LOG__LEVEL=warn "$LINKID" token mint --admin 2>"$OUT/mint.log") \
+    || die "cannot mint a token; see $OUT/mint.log"
+AUTH="Authorization: Bearer $TOKEN"
+API=/api/admin/users/v4/users
+
+# ---------------------------------------------------------------- data
+seed() { # seed DBPATH N
+    env LINKID_DATABASE__PATH="$1" LINKID_AUTH__PRIVATE_KEY_FILE="$KEY" LINKID_LOG__LEVEL=warn \
+        "$LINKID" seed --links "$2" >"$1.seed.log" 2>&1 || die "seeding $1 failed; see $1.seed.log"
+}
+say "seeding $LINKS links (list, providers) and $BIG_LINKS links (list-big)"
+mkdir -p "$OUT/db-small" "$OUT/db-big" "$OUT/db-write-group" "$OUT/db-write-single"
+seed "$OUT/db-small/linkid.db" "$LINKS"
+SEED_START=$(date +%s.%N)
+seed "$OUT/db-big/linkid.db" "$BIG_LINKS"
+SEED_SECS=$(awk -v a="$SEED_START" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+seed "$OUT/db-write-group/linkid.db" "$LINKS"
+seed "$OUT/db-write-single/linkid.db" "$LINKS"
+BIG_DB_MIB=$(du -m "$OUT/db-big/linkid.db" | cut -f1)
+
+# What one durable write costs on this disk now: 4 KiB appends, each synced
+# (run just before each write scenario; other disk traffic makes it vary).
+fsync_us() {
+    dd if=/dev/zero of="$OUT/fsync.probe" bs=4k count=500 oflag=dsync 2>&1 |
+        awk -F', ' '/copied/ {split($3, t, " "); printf "%.0f", t[1] * 1e6 / 500}'
+    rm -f "$OUT/fsync.probe"
+}
+
+# Is anything else busy? Other load skews every row: before each scenario,
+# wait (up to WAIT_IDLE seconds) for a second in which the machine is idle,
+# and say in the report when it never was.
+wait_idle() { # wait_idle NAME
+    local waited=0 s0 other
+    while :; do
+        s0=$(busy_ticks)
+        sleep 1
+        other=$(awk -v s=$(( $(busy_ticks) - s0 )) -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", s / hz}')
+        awk -v o="$other" 'BEGIN {exit !(o > 0.15)}' || return 0
+        if (( waited == 0 )); then
+            echo "bench: the machine is busy ($other cores in use by other processes); waiting up to ${WAIT_IDLE}s for it to be idle" >&2
+        fi
+        waited=$((waited + 1))
+        if (( waited >= WAIT_IDLE )); then
+            echo "bench: warning: still busy ($other cores) before $1; measuring anyway, figures will be skewed" >&2
+            BUSY+=("before $1: other processes used $other cores")
+            return 0
+        fi
+    done
+}
+
+# ---------------------------------------------------------------- scenarios
+say "scenarios: ${DURATION_S}s each after ${WARMUP_S}s warm-up, wrk -t$THREADS -c$CONNECTIONS"
+
+# 1. baseline
+port=$PORT
+wait_idle baseline
+start_server baseline "$port" "$BASELINE" "$port"
+BASE_BODY=$(curl -fsS "http://127.0.0.1:$port/")
+measure baseline "examples/baseline" "$SERVER_PID" bench/get.lua "http://127.0.0.1:$port/"
+stop_server "$SERVER_PID" 143 baseline # no signal handler: killed by SIGTERM
+
+# 2. list, LINKS links
+port=$((PORT + 1))
+wait_idle list-small
+start_server list-small "$port" env $(linkid_env "$port" "$OUT/db-small/linkid.db") "$LINKID" serve
+probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/seed-user-1233/linked-identities") \
+    || die "the list request fails before the load starts; see $OUT/list-small.server.log"
+[[ $probe == *'"linked_user_id":"seed-remote-1233"'* ]] || die "unexpected list answer: $probe"
+LIST_BODY_BYTES=${#probe}
+export BENCH_USERS=$LINKS
+measure list-small "linkid" "$SERVER_PID" bench/list.lua "http://127.0.0.1:$port/" -H "$AUTH"
+stop_server "$SERVER_PID" 0 list-small
+
+# 3. identity providers
+port=$((PORT + 2))
+wait_idle providers
+start_server providers "$port" env $(linkid_env "$port" "$OUT/db-small/linkid.db") "$LINKID" serve
+probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/identity-providers") \
+    || die "the identity providers request fails before the load starts"
+measure providers "linkid" "$SERVER_PID" bench/get.lua "http://127.0.0.1:$port$API/identity-providers" -H "$AUTH"
+stop_server "$SERVER_PID" 0 providers
+
+# 4. list, BIG_LINKS links
+port=$((PORT + 3))
+wait_idle list-big
+start_server list-big "$port" env $(linkid_env "$port" "$OUT/db-big/linkid.db") "$LINKID" serve
+probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/seed-user-$((BIG_LINKS - 1))/linked-identities") \
+    || die "the list request (big database) fails before the load starts"
+[[ $probe == *"seed-remote-$((BIG_LINKS - 1))"* ]] || die "unexpected list answer: $probe"
+export BENCH_USERS=$BIG_LINKS
+measure list-big "linkid" "$SERVER_PID" bench/list.lua "http://127.0.0.1:$port/" -H "$AUTH"
+stop_server "$SERVER_PID" 0 list-big
+
+# 5. write mix, group commit (the configured default)
+port=$((PORT + 4))
+wait_idle write-group
+FSYNC_GROUP_US=$(fsync_us)
+start_server write-group "$port" env $(linkid_env "$port" "$OUT/db-write-group/linkid.db") "$LINKID" serve
+measure write-group "linkid" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
+stop_server "$SERVER_PID" 0 write-group
+
+# 6. write mix, one commit per request
+port=$((PORT + 5))
+wait_idle write-single
+FSYNC_SINGLE_US=$(fsync_us)
+start_server write-single "$port" env $(linkid_env "$port" "$OUT/db-write-single/linkid.db") \
+    LINKID_DATABASE__MAX_BATCH=1 "$LINKID" serve
+measure write-single "linkid max_batch=1" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
+stop_server "$SERVER_PID" 0 write-single
+
+# ---------------------------------------------------------------- report
+declare -A LABEL=(
+    [baseline]="baseline GET (bare warp, fixed JSON)"
+    [list-small]="GET list, $(commas "$LINKS") links stored"
+    [providers]="GET identity providers"
+    [list-big]="GET list, $(commas "$BIG_LINKS") links stored"
+    [write-group]="write mix POST+DELETE, group commit"
+    [write-single]="write mix POST+DELETE, max_batch=1"
+)
+
+table() {
+    echo "| scenario | server | req/s | p50 ms | p99 ms | peak RSS MiB | req/s ÷ base | p50 ÷ base | p99 ÷ base | RSS ÷ base | non-2xx + socket errors |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    local n b=baseline
+    for n in "${ORDER[@]}"; do
+        printf '| %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+            "${LABEL[$n]}" "${SERVER[$n]}" "${RPS[$n]}" "$(ms "${P50[$n]}")" "$(ms "${P99[$n]}")" \
+            "$(mib "${RSS[$n]}")" \
+            "$(ratio "${RPS[$n]}" "${RPS[$b]}")" "$(ratio "${P50[$n]}" "${P50[$b]}")" \
+            "$(ratio "${P99[$n]}" "${P99[$b]}")" "$(ratio "${RSS[$n]}" "${RSS[$b]}")" "${ERRS[$n]}"
+    done
+}
+
+cpu_table() {
+    echo "| scenario | requests | req/s over $ROUNDS round(s) | mean ms | server CPU (cores) | server CPU µs/request | wrk CPU (cores) | other CPU (cores) | bytes/response |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    local n
+    for n in "${ORDER[@]}"; do
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$n]}" "${REQS[$n]}" "${SPREAD[$n]}" "$(ms "${MEAN[$n]}")" \
+            "${CPU[$n]}" "${CPUREQ[$n]}" "${WRKCPU[$n]}" "${OTHER[$n]}" "${BYTES[$n]}"
+    done
+}
+
+MISSED=0
+verdict() { # verdict AWK_CONDITION -> met / **MISSED**
+    if awk "BEGIN {exit !($1)}"; then echo "met"; else echo "**MISSED**"; fi
+}
+
+targets() {
+    local b=baseline r v
+    echo "| target | measured | verdict |"
+    echo "|---|---|---|"
+    for n in list-small providers; do
+        r=$(ratio "${RPS[$n]}" "${RPS[$b]}")
+        v=$(verdict "$r >= 0.5")
+        echo "| ${LABEL[$n]}: throughput ≥ 0.50 × baseline | $r × ($(printf %.0f "${RPS[$n]}") vs $(printf %.0f "${RPS[$b]}") req/s$(awk -v a="${RPS[$n]}" -v b="${RPS[$b]}" 'BEGIN {if (a < 0.5 * b) printf "; needs %.2f × more", 0.5 * b / a}')) | $v |"
+        r=$(ratio "${P99[$n]}" "${P99[$b]}")
+        v=$(verdict "$r <= 2.0")
+        echo "| ${LABEL[$n]}: p99 ≤ 2 × baseline | $r × ($(ms "${P99[$n]}") vs $(ms "${P99[$b]}") ms) | $v |"
+    done
+    r=$(ratio "${RPS[write-group]}" "${RPS[write-single]}")
+    v=$(verdict "$r >= 5")
+    echo "| writes, $CONNECTIONS connections: group commit ≥ 5 × one commit per request | $r × ($(printf %.0f "${RPS[write-group]}") vs $(printf %.0f "${RPS[write-single]}") req/s) | $v |"
+    v=$(verdict "${RSS[list-big]} < $RSS_LIMIT_KIB")
+    echo "| peak RSS < 64 MiB with $(commas "$BIG_LINKS") links stored | $(mib "${RSS[list-big]}") MiB (database file $BIG_DB_MIB MiB) | $v |"
+    r=$(awk -v a="${P50[list-big]}" -v b="${P50[list-small]}" 'BEGIN {printf "%+.1f", (a / b - 1) * 100}')
+    v=$(verdict "${P50[list-big]} <= 1.10 * ${P50[list-small]}")
+    echo "| list p50 with $(commas "$BIG_LINKS") links within 10 % of $(commas "$LINKS") | $r % ($(ms "${P50[list-big]}") vs $(ms "${P50[list-small]}") ms) | $v |"
+    r=$(awk -v a="${P99[list-big]}" -v b="${P99[list-small]}" 'BEGIN {printf "%+.1f", (a / b - 1) * 100}')
+    local t
+    t=$(awk -v a="${RPS[list-big]}" -v b="${RPS[list-small]}" 'BEGIN {printf "%+.1f", (a / b - 1) * 100}')
+    echo "| (for reference) list p99 and throughput, $(commas "$BIG_LINKS") vs $(commas "$LINKS") links | p99 $r % ($(ms "${P99[list-big]}") vs $(ms "${P99[list-small]}") ms), throughput $t % | — |"
+}
+
+CPU_MODEL=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+FS=$(df -PT "$OUT" | awk 'NR == 2 {print $2 " on " $1}')
+GIT=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
+git diff --quiet HEAD 2>/dev/null || GIT="$GIT + uncommitted changes"
+EXTRA_ENV=$(env | grep '^LINKID_' | cut -d= -f1 | tr '\n' ' ' || true)
+GROUP_BATCH=$(awk -F'= *' '/^max_batch/ {print $2; exit}' config.toml 2>/dev/null || echo "?")
+POOL=$(awk -F'= *' '/^pool_size/ {print $2; exit}' config.toml 2>/dev/null || echo "?")
+
+TABLE=$(table)
+CPU_TABLE=$(cpu_table)
+TARGETS=$(targets)
+grep -q 'MISSED' <<<"$TARGETS" && MISSED=1
+
+{
+    echo "# linkid benchmark results"
+    echo
+    echo "Produced by \`bench/run.sh\` (issue 4). Every row comes from this one run on one machine;"
+    echo "the load generator (wrk) shares the machine's cores with the server."
+    echo
+    if ((${#INVALID[@]})); then
+        echo "> **INVALID RUN** — unexpected answers or failures:"
+        printf '> - %s\n' "${INVALID[@]}"
+        echo
+    fi
+    if ((${#BUSY[@]})); then
+        echo "> **Warning: the machine was not idle** — the figures are skewed by other load:"
+        printf '> - %s\n' "${BUSY[@]}"
+        echo
+    fi
+    echo "## Machine and settings"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "- cores (\`nproc\`): $(nproc); CPU: $CPU_MODEL; memory: $(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo); kernel $(uname -r)"
+    echo "- database directory: $OUT ($FS); one synced 4 KiB append (dd oflag=dsync, 500 in a row) took $FSYNC_GROUP_US µs just before the group-commit row and $FSYNC_SINGLE_US µs just before the one-commit-per-request row"
+    echo "- build: \`cargo build --release\`, $(rustc --version 2>/dev/null), linkid at commit $GIT"
+    echo "- load generator: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION_S}s --timeout $WRK_TIMEOUT --latency\`, after a ${WARMUP_S}s warm-up per scenario with the same settings; $ROUNDS measured run(s) per scenario, the median-throughput run reported"
+    echo "- each scenario runs against a freshly started server; peak RSS is that process's VmHWM after warm-up and measurement; server CPU is its user+system time during the measured ${DURATION_S}s"
+    echo "- linkid: log level warn, database.pool_size $POOL (config.toml), WAL with synchronous = FULL; group commit = database.max_batch $GROUP_BATCH (config.toml), one commit per request = LINKID_DATABASE__MAX_BATCH=1"
+    echo "- data: $(commas "$LINKS") seeded links (users seed-user-0 .. seed-user-$((LINKS - 1)), spread over the linkable providers) for the list, providers and write rows; $(commas "$BIG_LINKS") for the big list row ($BIG_DB_MIB MiB database, seeded in $SEED_SECS s by \`linkid seed\`)"
+    echo "- list requests: a random seeded user per request (bench/list.lua); the baseline body is ${#BASE_BODY} bytes, linkid's list answer for seed-user-1233 is $LIST_BODY_BYTES bytes"
+    echo "- write mix (bench/write.lua): POST a link to okta for a new user with a new remote id (JSON body, Content-Type: application/json), and once it is answered 201, DELETE it; every answer's status is counted (statuses seen: group ${NOTE[write-group]:-?}; single ${NOTE[write-single]:-?})"
+    echo "- admin token minted by \`linkid token mint --admin\` for this run"
+    [[ -n $EXTRA_ENV ]] && echo "- inherited environment also set: $EXTRA_ENV"
+    echo
+    echo "## Results"
+    echo
+    echo "Ratios are to the baseline row (÷ base). Latencies are wrk's, over every request of the measured run."
+    echo
+    echo "$TABLE"
+    echo
+    echo "Where the time goes: CPU of the server process (all threads), of wrk, and of anything else on the machine, over each measured run."
+    echo
+    echo "$CPU_TABLE"
+    echo
+    echo "## Targets (issue 4)"
+    echo
+    echo "$TARGETS"
+    echo
+    echo "Raw wrk output and server logs: \`$OUT/\` (not committed)."
+} >"$RESULTS"
+
+echo
+cat "$RESULTS"
+echo
+say "written to $RESULTS"
+
+if ((${#INVALID[@]})); then
+    printf '\033[1;31mbench: INVALID RUN: %d problem(s):\033[0m\n' "${#INVALID[@]}" >&2
+    printf '  - %s\n' "${INVALID[@]}" >&2
+    exit 1
+fi
+if [[ $STRICT == 1 && $MISSED == 1 ]]; then
+    say "some targets were missed (STRICT=1)"
+    exit 3
+fi
+exit 0
