@@ -105,8 +105,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Runs the parsed command line.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref())?;
+pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
             let linkable = config
