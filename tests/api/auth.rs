@@ -1,20 +1,10 @@
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use biscuit_auth::builder_ext::BuilderExt;
-use biscuit_auth::{Biscuit, BlockBuilder, KeyPair};
+use biscuit_auth::KeyPair;
 use linkid::auth::{revocation_ids, MintRequest, Operation};
 use linkid::store::Store;
 
-use crate::helpers::{assert_problem, link_body, spawn_app};
-
-fn attenuate(token: &str, app_key: &KeyPair, code: &str) -> String {
-    Biscuit::from_base64(token, app_key.public())
-        .unwrap()
-        .append(BlockBuilder::new().code(code).unwrap())
-        .unwrap()
-        .to_base64()
-        .unwrap()
-}
+use crate::helpers::{assert_problem, attenuate, expired_admin, link_body, spawn_app};
 
 async fn assert_invalid_token(response: reqwest::Response) {
     let challenge = response.headers()["www-authenticate"]
@@ -115,14 +105,7 @@ async fn a_token_signed_by_another_root_key_is_invalid_token() {
 #[tokio::test]
 async fn an_expired_token_is_invalid_token() {
     let app = spawn_app().await;
-    let expired = Biscuit::builder()
-        .code(r#"role("admin");"#)
-        .unwrap()
-        .check_expiration_date(SystemTime::now() - Duration::from_secs(60))
-        .build(&app.keypair)
-        .unwrap()
-        .to_base64()
-        .unwrap();
+    let expired = expired_admin(&app.keypair, Duration::from_secs(60));
     let attenuated_expired = attenuate(
         &app.admin,
         &app.keypair,

@@ -207,3 +207,26 @@ pub fn error_fields(problem: &Value) -> Vec<String> {
         .map(|e| e["field"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// A token with one more block, as any holder can add.
+pub fn attenuate(token: &str, key: &KeyPair, code: &str) -> String {
+    biscuit_auth::Biscuit::from_base64(token, key.public())
+        .unwrap()
+        .append(biscuit_auth::BlockBuilder::new().code(code).unwrap())
+        .unwrap()
+        .to_base64()
+        .unwrap()
+}
+
+/// An admin token that expired `ago` before now.
+pub fn expired_admin(key: &KeyPair, ago: Duration) -> String {
+    use biscuit_auth::builder_ext::BuilderExt;
+    biscuit_auth::Biscuit::builder()
+        .code(r#"role("admin");"#)
+        .unwrap()
+        .check_expiration_date(std::time::SystemTime::now() - ago)
+        .build(key)
+        .unwrap()
+        .to_base64()
+        .unwrap()
+}

@@ -2,16 +2,15 @@
 //! server stays up, stores nothing it should not, and serves the next
 //! valid request.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use biscuit_auth::builder_ext::BuilderExt;
-use biscuit_auth::{Biscuit, BlockBuilder, KeyPair};
+use biscuit_auth::KeyPair;
 use linkid::auth::{revocation_ids, MintRequest};
 use linkid::store::Store;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{link_body, spawn_app, TestApp};
+use crate::helpers::{attenuate, expired_admin, link_body, spawn_app, TestApp};
 
 /// Sends raw bytes as one HTTP/1.1 request and reads the whole response.
 async fn raw(app: &TestApp, request: Vec<u8>) -> (u16, Option<String>) {
@@ -97,15 +96,6 @@ fn list_target(user: &str, query: &str) -> Vec<u8> {
     format!("/api/admin/users/v4/users/{user}/linked-identities{query}").into_bytes()
 }
 
-fn attenuate(token: &str, key: &KeyPair, code: &str) -> String {
-    Biscuit::from_base64(token, key.public())
-        .unwrap()
-        .append(BlockBuilder::new().code(code).unwrap())
-        .unwrap()
-        .to_base64()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn the_hostile_input_catalogue_gets_exact_errors_and_loses_nothing() {
     let app = spawn_app().await;
@@ -125,14 +115,7 @@ async fn the_hostile_input_catalogue_gets_exact_errors_and_loses_nothing() {
         .unwrap();
     store.close().await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let expired = Biscuit::builder()
-        .code(r#"role("admin");"#)
-        .unwrap()
-        .check_expiration_date(SystemTime::now() - Duration::from_secs(3600))
-        .build(&app.keypair)
-        .unwrap()
-        .to_base64()
-        .unwrap();
+    let expired = expired_admin(&app.keypair, Duration::from_secs(3600));
     let forged = linkid::auth::mint(
         &KeyPair::new(),
         &MintRequest {
