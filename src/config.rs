@@ -52,6 +52,8 @@ pub struct RateLimitConfig {
     pub per_token_per_second: u32,
     /// Requests a token may make at once (0: the per-second rate).
     pub per_token_burst: u32,
+    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// `[cors]`

@@ -2,7 +2,7 @@
 //! into a response with an `x-request-id`.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -69,11 +69,12 @@ pub fn app(
 
 fn routes(state: Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let api = warp::path!("api" / "admin" / "users" / "v4" / ..);
+    let trusted_proxies = Arc::new(state.trusted_proxies.clone());
     let with_state = warp::any().map(move || state.clone());
     let bearer = with_state
         .clone()
-        .and(warp::addr::remote())
-        .and(authorization())
+        .and(client_address(trusted_proxies))
+        .and(optional_header("authorization"))
         .and_then(authenticate);
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
 
@@ -161,22 +162,48 @@ fn routes(state: Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Re
         .unify()
 }
 
-/// The raw `Authorization` header, if any.
-fn authorization() -> impl Filter<Extract = (Option<HeaderValue>,), Error = Infallible> + Clone {
-    warp::header::value("authorization")
+/// A header's raw value, if present (never rejects, whatever its bytes).
+fn optional_header(
+    name: &'static str,
+) -> impl Filter<Extract = (Option<HeaderValue>,), Error = Infallible> + Clone {
+    warp::header::value(name)
         .map(Some)
         .or(warp::any().map(|| None))
         .unify()
+}
+
+/// The client's address: the TCP peer, or, when the peer is a trusted
+/// proxy, the nearest untrusted address in `X-Forwarded-For`.
+fn client_address(
+    trusted: Arc<Vec<IpAddr>>,
+) -> impl Filter<Extract = (Option<IpAddr>,), Error = Infallible> + Clone {
+    warp::addr::remote()
+        .and(optional_header("x-forwarded-for"))
+        .map(
+            move |peer: Option<SocketAddr>, forwarded: Option<HeaderValue>| {
+                let peer = peer?.ip();
+                if !trusted.contains(&peer) {
+                    return Some(peer);
+                }
+                let hops = forwarded
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                hops.rsplit(',')
+                    .map(|hop| hop.trim().parse::<IpAddr>())
+                    .find(|hop| !hop.as_ref().is_ok_and(|ip| trusted.contains(ip)))
+                    .map_or(Some(peer), |hop| Some(hop.unwrap_or(peer)))
+            },
+        )
 }
 
 /// Authenticates the bearer, within the rate limits: an address that keeps
 /// failing is refused for a while, and a token may have a request budget.
 async fn authenticate(
     state: Arc<AppState>,
-    remote: Option<SocketAddr>,
+    address: Option<IpAddr>,
     header: Option<HeaderValue>,
 ) -> Result<Bearer, Rejection> {
-    let address = remote.map(|r| r.ip());
     let span = tracing::Span::current();
     state.limits.check_address(address)?;
     match state
@@ -202,16 +229,8 @@ async fn authenticate(
 /// A JSON request body: declared as JSON (415 otherwise) and at most
 /// `MAX_BODY_BYTES` (413 otherwise, whether or not a length was declared).
 fn json_body() -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
-    warp::header::value("content-type")
-        .map(Some)
-        .or(warp::any().map(|| None))
-        .unify()
-        .and(
-            warp::header::value("content-length")
-                .map(Some)
-                .or(warp::any().map(|| None))
-                .unify(),
-        )
+    optional_header("content-type")
+        .and(optional_header("content-length"))
         .and_then(
             |content_type: Option<HeaderValue>, length: Option<HeaderValue>| async move {
                 if !content_type.as_ref().is_some_and(is_json) {
@@ -285,19 +304,15 @@ pub struct RequestContext {
 }
 
 fn request_context() -> impl Filter<Extract = (RequestContext,), Error = Infallible> + Clone {
-    warp::header::value("x-request-id")
-        .map(Some)
-        .or(warp::any().map(|| None))
-        .unify()
-        .map(|given: Option<HeaderValue>| RequestContext {
-            id: given
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| is_sane_request_id(v))
-                .map(str::to_owned)
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            started: Instant::now(),
-        })
+    optional_header("x-request-id").map(|given: Option<HeaderValue>| RequestContext {
+        id: given
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| is_sane_request_id(v))
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        started: Instant::now(),
+    })
 }
 
 /// A caller's request id is echoed only when it is short and plain.
@@ -311,16 +326,8 @@ fn is_sane_request_id(id: &str) -> bool {
 
 /// Whether the request says it carries a body.
 fn declares_body() -> impl Filter<Extract = (bool,), Error = Infallible> + Clone {
-    fn optional(
-        name: &'static str,
-    ) -> impl Filter<Extract = (Option<HeaderValue>,), Error = Infallible> + Clone {
-        warp::header::value(name)
-            .map(Some)
-            .or(warp::any().map(|| None))
-            .unify()
-    }
-    optional("content-length")
-        .and(optional("transfer-encoding"))
+    optional_header("content-length")
+        .and(optional_header("transfer-encoding"))
         .map(
             |length: Option<HeaderValue>, encoding: Option<HeaderValue>| {
                 encoding.is_some() || length.is_some_and(|n| n.as_bytes() != b"0")

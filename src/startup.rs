@@ -26,6 +26,7 @@ pub struct AppState {
     pub providers: Vec<IdentityProviderConfig>,
     pub metrics: MetricsConfig,
     pub cors_origins: Vec<String>,
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     pub openapi_json: Bytes,
 }
 
@@ -69,6 +70,7 @@ impl Application {
             providers: config.identity_providers.clone(),
             metrics: config.metrics.clone(),
             cors_origins: config.cors.allowed_origins.clone(),
+            trusted_proxies: config.rate_limit.trusted_proxies.clone(),
             openapi_json: Bytes::from(crate::openapi::document_json()),
         });
         Ok(Application {

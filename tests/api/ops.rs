@@ -420,3 +420,34 @@ async fn readyz_and_metrics_are_listed_in_the_request_log_by_route() {
         .unwrap();
     assert!(listed.as_str().unwrap().contains("linkid_requests_total"));
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_failed_authentications_count_per_forwarded_client() {
+    let app = spawn_app_with(|c| {
+        c.rate_limit.failed_auth_per_minute = 60;
+        c.rate_limit.failed_auth_burst = 2;
+        c.rate_limit.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    })
+    .await;
+    let from = |client: &'static str, token: &str| {
+        app.client
+            .get(app.api("/users/identity-providers"))
+            .bearer_auth(token)
+            .header("x-forwarded-for", format!("203.0.113.99, {client}"))
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(from("198.51.100.1", "bad").await.unwrap().status(), 401);
+    }
+    assert_eq!(from("198.51.100.1", "bad").await.unwrap().status(), 429);
+
+    let attacker = from("198.51.100.1", &app.admin).await.unwrap();
+    let neighbour = from("198.51.100.2", &app.admin).await.unwrap();
+
+    assert_problem(attacker, 429, "RATE_LIMITED").await;
+    assert_eq!(
+        neighbour.status(),
+        200,
+        "another client behind the same proxy is not blocked"
+    );
+}
