@@ -12,6 +12,11 @@ echo "== building"
 cargo build --locked --bins --tests
 
 echo "== cargo fmt and clippy"
+for component in rustfmt clippy; do
+    # A toolchain without them gets them from rustup when it can.
+    rustup component list --installed 2>/dev/null | grep -q "^$component" \
+        || rustup component add "$component" 2>/dev/null || true
+done
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 
