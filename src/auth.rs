@@ -119,9 +119,16 @@ impl RootKey {
 fn read_key_file(path: &Path) -> anyhow::Result<KeyPair> {
     let text = fs::read_to_string(path)
         .with_context(|| format!("cannot read auth.private_key_file {}", path.display()))?;
-    let private = text.trim().parse::<biscuit_auth::PrivateKey>().map_err(|_| {
+    let text = text.trim();
+    // The prefixed form is what we write; bare hex is what other tools print.
+    let private = text
+        .parse::<biscuit_auth::PrivateKey>()
+        .or_else(|_| {
+            biscuit_auth::PrivateKey::from_bytes_hex(text, biscuit_auth::builder::Algorithm::Ed25519)
+        })
+        .map_err(|_| {
         anyhow::anyhow!(
-            "auth.private_key_file {} does not hold a private key in the form \"ed25519-private/<hex>\"",
+            "auth.private_key_file {} does not hold a private key in the form \"ed25519-private/<hex>\" (or 64 hex digits)",
             path.display()
         )
     })?;

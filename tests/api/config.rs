@@ -119,3 +119,33 @@ async fn a_server_with_only_the_public_key_verifies_tokens_minted_elsewhere() {
         "no key is generated when a public key is configured"
     );
 }
+
+#[test]
+fn a_key_file_with_bare_hex_is_accepted() {
+    let dir = TempDir::new().unwrap();
+    let keypair = biscuit_auth::KeyPair::new();
+    std::fs::write(
+        dir.path().join("bare.key"),
+        keypair.private().to_bytes_hex(),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_linkid"))
+            .current_dir(dir.path())
+            .env("LINKID_AUTH__PRIVATE_KEY_FILE", "bare.key")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let minted = run(&["token", "mint", "--admin"]);
+    let token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    let verified = biscuit_auth::Biscuit::from_base64(&token, keypair.public());
+
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    assert!(verified.is_ok(), "the token is signed by the bare-hex key");
+}
