@@ -186,13 +186,12 @@ impl ApiError {
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
             ApiError::MissingToken => {
-                vec![("www-authenticate", r#"Bearer realm="linkid""#.to_string())]
+                vec![("www-authenticate", "Bearer".to_string())]
             }
-            ApiError::InvalidToken(reason) => vec![(
+            // Exactly DESIGN.md's challenge; the reason is in the body.
+            ApiError::InvalidToken(_) => vec![(
                 "www-authenticate",
-                format!(
-                    r#"Bearer realm="linkid", error="invalid_token", error_description="the token is {reason}""#
-                ),
+                r#"Bearer error="invalid_token""#.to_string(),
             )],
             ApiError::RateLimited {
                 retry_after,

@@ -232,7 +232,7 @@ fn error_response(status: StatusCode, errors: &[ApiError]) -> utoipa::openapi::R
             "WWW-Authenticate",
             HeaderBuilder::new()
                 .schema(Some(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String)))
-                .description(Some("`Bearer realm=\"linkid\"`, with `error=\"invalid_token\"` when a token was presented but is not valid (RFC 6750)."))
+                .description(Some("`Bearer` when no token was presented; `Bearer error=\"invalid_token\"` when a token was presented but is not valid (RFC 6750)."))
                 .build(),
         );
     }
