@@ -18,6 +18,9 @@ use crate::store::Store;
 /// within this period, plus one read).
 pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
 
+/// How often metrics are folded and idle rate-limit keys forgotten.
+const HOUSEKEEPING: Duration = Duration::from_secs(2);
+
 /// What every request handler shares.
 pub struct AppState {
     pub store: Store,
@@ -101,21 +104,25 @@ impl Application {
         crate::telemetry::prometheus();
         let store = self.state.store.clone();
         let mut newest = load_revocations(&store, &self.revoked, 0).await?;
+        let housekeeping = {
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(HOUSEKEEPING);
+                loop {
+                    every.tick().await;
+                    // Folds recorded histogram samples into their buckets;
+                    // without it they pile up in memory until a scrape.
+                    crate::telemetry::prometheus().run_upkeep();
+                    state.limits.forget_idle();
+                }
+            })
+        };
         let poller = {
             let store = store.clone();
             let revoked = self.revoked.clone();
-            let state = self.state.clone();
             tokio::spawn(async move {
-                for tick in 1u64.. {
+                loop {
                     tokio::time::sleep(REVOCATION_POLL).await;
-                    if tick % 240 == 0 {
-                        state.limits.forget_idle();
-                    }
-                    if tick % 8 == 0 {
-                        // Folds recorded histogram samples into their buckets;
-                        // without it they pile up in memory until a scrape.
-                        crate::telemetry::prometheus().run_upkeep();
-                    }
                     match load_revocations(&store, &revoked, newest).await {
                         Ok(n) => newest = n,
                         Err(e) => tracing::warn!(error = ?e, "cannot read revocations"),
@@ -141,6 +148,7 @@ impl Application {
             }
         }
         poller.abort();
+        housekeeping.abort();
         store.close().await;
         tracing::info!("stopped");
         Ok(())

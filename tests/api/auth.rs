@@ -1,10 +1,11 @@
 use std::time::Duration;
 
-use biscuit_auth::KeyPair;
 use linkid::auth::{revocation_ids, MintRequest, Operation};
 use linkid::store::Store;
 
-use crate::helpers::{assert_problem, attenuate, expired_admin, link_body, spawn_app};
+use crate::helpers::{
+    assert_problem, attenuate, expired_admin, forged_admin, link_body, spawn_app,
+};
 
 async fn assert_invalid_token(response: reqwest::Response) {
     let challenge = response.headers()["www-authenticate"]
@@ -90,14 +91,7 @@ async fn malformed_tokens_are_invalid_token() {
 #[tokio::test]
 async fn a_token_signed_by_another_root_key_is_invalid_token() {
     let app = spawn_app().await;
-    let forged = linkid::auth::mint(
-        &KeyPair::new(),
-        &MintRequest {
-            admin: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let forged = forged_admin();
 
     assert_invalid_token(app.list_providers(&forged).await).await;
 }

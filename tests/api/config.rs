@@ -1,4 +1,4 @@
-use crate::cli::{linkid, mint, Server};
+use crate::cli::{get, linkid, mint, Server};
 use tempfile::TempDir;
 
 #[test]
@@ -58,18 +58,15 @@ async fn the_config_file_and_env_vars_layer_over_the_defaults() {
         .unwrap();
     let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
 
-    let body: serde_json::Value = reqwest::Client::new()
-        .get(format!(
-            "{}/api/admin/users/v4/users/identity-providers",
-            server.base
-        ))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: serde_json::Value = get(
+        &server,
+        "/api/admin/users/v4/users/identity-providers",
+        &token,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
 
     assert_eq!(body["identity_providers"][0]["provider_id"], "only");
     assert!(dir.path().join("elsewhere/db.sqlite").exists());

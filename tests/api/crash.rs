@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use crate::cli::{mint, Server};
+use crate::cli::{get, mint, Server};
 
 const CYCLES: usize = 5;
 const WRITERS: usize = 32;
@@ -86,18 +86,15 @@ async fn acknowledged_writes_survive_sigkill() {
         };
         total_acks = acked_now.linked.len() + acked_now.unlinked.len();
         for (user, remote) in &acked_now.linked {
-            let listed: Value = client
-                .get(format!(
-                    "{}/api/admin/users/v4/users/{user}/linked-identities",
-                    server.base
-                ))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let listed: Value = get(
+                &server,
+                &format!("/api/admin/users/v4/users/{user}/linked-identities"),
+                &token,
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
             assert_eq!(
                 listed["linked_identities"][0]["linked_user_id"],
                 remote.as_str(),

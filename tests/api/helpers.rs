@@ -230,3 +230,15 @@ pub fn expired_admin(key: &KeyPair, ago: Duration) -> String {
         .to_base64()
         .unwrap()
 }
+
+/// An admin token signed by a root key no server here trusts.
+pub fn forged_admin() -> String {
+    mint(
+        &KeyPair::new(),
+        &MintRequest {
+            admin: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}

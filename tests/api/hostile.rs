@@ -4,13 +4,12 @@
 
 use std::time::Duration;
 
-use biscuit_auth::KeyPair;
 use linkid::auth::{revocation_ids, MintRequest};
 use linkid::store::Store;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{attenuate, expired_admin, link_body, spawn_app, TestApp};
+use crate::helpers::{attenuate, expired_admin, forged_admin, link_body, spawn_app, TestApp};
 
 /// Sends raw bytes as one HTTP/1.1 request and reads the whole response.
 async fn raw(app: &TestApp, request: Vec<u8>) -> (u16, Option<String>) {
@@ -116,14 +115,7 @@ async fn the_hostile_input_catalogue_gets_exact_errors_and_loses_nothing() {
     store.close().await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let expired = expired_admin(&app.keypair, Duration::from_secs(3600));
-    let forged = linkid::auth::mint(
-        &KeyPair::new(),
-        &MintRequest {
-            admin: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let forged = forged_admin();
     let other_user = attenuate(&admin, &app.keypair, r#"check if user("someone-else");"#);
     let deep = format!(
         "{{\"provider_id\": {}{}}}",

@@ -1,10 +1,10 @@
 //! No token, private key or secret ever reaches the log, at any level, in
 //! either format.
 
-use biscuit_auth::{Biscuit, BlockBuilder};
 use tempfile::TempDir;
 
 use crate::cli::{mint, Server};
+use crate::helpers::{attenuate, forged_admin};
 
 async fn exercise(server: &Server, tokens: &[&str]) {
     let client = reqwest::Client::new();
@@ -44,24 +44,8 @@ async fn the_log_never_contains_a_token_or_the_private_key() {
         let key_text = std::fs::read_to_string(dir.path().join("data/root.key")).unwrap();
         let private: biscuit_auth::PrivateKey = key_text.trim().parse().unwrap();
         let keypair = biscuit_auth::KeyPair::from(&private);
-        let attenuated = Biscuit::from_base64(&admin, keypair.public())
-            .unwrap()
-            .append(
-                BlockBuilder::new()
-                    .code(r#"check if user("u-2");"#)
-                    .unwrap(),
-            )
-            .unwrap()
-            .to_base64()
-            .unwrap();
-        let forged = linkid::auth::mint(
-            &biscuit_auth::KeyPair::new(),
-            &linkid::auth::MintRequest {
-                admin: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let attenuated = attenuate(&admin, &keypair, r#"check if user("u-2");"#);
+        let forged = forged_admin();
         let truncated = admin[..admin.len() - 7].to_owned();
         let server = Server::start(
             dir.path(),

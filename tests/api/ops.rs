@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::cli::{linkid, mint, Server};
+use crate::cli::{get, linkid, mint, Server};
 use crate::helpers::{assert_problem, link_body, spawn_app, spawn_app_with};
 
 async fn scrape(app: &crate::helpers::TestApp) -> String {
@@ -370,15 +370,12 @@ async fn readyz_and_metrics_are_listed_in_the_request_log_by_route() {
     let token = mint(dir.path(), &["--admin"]);
     let server = Server::start(dir.path(), &[]);
     let client = reqwest::Client::new();
-    let _ = client
-        .get(format!(
-            "{}/api/admin/users/v4/users/u-7/linked-identities",
-            server.base
-        ))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let _ = get(
+        &server,
+        "/api/admin/users/v4/users/u-7/linked-identities",
+        &token,
+    )
+    .await;
     let _ = client
         .get(format!("{}/readyz", server.base))
         .send()
