@@ -1,5 +1,6 @@
 //! Biscuit bearer tokens: the root key, authentication, authorization, minting.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
@@ -17,43 +18,32 @@ use biscuit_auth::{
 };
 
 use crate::config::AuthConfig;
-use crate::error::ApiError;
+pub use crate::domain::Right;
 
-/// The four operations the authorizer knows, as `operation($op)` facts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operation {
-    IdentityProvidersList,
-    LinkedIdentitiesList,
-    LinkedIdentitiesCreate,
-    LinkedIdentitiesDelete,
+/// Why a request's token was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No bearer token was presented.
+    #[error("no bearer token was presented")]
+    Missing,
+    /// The token is malformed, forged, expired or revoked: the text says which.
+    #[error("the bearer token is {0}")]
+    Invalid(Cow<'static, str>),
+    /// A valid token without the right for this request.
+    #[error("the bearer token does not allow this operation on this resource")]
+    Forbidden,
 }
 
-impl Operation {
-    pub const ALL: [Operation; 4] = [
-        Operation::IdentityProvidersList,
-        Operation::LinkedIdentitiesList,
-        Operation::LinkedIdentitiesCreate,
-        Operation::LinkedIdentitiesDelete,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::IdentityProvidersList => "identity_providers:list",
-            Operation::LinkedIdentitiesList => "linked_identities:list",
-            Operation::LinkedIdentitiesCreate => "linked_identities:create",
-            Operation::LinkedIdentitiesDelete => "linked_identities:delete",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Operation> {
-        Operation::ALL.into_iter().find(|op| op.as_str() == text)
+impl AuthError {
+    fn invalid(why: &'static str) -> AuthError {
+        AuthError::Invalid(Cow::Borrowed(why))
     }
 }
 
 /// What a request asks to do, as the authorizer sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Access<'a> {
-    pub operation: Operation,
+    pub right: Right,
     pub user: Option<&'a str>,
     pub provider: Option<&'a str>,
 }
@@ -255,17 +245,16 @@ impl Authority {
 
     /// Checks the `Authorization` header: present, well-formed, signed by the
     /// root key, not revoked, not expired.
-    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Bearer, ApiError> {
-        let header = header.ok_or(ApiError::MissingToken)?;
-        let header =
-            std::str::from_utf8(header).map_err(|_| ApiError::InvalidToken("malformed"))?;
+    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Bearer, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?;
+        let header = std::str::from_utf8(header).map_err(|_| AuthError::invalid("malformed"))?;
         let (scheme, token) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
         if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(ApiError::MissingToken);
+            return Err(AuthError::Missing);
         }
         let token = token.trim();
         if token.is_empty() {
-            return Err(ApiError::InvalidToken("empty"));
+            return Err(AuthError::invalid("empty"));
         }
         if let Some(bearer) = self.verified.get(token) {
             metrics::counter!("linkid_token_cache_hits_total").increment(1);
@@ -276,9 +265,9 @@ impl Authority {
         let text = token;
         let token = Biscuit::from_base64(text, self.root).map_err(|e| match e {
             TokenError::Format(biscuit_auth::error::Format::Signature(_)) => {
-                ApiError::InvalidToken("not signed by a key this server trusts")
+                AuthError::invalid("not signed by a key this server trusts")
             }
-            _ => ApiError::InvalidToken("malformed"),
+            _ => AuthError::invalid("malformed"),
         })?;
         let bearer = Bearer(Arc::new(VerifiedToken {
             revocation_ids: token.revocation_identifiers().iter().map(hex).collect(),
@@ -291,10 +280,10 @@ impl Authority {
     }
 
     /// Revocation and expiry: these can change between two uses of one token.
-    fn check_current(&self, bearer: &Bearer) -> Result<(), ApiError> {
+    fn check_current(&self, bearer: &Bearer) -> Result<(), AuthError> {
         let bearer = &bearer.0;
         if self.revoked.contains_any(&bearer.revocation_ids) {
-            return Err(ApiError::InvalidToken("revoked"));
+            return Err(AuthError::invalid("revoked"));
         }
         if bearer.has_time_checks {
             let outcome = self
@@ -305,7 +294,7 @@ impl Authority {
                 .and_then(|mut a| a.authorize());
             if let Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. })) = &outcome {
                 if checks.iter().any(is_time_only) {
-                    return Err(ApiError::InvalidToken("expired"));
+                    return Err(AuthError::invalid("expired"));
                 }
             }
         }
@@ -313,7 +302,7 @@ impl Authority {
     }
 
     /// Runs the authorizer for one access: `Forbidden` unless a policy allows it.
-    pub fn authorize(&self, bearer: &Bearer, access: Access<'_>) -> Result<(), ApiError> {
+    pub fn authorize(&self, bearer: &Bearer, access: Access<'_>) -> Result<(), AuthError> {
         let outcome = self
             .authorizer_for(access)
             .and_then(|b| b.build(&bearer.0.token))
@@ -323,13 +312,13 @@ impl Authority {
             Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. }))
                 if checks.iter().any(is_time_only) =>
             {
-                Err(ApiError::InvalidToken("expired"))
+                Err(AuthError::invalid("expired"))
             }
             Err(TokenError::RunLimit(limit)) => {
                 tracing::warn!(token = %bearer.log_id(), %limit, "a token hit the authorizer's limits");
-                Err(ApiError::Forbidden)
+                Err(AuthError::Forbidden)
             }
-            Err(_) => Err(ApiError::Forbidden),
+            Err(_) => Err(AuthError::Forbidden),
         }
     }
 
@@ -348,7 +337,7 @@ impl Authority {
             .policies
             .clone()
             .time()
-            .fact(fact("operation", &[string(access.operation.as_str())]))?;
+            .fact(fact("operation", &[string(access.right.as_str())]))?;
         if let Some(user) = access.user {
             builder = builder.fact(fact("user", &[string(user)]))?;
         }
@@ -396,7 +385,7 @@ fn has_time_only_checks(token: &Biscuit) -> bool {
 #[derive(Debug, Default, Clone)]
 pub struct MintRequest {
     pub admin: bool,
-    pub rights: Vec<Operation>,
+    pub rights: Vec<Right>,
     pub user: Option<String>,
     pub ttl: Option<Duration>,
 }

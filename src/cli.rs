@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::auth::{self, MintRequest, Operation, RootKey};
+use crate::auth::{self, MintRequest, Right, RootKey};
 use crate::config::Config;
 use crate::startup::{self, Application};
 use crate::store::Store;
@@ -76,7 +76,7 @@ pub enum TokenCommand {
         #[arg(long)]
         admin: bool,
         /// Grant one operation; repeat for more.
-        #[arg(long = "right", value_name = "OP", value_parser = clap::builder::PossibleValuesParser::new(Operation::ALL.map(Operation::as_str)))]
+        #[arg(long = "right", value_name = "OP", value_parser = clap::builder::PossibleValuesParser::new(Right::ALL.map(Right::as_str)))]
         rights: Vec<String>,
         /// Restrict the token to one user's linked identities (listing providers stays allowed).
         #[arg(long, value_name = "USER_ID")]
@@ -135,7 +135,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backup { path } => {
-            let source = config.database.path.clone();
+            let database = config.database.clone();
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} pages")
@@ -144,7 +144,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             let destination = path.clone();
             let progress = bar.clone();
             tokio::task::spawn_blocking(move || {
-                crate::store::backup(&source, &destination, |done, total| {
+                crate::store::backup(&database, &destination, |done, total| {
                     progress.set_length(total);
                     progress.set_position(done);
                 })
@@ -165,7 +165,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             app.run_until_stopped(startup::shutdown_signal()).await
         }
         Command::Openapi => {
-            print!("{}", crate::openapi::document_json());
+            print!("{}", crate::http::openapi::document_json());
             Ok(())
         }
         Command::Token(command) => run_token(&config, command).await,
@@ -183,9 +183,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 )
                 .expect("the progress template parses"),
             );
-            let path = config.database.path.clone();
+            let database = config.database.clone();
             let added = tokio::task::spawn_blocking(move || {
-                crate::store::seed(&path, links, &providers, |done| bar.set_position(done))
+                crate::store::seed(&database, links, &providers, |done| bar.set_position(done))
             })
             .await??;
             eprintln!("added {added} links");
@@ -208,7 +208,7 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
         } => {
             let request = MintRequest {
                 admin,
-                rights: rights.iter().filter_map(|r| Operation::parse(r)).collect(),
+                rights: rights.iter().filter_map(|r| Right::parse(r)).collect(),
                 user,
                 ttl,
             };
@@ -220,11 +220,8 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
             // The last block's id belongs to this token and to every token
             // attenuated from it, and to no token it was attenuated from.
             let own = ids.last().cloned().context("the token has no blocks")?;
-            let store = Store::open(&config.database.path, 1, 1)?;
-            let added = store
-                .revoke(vec![own.clone()])
-                .await
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let store = Store::open(&config.database).await?;
+            let added = store.revoke(vec![own.clone()]).await?;
             store.close().await;
             if added == 0 {
                 eprintln!("already revoked: {own}");

@@ -9,6 +9,8 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::Protocol;
+
 /// The shipped `config.toml`, which is also the built-in defaults layer.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
 
@@ -120,15 +122,6 @@ pub struct IdentityProviderConfig {
 
 fn default_linkable() -> bool {
     true
-}
-
-/// The protocol an identity provider speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub enum Protocol {
-    #[serde(rename = "OIDC")]
-    Oidc,
-    #[serde(rename = "SAML")]
-    Saml,
 }
 
 /// Every problem found in a configuration, each naming its key.

@@ -1,9 +1,11 @@
-//! The API's types: identifiers parsed at the edge, and the JSON shapes.
+//! The API's vocabulary, below every other module: identifiers parsed at the
+//! edge, the table of operations, and the JSON shapes.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::config::Protocol;
+/// The prefix every API operation lives under.
+pub const API_PREFIX: &str = "/api/admin/users/v4";
 
 /// The most characters an identifier or username may have.
 pub const MAX_TEXT_CHARS: usize = 255;
@@ -19,7 +21,16 @@ pub fn check_text(value: &str) -> Result<(), &'static str> {
     if value.chars().any(char::is_control) {
         return Err("must not contain control characters");
     }
+    if value.chars().any(is_bidi_control) {
+        return Err("must not contain bidirectional formatting characters");
+    }
     Ok(())
+}
+
+/// Unicode's explicit bidirectional formatting characters: in an id or a
+/// username they can make what an admin reads differ from what is stored.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 macro_rules! text_newtype {
@@ -29,7 +40,7 @@ macro_rules! text_newtype {
         pub struct $name(String);
 
         impl $name {
-            /// Accepts 1-255 characters without control characters.
+            /// Accepts 1-255 characters without control or bidi formatting characters.
             pub fn parse(value: &str) -> Result<Self, &'static str> {
                 check_text(value).map(|()| Self(value.to_owned()))
             }
@@ -68,12 +79,162 @@ text_newtype!(
     LinkedUsername
 );
 
+/// What a token may be granted: the values of the authorizer's
+/// `operation($op)` fact and of a token's `right($op)` facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Right {
+    IdentityProvidersList,
+    LinkedIdentitiesList,
+    LinkedIdentitiesCreate,
+    LinkedIdentitiesDelete,
+}
+
+impl Right {
+    pub const ALL: [Right; 4] = [
+        Right::IdentityProvidersList,
+        Right::LinkedIdentitiesList,
+        Right::LinkedIdentitiesCreate,
+        Right::LinkedIdentitiesDelete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Right::IdentityProvidersList => "identity_providers:list",
+            Right::LinkedIdentitiesList => "linked_identities:list",
+            Right::LinkedIdentitiesCreate => "linked_identities:create",
+            Right::LinkedIdentitiesDelete => "linked_identities:delete",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Right> {
+        Right::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+}
+
+/// The one table of API operations: the router, the metrics labels, the
+/// 405 `Allow` header, the OpenAPI document and the authorizer all read it,
+/// so a new operation is added here and in its handler, nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    ListIdentityProviders,
+    ListLinkedIdentities,
+    LinkIdentity,
+    DeleteLinkedIdentity,
+}
+
+/// One row of the operations table.
+#[derive(Debug, Clone, Copy)]
+pub struct OperationSpec {
+    /// The OpenAPI `operationId`, also the metrics label.
+    pub id: &'static str,
+    pub method: &'static str,
+    /// The route template, as the OpenAPI document writes it.
+    pub route: &'static str,
+    /// The right the authorizer is asked about.
+    pub right: Right,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 4] = [
+        Operation::ListIdentityProviders,
+        Operation::ListLinkedIdentities,
+        Operation::LinkIdentity,
+        Operation::DeleteLinkedIdentity,
+    ];
+
+    pub const fn spec(self) -> OperationSpec {
+        const fn row(
+            id: &'static str,
+            method: &'static str,
+            route: &'static str,
+            right: Right,
+        ) -> OperationSpec {
+            OperationSpec {
+                id,
+                method,
+                route,
+                right,
+            }
+        }
+        match self {
+            Operation::ListIdentityProviders => row(
+                "listIdentityProviders",
+                "GET",
+                "/api/admin/users/v4/users/identity-providers",
+                Right::IdentityProvidersList,
+            ),
+            Operation::ListLinkedIdentities => row(
+                "listLinkedIdentities",
+                "GET",
+                "/api/admin/users/v4/users/{user_id}/linked-identities",
+                Right::LinkedIdentitiesList,
+            ),
+            Operation::LinkIdentity => row(
+                "linkIdentity",
+                "POST",
+                "/api/admin/users/v4/users/{user_id}/linked-identities",
+                Right::LinkedIdentitiesCreate,
+            ),
+            Operation::DeleteLinkedIdentity => row(
+                "deleteLinkedIdentity",
+                "DELETE",
+                "/api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
+                Right::LinkedIdentitiesDelete,
+            ),
+        }
+    }
+
+    pub fn id(self) -> &'static str {
+        self.spec().id
+    }
+
+    pub fn right(self) -> Right {
+        self.spec().right
+    }
+}
+
 /// A link request after validation.
 #[derive(Debug, Clone)]
 pub struct NewLink {
     pub provider_id: ProviderId,
     pub linked_user_id: LinkedUserId,
     pub linked_username: LinkedUsername,
+}
+
+/// One stored link, as the store keeps it: the user and the identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRecord {
+    pub user_id: String,
+    pub provider_id: String,
+    pub linked_user_id: String,
+    pub linked_username: String,
+    /// RFC 3339 UTC, seconds.
+    pub created_at: String,
+    /// RFC 3339 UTC, seconds.
+    pub updated_at: String,
+}
+
+impl LinkRecord {
+    /// The identity as the user-scoped operations show it (no `user_id`).
+    pub fn into_identity(self) -> LinkedIdentity {
+        LinkedIdentity {
+            provider_id: self.provider_id,
+            linked_user_id: self.linked_user_id,
+            linked_username: self.linked_username,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            actions: None,
+        }
+    }
+}
+
+/// The protocol an identity provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum Protocol {
+    #[serde(rename = "OIDC")]
+    Oidc,
+    #[serde(rename = "SAML")]
+    Saml,
 }
 
 /// An identity provider a user can be linked to.
@@ -159,21 +320,21 @@ pub struct LinkRequest {
     #[schema(
         min_length = 1,
         max_length = 255,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+        pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]+$"
     )]
     pub provider_id: String,
     /// The user's identifier at the identity provider.
     #[schema(
         min_length = 1,
         max_length = 255,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+        pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]+$"
     )]
     pub linked_user_id: String,
     /// The user's login name or e-mail at the identity provider.
     #[schema(
         min_length = 1,
         max_length = 255,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+        pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]+$"
     )]
     pub linked_username: String,
 }
@@ -183,4 +344,36 @@ pub struct LinkRequest {
 pub enum Embed {
     #[serde(rename = "ACTIONS")]
     Actions,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_values_refuse_control_and_bidi_characters() {
+        assert!(UserId::parse("u-42").is_ok());
+        assert!(UserId::parse("ada/lovelace ünïcode").is_ok());
+        assert_eq!(UserId::parse("").unwrap_err(), "must not be empty");
+        assert!(UserId::parse("a\u{0}b").is_err());
+        assert!(UserId::parse("a\u{85}b").is_err());
+        for bidi in ['\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}'] {
+            assert!(UserId::parse(&format!("admin{bidi}")).is_err(), "{bidi:?}");
+        }
+        assert!(UserId::parse(&"é".repeat(255)).is_ok());
+        assert!(UserId::parse(&"é".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn every_operation_has_a_distinct_id_and_method_per_route() {
+        let mut seen = std::collections::HashSet::new();
+        for op in Operation::ALL {
+            let spec = op.spec();
+            assert!(seen.insert(spec.id), "{}", spec.id);
+            assert!(seen.insert(Box::leak(
+                format!("{} {}", spec.method, spec.route).into_boxed_str()
+            )));
+            assert!(spec.route.starts_with(API_PREFIX));
+        }
+    }
 }

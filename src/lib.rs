@@ -1,14 +1,13 @@
 //! linkid: a small, fast, trustworthy server for the Linked Identities admin API.
+//!
+//! Arrows point down: `cli` and `startup` build the app from `http`, which
+//! uses `auth` and `store`, which use `domain`, `config` and `telemetry`.
 
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod domain;
-pub mod error;
-pub mod handlers;
-pub mod openapi;
-pub mod rate_limit;
-pub mod routes;
+pub(crate) mod http;
 pub mod startup;
 pub mod store;
-pub mod telemetry;
+pub(crate) mod telemetry;

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 
 use crate::auth::{Authority, RevocationList, RootKey};
-use crate::config::{Config, IdentityProviderConfig, MetricsConfig};
-use crate::rate_limit::RateLimits;
+use crate::config::Config;
+use crate::http::rate_limit::RateLimits;
+use crate::http::AppState;
 use crate::store::Store;
 
 /// How often the server reads new revocations (a revoked token is refused
@@ -20,25 +21,6 @@ pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
 
 /// How often metrics are folded and idle rate-limit keys forgotten.
 const HOUSEKEEPING: Duration = Duration::from_secs(2);
-
-/// What every request handler shares.
-pub struct AppState {
-    pub store: Store,
-    pub authority: Authority,
-    pub limits: RateLimits,
-    pub providers: Vec<IdentityProviderConfig>,
-    pub metrics: MetricsConfig,
-    pub cors_origins: Vec<String>,
-    pub trusted_proxies: Vec<std::net::IpAddr>,
-    pub openapi_json: Bytes,
-}
-
-impl AppState {
-    /// The configured providers new links may use.
-    pub fn linkable_providers(&self) -> impl Iterator<Item = &IdentityProviderConfig> {
-        self.providers.iter().filter(|p| p.linkable)
-    }
-}
 
 /// A bound, ready-to-run server.
 pub struct Application {
@@ -56,12 +38,8 @@ impl Application {
             tracing::info!(path = %path.display(), "generated a new root key (mode 0600); mint tokens with `linkid token mint --admin`");
         }
         tracing::info!(public_key = %key.public, "verifying tokens with this root public key");
-        let store = Store::open(
-            &config.database.path,
-            config.database.pool_size,
-            config.database.max_batch,
-        )?;
-        tracing::info!(path = %config.database.path.display(), "database ready");
+        let store = Store::open(&config.database).await?;
+        tracing::info!(database = %store.describe(), "database ready");
         let revoked = Arc::new(RevocationList::default());
         let listener = TcpListener::bind(config.server.addr)
             .await
@@ -74,7 +52,7 @@ impl Application {
             metrics: config.metrics.clone(),
             cors_origins: config.cors.allowed_origins.clone(),
             trusted_proxies: config.rate_limit.trusted_proxies.clone(),
-            openapi_json: Bytes::from(crate::openapi::document_json()),
+            openapi_json: Bytes::from(crate::http::openapi::document_json()),
         });
         Ok(Application {
             listener,
@@ -136,7 +114,7 @@ impl Application {
             tracing::info!("shutting down: finishing in-flight requests");
             let _ = stopping.send(());
         };
-        let server = warp::serve(crate::routes::app(self.state))
+        let server = warp::serve(crate::http::app(self.state))
             .incoming(self.listener)
             .graceful(signal)
             .run();
@@ -160,10 +138,7 @@ async fn load_revocations(
     revoked: &RevocationList,
     after: i64,
 ) -> anyhow::Result<i64> {
-    let (ids, newest) = store
-        .revoked_since(after)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let (ids, newest) = store.revoked_since(after).await?;
     revoked.extend(ids);
     Ok(newest)
 }

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use linkid::auth::{revocation_ids, MintRequest, Operation};
+use linkid::auth::{revocation_ids, MintRequest, Right};
 use linkid::store::Store;
 
 use crate::helpers::{
@@ -139,7 +139,7 @@ async fn a_revoked_token_is_refused_within_a_second_without_restart() {
     let child = attenuate(&token, &app.keypair, r#"check if user("u-1");"#);
     assert_eq!(app.list_providers(&token).await.status(), 200);
     let ids = revocation_ids(app.keypair.public(), &token).unwrap();
-    let store = Store::open(&app.config.database.path, 1, 1).unwrap();
+    let store = Store::open(&app.config.database).await.unwrap();
 
     store
         .revoke(vec![ids.last().unwrap().clone()])
@@ -155,7 +155,7 @@ async fn a_revoked_token_is_refused_within_a_second_without_restart() {
 #[tokio::test]
 async fn a_valid_token_without_the_right_is_403() {
     let app = spawn_app().await;
-    let lister = app.token_with_rights(&[Operation::LinkedIdentitiesList]);
+    let lister = app.token_with_rights(&[Right::LinkedIdentitiesList]);
 
     assert_eq!(app.list(&lister, "u-1", "").await.status(), 200);
     assert_problem(
@@ -171,8 +171,8 @@ async fn a_valid_token_without_the_right_is_403() {
 #[tokio::test]
 async fn rights_grant_exactly_their_operation() {
     let app = spawn_app().await;
-    let creator = app.token_with_rights(&[Operation::LinkedIdentitiesCreate]);
-    let deleter = app.token_with_rights(&[Operation::LinkedIdentitiesDelete]);
+    let creator = app.token_with_rights(&[Right::LinkedIdentitiesCreate]);
+    let deleter = app.token_with_rights(&[Right::LinkedIdentitiesDelete]);
 
     assert_eq!(
         app.link(&creator, "u-1", &link_body("okta", "r", "n"))
@@ -231,7 +231,7 @@ async fn a_read_only_attenuation_is_403_on_post_and_delete() {
 #[tokio::test]
 async fn an_attenuation_cannot_add_rights() {
     let app = spawn_app().await;
-    let lister = app.token_with_rights(&[Operation::LinkedIdentitiesList]);
+    let lister = app.token_with_rights(&[Right::LinkedIdentitiesList]);
     let escalated = attenuate(
         &lister,
         &app.keypair,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use biscuit_auth::KeyPair;
 use figment::providers::{Format, Toml};
 use figment::Figment;
-use linkid::auth::{mint, MintRequest, Operation, RootKey};
+use linkid::auth::{mint, MintRequest, Right, RootKey};
 use linkid::config::{Config, DEFAULT_CONFIG_TOML};
 use linkid::startup::Application;
 use reqwest::{Client, Response};
@@ -88,7 +88,7 @@ impl TestApp {
         mint(&self.keypair, &request).expect("a token")
     }
 
-    pub fn token_with_rights(&self, rights: &[Operation]) -> String {
+    pub fn token_with_rights(&self, rights: &[Right]) -> String {
         self.mint(MintRequest {
             rights: rights.to_vec(),
             ..Default::default()

@@ -1,4 +1,4 @@
-use linkid::auth::Operation;
+use linkid::auth::Right;
 use serde_json::Value;
 
 use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
@@ -45,8 +45,8 @@ async fn a_provider_made_unlinkable_in_the_config_is_not_listed() {
 #[tokio::test]
 async fn listing_providers_needs_the_identity_providers_list_right() {
     let app = spawn_app().await;
-    let allowed = app.token_with_rights(&[Operation::IdentityProvidersList]);
-    let other = app.token_with_rights(&[Operation::LinkedIdentitiesList]);
+    let allowed = app.token_with_rights(&[Right::IdentityProvidersList]);
+    let other = app.token_with_rights(&[Right::LinkedIdentitiesList]);
 
     assert_eq!(app.list_providers(&allowed).await.status(), 200);
     assert_problem(app.list_providers(&other).await, 403, "FORBIDDEN").await;

@@ -1,4 +1,4 @@
-use linkid::auth::{MintRequest, Operation};
+use linkid::auth::{MintRequest, Right};
 use serde_json::{json, Value};
 
 use crate::helpers::{assert_problem, error_fields, spawn_app, spawn_app_with};
@@ -101,11 +101,9 @@ async fn an_unknown_embed_value_is_a_validation_error() {
 async fn actions_follow_what_the_token_may_do_not_its_role() {
     let app = spawn_app().await;
     app.link_as_admin("u-1", "okta", "00u1").await;
-    let read_only = app.token_with_rights(&[Operation::LinkedIdentitiesList]);
-    let list_and_create = app.token_with_rights(&[
-        Operation::LinkedIdentitiesList,
-        Operation::LinkedIdentitiesCreate,
-    ]);
+    let read_only = app.token_with_rights(&[Right::LinkedIdentitiesList]);
+    let list_and_create =
+        app.token_with_rights(&[Right::LinkedIdentitiesList, Right::LinkedIdentitiesCreate]);
 
     let linked: Value = app
         .list(&read_only, "u-1", "?embed=ACTIONS")

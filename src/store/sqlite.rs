@@ -1,4 +1,4 @@
-//! The only module that touches SQLite: one function per operation.
+//! The SQLite backend, the embedded default: one function per operation.
 //!
 //! Reads run on a pooled connection in `spawn_blocking`. Writes go to one
 //! writer thread, which runs every write that is waiting in one transaction
@@ -14,27 +14,21 @@ use std::time::SystemTime;
 use anyhow::Context;
 use r2d2::Pool;
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use crate::domain::{LinkedIdentity, NewLink, ProviderId, UserId};
-use crate::error::ApiError;
+use super::{LinkOutcome, StoreError};
+use crate::config::DatabaseConfig;
+use crate::domain::{LinkRecord, NewLink, ProviderId, UserId};
+
+pub(crate) mod admin;
 
 /// The schema, applied at every start.
-pub const SCHEMA: &str = include_str!("../schema.sql");
+pub const SCHEMA: &str = include_str!("../../schema.sql");
 
-/// What linking did.
-#[derive(Debug, Clone)]
-pub enum LinkOutcome {
-    /// A new link was made (201).
-    Created(LinkedIdentity),
-    /// The user already had exactly this link; the username may have changed (200).
-    Existing(LinkedIdentity),
-}
-
-/// A handle to the database: cheap to clone, shared by all requests.
+/// The SQLite store: a pool of readers and one writer thread.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     readers: Pool<SqliteConnectionManager>,
     writer: mpsc::Sender<Message>,
     path: PathBuf,
@@ -48,13 +42,13 @@ enum WriteOp {
 
 enum WriteResult {
     Link(LinkOutcome),
-    Unlink(LinkedIdentity),
+    Unlink(LinkRecord),
     Revoke(usize),
 }
 
 struct WriteJob {
     op: WriteOp,
-    reply: oneshot::Sender<Result<WriteResult, ApiError>>,
+    reply: oneshot::Sender<Result<WriteResult, StoreError>>,
 }
 
 enum Message {
@@ -67,10 +61,12 @@ enum Message {
 
 const PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL;";
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database file, applies the schema and
     /// starts the writer thread.
-    pub fn open(path: &Path, pool_size: u32, max_batch: usize) -> anyhow::Result<Store> {
+    pub fn open(config: &DatabaseConfig) -> anyhow::Result<SqliteStore> {
+        let (path, pool_size, max_batch) =
+            (config.path.as_path(), config.pool_size, config.max_batch);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| {
                 format!("cannot create the database directory {}", dir.display())
@@ -118,7 +114,7 @@ impl Store {
             .name("linkid-writer".into())
             .spawn(move || run_writer(&mut writer, receiver, max_batch))
             .context("cannot start the writer thread")?;
-        Ok(Store {
+        Ok(SqliteStore {
             readers,
             writer: sender,
             path: path.to_path_buf(),
@@ -130,21 +126,21 @@ impl Store {
     }
 
     /// A user's linked identities, oldest first.
-    pub async fn list(&self, user: &UserId) -> Result<Vec<LinkedIdentity>, ApiError> {
+    pub async fn list(&self, user: &UserId) -> Result<Vec<LinkRecord>, StoreError> {
         let user = user.clone();
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT provider_id, linked_user_id, linked_username, created_at, updated_at \
+                "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
                  FROM linked_identities WHERE user_id = ?1 ORDER BY id",
             )?;
-            let rows = stmt.query_map([user.as_str()], identity_from_row)?;
+            let rows = stmt.query_map([user.as_str()], record_from_row)?;
             rows.collect::<Result<Vec<_>, _>>()
         })
         .await
     }
 
     /// Links a remote identity to a user (see `LinkOutcome`).
-    pub async fn link(&self, user: UserId, link: NewLink) -> Result<LinkOutcome, ApiError> {
+    pub async fn link(&self, user: UserId, link: NewLink) -> Result<LinkOutcome, StoreError> {
         match self.write(WriteOp::Link { user, link }).await? {
             WriteResult::Link(outcome) => Ok(outcome),
             _ => unreachable!("the writer answers a link with a link"),
@@ -156,7 +152,7 @@ impl Store {
         &self,
         user: UserId,
         provider: ProviderId,
-    ) -> Result<LinkedIdentity, ApiError> {
+    ) -> Result<LinkRecord, StoreError> {
         match self.write(WriteOp::Unlink { user, provider }).await? {
             WriteResult::Unlink(identity) => Ok(identity),
             _ => unreachable!("the writer answers an unlink with an unlink"),
@@ -164,7 +160,7 @@ impl Store {
     }
 
     /// Records revocation ids; returns how many were new.
-    pub async fn revoke(&self, ids: Vec<String>) -> Result<usize, ApiError> {
+    pub async fn revoke(&self, ids: Vec<String>) -> Result<usize, StoreError> {
         match self.write(WriteOp::Revoke { ids }).await? {
             WriteResult::Revoke(n) => Ok(n),
             _ => unreachable!("the writer answers a revoke with a revoke"),
@@ -172,7 +168,7 @@ impl Store {
     }
 
     /// Revocation ids recorded after `after` (a sequence number), and the newest sequence number.
-    pub async fn revoked_since(&self, after: i64) -> Result<(Vec<String>, i64), ApiError> {
+    pub async fn revoked_since(&self, after: i64) -> Result<(Vec<String>, i64), StoreError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, revocation_id FROM revoked_tokens WHERE seq > ?1 ORDER BY seq",
@@ -189,7 +185,7 @@ impl Store {
         .await
     }
 
-    async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -236,7 +232,7 @@ impl Store {
     }
 
     /// How many links are stored.
-    pub async fn count(&self) -> Result<i64, ApiError> {
+    pub async fn count(&self) -> Result<i64, StoreError> {
         self.read(|conn| conn.query_row("SELECT count(*) FROM linked_identities", [], |r| r.get(0)))
             .await
     }
@@ -256,7 +252,7 @@ impl Store {
         }
     }
 
-    async fn write(&self, op: WriteOp) -> Result<WriteResult, ApiError> {
+    async fn write(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writer
             .send(Message::Write(WriteJob { op, reply }))
@@ -267,14 +263,14 @@ impl Store {
     }
 }
 
-fn identity_from_row(row: &Row<'_>) -> rusqlite::Result<LinkedIdentity> {
-    Ok(LinkedIdentity {
-        provider_id: row.get(0)?,
-        linked_user_id: row.get(1)?,
-        linked_username: row.get(2)?,
-        created_at: row.get(3)?,
-        updated_at: row.get(4)?,
-        actions: None,
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<LinkRecord> {
+    Ok(LinkRecord {
+        user_id: row.get(0)?,
+        provider_id: row.get(1)?,
+        linked_user_id: row.get(2)?,
+        linked_username: row.get(3)?,
+        created_at: row.get(4)?,
+        updated_at: row.get(5)?,
     })
 }
 
@@ -317,7 +313,7 @@ fn run_writer(conn: &mut Connection, messages: mpsc::Receiver<Message>, max_batc
             }
             Err(error) => {
                 tracing::error!(error = ?error, writes = batch.len(), "a write transaction failed");
-                let shared = ApiError::from(error);
+                let shared = StoreError::from(error);
                 for job in batch {
                     let _ = job.reply.send(Err(shared.clone()));
                 }
@@ -337,7 +333,7 @@ fn run_writer(conn: &mut Connection, messages: mpsc::Receiver<Message>, max_batc
 fn apply_batch(
     conn: &mut Connection,
     batch: &[WriteJob],
-) -> anyhow::Result<Vec<Result<WriteResult, ApiError>>> {
+) -> anyhow::Result<Vec<Result<WriteResult, StoreError>>> {
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .context("cannot begin a write transaction")?;
@@ -368,21 +364,16 @@ fn link_in(
     user: &UserId,
     link: &NewLink,
     stamp: &str,
-) -> Result<LinkOutcome, ApiError> {
-    let existing = conn
-        .prepare_cached(
-            "SELECT provider_id, linked_user_id, linked_username, created_at, updated_at \
-             FROM linked_identities WHERE user_id = ?1",
-        )
-        .and_then(|mut s| s.query_row([user.as_str()], identity_from_row).optional())
-        .context("cannot read the user's link")?;
-    if let Some(mut current) = existing {
+) -> Result<LinkOutcome, StoreError> {
+    // The writer holds the database's write lock for the whole batch, so
+    // what these reads find stays true until the insert: each rule is told
+    // apart by its own query, and the UNIQUE constraints stay the backstop.
+    if let Some(mut current) = link_of_user(conn, user)? {
         if current.provider_id != link.provider_id.as_str()
             || current.linked_user_id != link.linked_user_id.as_str()
         {
-            return Err(ApiError::UserAlreadyLinked {
-                user_id: user.as_str().to_owned(),
-                provider_id: current.provider_id,
+            return Err(StoreError::UserAlreadyLinked {
+                current: Box::new(current),
             });
         }
         if current.linked_username != link.linked_username.as_str() {
@@ -395,6 +386,24 @@ fn link_in(
             current.updated_at = stamp.to_owned();
         }
         return Ok(LinkOutcome::Existing(current));
+    }
+    let owner: Option<String> = conn
+        .prepare_cached(
+            "SELECT user_id FROM linked_identities WHERE provider_id = ?1 AND linked_user_id = ?2",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                [link.provider_id.as_str(), link.linked_user_id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .context("cannot read the remote identity's owner")?;
+    if owner.is_some() {
+        return Err(StoreError::IdentityAlreadyLinked {
+            provider_id: link.provider_id.as_str().to_owned(),
+            linked_user_id: link.linked_user_id.as_str().to_owned(),
+        });
     }
     conn.prepare_cached(
         "INSERT INTO linked_identities \
@@ -410,61 +419,48 @@ fn link_in(
             stamp
         ])
     })
-    .map_err(|e| constraint_error(e, user, link))?;
-    Ok(LinkOutcome::Created(LinkedIdentity {
+    .context("cannot insert a link")?;
+    Ok(LinkOutcome::Created(LinkRecord {
+        user_id: user.as_str().to_owned(),
         provider_id: link.provider_id.as_str().to_owned(),
         linked_user_id: link.linked_user_id.as_str().to_owned(),
         linked_username: link.linked_username.as_str().to_owned(),
         created_at: stamp.to_owned(),
         updated_at: stamp.to_owned(),
-        actions: None,
     }))
 }
 
-/// Maps schema.sql's UNIQUE constraints to the client errors they stand for.
-fn constraint_error(error: rusqlite::Error, user: &UserId, link: &NewLink) -> ApiError {
-    if let rusqlite::Error::SqliteFailure(e, Some(message)) = &error {
-        if e.code == ErrorCode::ConstraintViolation {
-            if message.contains("linked_identities.linked_user_id") {
-                return ApiError::IdentityAlreadyLinked {
-                    provider_id: link.provider_id.as_str().to_owned(),
-                    linked_user_id: link.linked_user_id.as_str().to_owned(),
-                };
-            }
-            if message.contains("linked_identities.user_id") {
-                return ApiError::UserAlreadyLinked {
-                    user_id: user.as_str().to_owned(),
-                    provider_id: link.provider_id.as_str().to_owned(),
-                };
-            }
-        }
-    }
-    anyhow::Error::new(error)
-        .context("cannot insert a link")
-        .into()
+fn link_of_user(conn: &Connection, user: &UserId) -> Result<Option<LinkRecord>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
+             FROM linked_identities WHERE user_id = ?1",
+        )
+        .and_then(|mut s| s.query_row([user.as_str()], record_from_row).optional())
+        .context("cannot read the user's link")?)
 }
 
 fn unlink_in(
     conn: &Connection,
     user: &UserId,
     provider: &ProviderId,
-) -> Result<LinkedIdentity, ApiError> {
+) -> Result<LinkRecord, StoreError> {
     conn.prepare_cached(
         "DELETE FROM linked_identities WHERE user_id = ?1 AND provider_id = ?2 \
-         RETURNING provider_id, linked_user_id, linked_username, created_at, updated_at",
+         RETURNING user_id, provider_id, linked_user_id, linked_username, created_at, updated_at",
     )
     .and_then(|mut s| {
-        s.query_row([user.as_str(), provider.as_str()], identity_from_row)
+        s.query_row([user.as_str(), provider.as_str()], record_from_row)
             .optional()
     })
     .context("cannot delete a link")?
-    .ok_or_else(|| ApiError::LinkedIdentityNotFound {
+    .ok_or_else(|| StoreError::NotFound {
         user_id: user.as_str().to_owned(),
         provider_id: provider.as_str().to_owned(),
     })
 }
 
-fn revoke_in(conn: &Connection, ids: &[String], stamp: &str) -> Result<usize, ApiError> {
+fn revoke_in(conn: &Connection, ids: &[String], stamp: &str) -> Result<usize, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO revoked_tokens (revocation_id, revoked_at) VALUES (?1, ?2)",
@@ -477,115 +473,4 @@ fn revoke_in(conn: &Connection, ids: &[String], stamp: &str) -> Result<usize, Ap
             .context("cannot record a revocation")?;
     }
     Ok(added)
-}
-
-/// Loads `count` synthetic links (users `seed-user-N`, spread over
-/// `providers`) in large transactions, for benchmarks and demos. Existing
-/// rows are kept; returns how many were added. `progress` gets the number done.
-pub fn seed(
-    path: &Path,
-    count: u64,
-    providers: &[String],
-    progress: impl Fn(u64),
-) -> anyhow::Result<u64> {
-    anyhow::ensure!(
-        !providers.is_empty(),
-        "no identity providers to seed links with"
-    );
-    let store_dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(dir) = store_dir {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut conn = Connection::open(path)
-        .with_context(|| format!("cannot open database.path {}", path.display()))?;
-    conn.execute_batch(PRAGMAS)?;
-    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
-    conn.execute_batch(SCHEMA)?;
-    let stamp = now();
-    let mut added = 0;
-    let mut done = 0;
-    while done < count {
-        let chunk = (count - done).min(50_000);
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO linked_identities \
-                 (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-            )?;
-            for i in done..done + chunk {
-                let provider = &providers[(i % providers.len() as u64) as usize];
-                added += insert.execute(params![
-                    format!("seed-user-{i}"),
-                    provider,
-                    format!("seed-remote-{i}"),
-                    format!("seed-user-{i}@example.com"),
-                    stamp
-                ])? as u64;
-            }
-        }
-        tx.commit()?;
-        done += chunk;
-        progress(done);
-    }
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-    Ok(added)
-}
-
-/// Copies the database at `source` to a new file `destination` with
-/// SQLite's online backup API, from one consistent snapshot, while a server
-/// may be writing. `progress` gets (pages done, pages in all).
-pub fn backup(
-    source: &Path,
-    destination: &Path,
-    progress: impl Fn(u64, u64),
-) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        source.is_file(),
-        "there is no database at {}",
-        source.display()
-    );
-    anyhow::ensure!(
-        !destination.exists(),
-        "{} already exists: choose a new path",
-        destination.display()
-    );
-    let src = Connection::open_with_flags(source, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
-        .with_context(|| format!("cannot open {}", source.display()))?;
-    src.busy_timeout(std::time::Duration::from_secs(5))?;
-    // A read transaction pins one snapshot: writers carry on in the WAL,
-    // and the copy never restarts.
-    src.execute_batch("BEGIN; SELECT count(*) FROM sqlite_master;")?;
-    let partial = destination.with_extension("partial");
-    let _ = std::fs::remove_file(&partial);
-    {
-        let mut dst = Connection::open(&partial)
-            .with_context(|| format!("cannot create {}", partial.display()))?;
-        let copy = rusqlite::backup::Backup::new(&src, &mut dst)?;
-        loop {
-            let more = copy.step(1024)?;
-            let p = copy.progress();
-            let total = p.pagecount.max(0) as u64;
-            progress(total - p.remaining.max(0) as u64, total);
-            match more {
-                rusqlite::backup::StepResult::Done => break,
-                rusqlite::backup::StepResult::More => {}
-                rusqlite::backup::StepResult::Busy | rusqlite::backup::StepResult::Locked => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                _ => {}
-            }
-        }
-        drop(copy);
-        dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))?;
-        let check: String = dst.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
-        anyhow::ensure!(
-            check == "ok",
-            "the copy failed its integrity check: {check}"
-        );
-    }
-    src.execute_batch("COMMIT;")?;
-    std::fs::rename(&partial, destination)
-        .with_context(|| format!("cannot move the copy to {}", destination.display()))?;
-    Ok(())
 }

@@ -1,10 +1,18 @@
-//! One error type for the API, mapped to RFC 9457 problem details in one place.
+//! One error type for the API, mapped to RFC 9457 problem details in one
+//! place; the store's and the authorizer's errors become it here.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use warp::http::header::{HeaderValue, CONTENT_TYPE};
 use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::rate_limit::RateLimited;
+use crate::auth::AuthError;
+use crate::store::StoreError;
 
 /// One field that failed validation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -88,7 +96,7 @@ pub enum ApiError {
     MissingToken,
     /// 401 `INVALID_TOKEN`: malformed, forged, expired or revoked token.
     #[error("the bearer token is {0}")]
-    InvalidToken(&'static str),
+    InvalidToken(Cow<'static, str>),
     /// 403 `FORBIDDEN`: a valid token without the right for this request.
     #[error("the bearer token does not allow this operation on this resource")]
     Forbidden,
@@ -105,16 +113,17 @@ pub enum ApiError {
     #[error("the body must be sent with Content-Type: application/json")]
     UnsupportedMediaType,
     /// 429 `RATE_LIMITED`: too many requests (or failed authentications).
-    #[error("too many {what}; retry in {retry_after} s")]
-    RateLimited {
-        what: &'static str,
-        retry_after: u64,
-        limit: u32,
-        window_secs: u64,
-    },
+    #[error("too many {}; retry in {} s", .0.what, .0.retry_after)]
+    RateLimited(RateLimited),
     /// 403 `CORS_FORBIDDEN`: a cross-origin request from an origin not allowed.
     #[error("this cross-origin request is not allowed: {0}")]
     CorsForbidden(String),
+    /// 503 `STORE_UNAVAILABLE`: the database cannot be used now; retry later.
+    #[error("the database is unavailable ({0}); retry later")]
+    StoreUnavailable(String),
+    /// 507 `STORAGE_FULL`: the disk holding the database is full.
+    #[error("the database's disk is full ({0}); nothing was written")]
+    StorageFull(String),
     /// 503 `NOT_READY`: the database does not answer.
     #[error("not ready: {0}")]
     NotReady(String),
@@ -139,6 +148,44 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::UserAlreadyLinked { current } => ApiError::UserAlreadyLinked {
+                user_id: current.user_id,
+                provider_id: current.provider_id,
+            },
+            StoreError::IdentityAlreadyLinked {
+                provider_id,
+                linked_user_id,
+            } => ApiError::IdentityAlreadyLinked {
+                provider_id,
+                linked_user_id,
+            },
+            StoreError::NotFound {
+                user_id,
+                provider_id,
+            } => ApiError::LinkedIdentityNotFound {
+                user_id,
+                provider_id,
+            },
+            StoreError::Unavailable(why) => ApiError::StoreUnavailable(why),
+            StoreError::Full(why) => ApiError::StorageFull(why),
+            StoreError::Internal(cause) => ApiError::Internal(cause),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Missing => ApiError::MissingToken,
+            AuthError::Invalid(why) => ApiError::InvalidToken(why),
+            AuthError::Forbidden => ApiError::Forbidden,
+        }
+    }
+}
+
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -150,8 +197,11 @@ impl ApiError {
             ApiError::LinkedIdentityNotFound { .. } | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MissingToken | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden | ApiError::CorsForbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady(_) | ApiError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -171,8 +221,10 @@ impl ApiError {
             ApiError::InvalidToken(_) => "INVALID_TOKEN",
             ApiError::Forbidden => "FORBIDDEN",
             ApiError::CorsForbidden(_) => "CORS_FORBIDDEN",
-            ApiError::RateLimited { .. } => "RATE_LIMITED",
+            ApiError::RateLimited(_) => "RATE_LIMITED",
             ApiError::NotReady(_) => "NOT_READY",
+            ApiError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+            ApiError::StorageFull(_) => "STORAGE_FULL",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
@@ -193,18 +245,19 @@ impl ApiError {
                 "www-authenticate",
                 r#"Bearer error="invalid_token""#.to_string(),
             )],
-            ApiError::RateLimited {
+            ApiError::RateLimited(RateLimited {
                 retry_after,
                 limit,
                 window_secs,
                 ..
-            } => vec![
+            }) => vec![
                 ("retry-after", retry_after.to_string()),
                 ("ratelimit-limit", limit.to_string()),
                 ("ratelimit-remaining", "0".to_string()),
                 ("ratelimit-reset", retry_after.to_string()),
                 ("ratelimit-policy", format!("{limit};w={window_secs}")),
             ],
+            ApiError::StoreUnavailable(_) => vec![("retry-after", "2".to_string())],
             _ => vec![],
         }
     }
@@ -236,7 +289,7 @@ impl ApiError {
         } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
             ApiError::MethodNotAllowed
         } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-            ApiError::PayloadTooLarge(crate::routes::MAX_BODY_BYTES)
+            ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)
         } else if rejection
             .find::<warp::reject::UnsupportedMediaType>()
             .is_some()
@@ -248,4 +301,21 @@ impl ApiError {
             anyhow::anyhow!("unhandled rejection: {rejection:?}").into()
         }
     }
+}
+
+/// A problem details response for an error.
+pub(super) fn problem_response(error: &ApiError, request_id: &str) -> Response {
+    let body = serde_json::to_vec(&error.to_problem(request_id)).unwrap_or_default();
+    let mut response = Response::new(body.into());
+    *response.status_mut() = error.status();
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    for (name, value) in error.headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
 }

@@ -9,16 +9,16 @@ use serde::Deserialize;
 use warp::http::header::{HeaderValue, LOCATION};
 use warp::http::StatusCode;
 use warp::reply::Response;
-use warp::Rejection;
+use warp::{Rejection, Reply};
 
-use crate::auth::{Access, Bearer, Operation};
+use super::problem::{ApiError, FieldError};
+use super::AppState;
+use crate::auth::{Access, Bearer};
 use crate::domain::{
     Embed, IdentityAction, IdentityProvider, IdentityProviderList, LinkedIdentity,
-    LinkedIdentityList, LinkedUserId, LinkedUsername, ListAction, NewLink, ProviderId, UserId,
+    LinkedIdentityList, LinkedUserId, LinkedUsername, ListAction, NewLink, ProviderId, Right,
+    UserId, API_PREFIX,
 };
-use crate::error::{ApiError, FieldError};
-use crate::routes::{json_response, API_PREFIX};
-use crate::startup::AppState;
 use crate::store::LinkOutcome;
 
 /// List linkable identity providers.
@@ -42,14 +42,17 @@ pub async fn list_identity_providers(
     state: Arc<AppState>,
     bearer: Bearer,
 ) -> Result<Response, Rejection> {
-    state.authority.authorize(
-        &bearer,
-        Access {
-            operation: Operation::IdentityProvidersList,
-            user: None,
-            provider: None,
-        },
-    )?;
+    state
+        .authority
+        .authorize(
+            &bearer,
+            Access {
+                right: Right::IdentityProvidersList,
+                user: None,
+                provider: None,
+            },
+        )
+        .map_err(ApiError::from)?;
     let list = IdentityProviderList {
         identity_providers: state
             .linkable_providers()
@@ -72,7 +75,7 @@ pub async fn list_identity_providers(
     operation_id = "listLinkedIdentities",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"),
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
         ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform on each identity (`DELETE`) and on the list (`CREATE`). Repeat the parameter or separate values with commas.", explode = true),
     ),
     responses(
@@ -97,15 +100,25 @@ pub async fn list_linked_identities(
 ) -> Result<Response, Rejection> {
     let (user, embed) =
         gather(parse_user(&raw_user), parse_embed(&query)).map_err(ApiError::from)?;
-    state.authority.authorize(
-        &bearer,
-        Access {
-            operation: Operation::LinkedIdentitiesList,
-            user: Some(user.as_str()),
-            provider: None,
-        },
-    )?;
-    let mut identities = state.store.list(&user).await?;
+    state
+        .authority
+        .authorize(
+            &bearer,
+            Access {
+                right: Right::LinkedIdentitiesList,
+                user: Some(user.as_str()),
+                provider: None,
+            },
+        )
+        .map_err(ApiError::from)?;
+    let mut identities: Vec<LinkedIdentity> = state
+        .store
+        .list(&user)
+        .await
+        .map_err(ApiError::from)?
+        .into_iter()
+        .map(|record| record.into_identity())
+        .collect();
     let mut list_actions = None;
     if embed {
         for identity in &mut identities {
@@ -116,7 +129,7 @@ pub async fn list_linked_identities(
                 state.authority.allows(
                     &bearer,
                     Access {
-                        operation: Operation::LinkedIdentitiesCreate,
+                        right: Right::LinkedIdentitiesCreate,
                         user: Some(user.as_str()),
                         provider: Some(&p.id),
                     },
@@ -148,7 +161,7 @@ pub async fn list_linked_identities(
     operation_id = "linkIdentity",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"),
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
         ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform on the identity (`DELETE`).", explode = true),
     ),
     request_body(content = crate::domain::LinkRequest, content_type = "application/json"),
@@ -178,14 +191,17 @@ pub async fn link_identity(
     let (user, (embed, fields)) =
         gather(parse_user(&raw_user), gather(parse_embed(&query), fields))
             .map_err(ApiError::from)?;
-    state.authority.authorize(
-        &bearer,
-        Access {
-            operation: Operation::LinkedIdentitiesCreate,
-            user: Some(user.as_str()),
-            provider: Some(&fields.provider_id),
-        },
-    )?;
+    state
+        .authority
+        .authorize(
+            &bearer,
+            Access {
+                right: Right::LinkedIdentitiesCreate,
+                user: Some(user.as_str()),
+                provider: Some(&fields.provider_id),
+            },
+        )
+        .map_err(ApiError::from)?;
     let provider = state
         .linkable_providers()
         .find(|p| p.id == fields.provider_id)
@@ -196,10 +212,16 @@ pub async fn link_identity(
         linked_user_id: fields.linked_user_id,
         linked_username: fields.linked_username,
     };
-    let (status, mut identity) = match state.store.link(user.clone(), link).await? {
-        LinkOutcome::Created(identity) => (StatusCode::CREATED, identity),
-        LinkOutcome::Existing(identity) => (StatusCode::OK, identity),
+    let (status, record) = match state
+        .store
+        .link(user.clone(), link)
+        .await
+        .map_err(ApiError::from)?
+    {
+        LinkOutcome::Created(record) => (StatusCode::CREATED, record),
+        LinkOutcome::Existing(record) => (StatusCode::OK, record),
     };
+    let mut identity = record.into_identity();
     if embed {
         identity.actions = Some(identity_actions(&state, &bearer, &user, &identity));
     }
@@ -227,8 +249,8 @@ pub async fn link_identity(
     operation_id = "deleteLinkedIdentity",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"),
-        ("provider_id" = String, Path, description = "Identifier of the linked identity provider: the unique alias assigned to it in the configuration.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"),
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
+        ("provider_id" = String, Path, description = "Identifier of the linked identity provider: the unique alias assigned to it in the configuration.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
     ),
     responses(
         (status = 200, description = "The link was deleted; the body is the deleted identity.", body = LinkedIdentity),
@@ -248,15 +270,23 @@ pub async fn delete_linked_identity(
         }),
     )
     .map_err(ApiError::from)?;
-    state.authority.authorize(
-        &bearer,
-        Access {
-            operation: Operation::LinkedIdentitiesDelete,
-            user: Some(user.as_str()),
-            provider: Some(provider.as_str()),
-        },
-    )?;
-    let identity = state.store.unlink(user, provider).await?;
+    state
+        .authority
+        .authorize(
+            &bearer,
+            Access {
+                right: Right::LinkedIdentitiesDelete,
+                user: Some(user.as_str()),
+                provider: Some(provider.as_str()),
+            },
+        )
+        .map_err(ApiError::from)?;
+    let identity = state
+        .store
+        .unlink(user, provider)
+        .await
+        .map_err(ApiError::from)?
+        .into_identity();
     Ok(json_response(StatusCode::OK, &identity))
 }
 
@@ -270,7 +300,7 @@ fn identity_actions(
     let may_delete = state.authority.allows(
         bearer,
         Access {
-            operation: Operation::LinkedIdentitiesDelete,
+            right: Right::LinkedIdentitiesDelete,
             user: Some(user.as_str()),
             provider: Some(&identity.provider_id),
         },
@@ -466,7 +496,7 @@ pub async fn metrics(
     if !state.metrics.enabled || (state.metrics.loopback_only && !local) {
         return Err(warp::reject::not_found());
     }
-    let links = state.store.count().await?;
+    let links = state.store.count().await.map_err(ApiError::from)?;
     let (connections, idle) = state.store.pool_state();
     metrics::gauge!("linkid_links_stored").set(links as f64);
     metrics::gauge!("linkid_db_pool_connections").set(connections);
@@ -478,4 +508,11 @@ pub async fn metrics(
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     Ok(response)
+}
+
+/// A JSON response with a status.
+fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
+    let mut response = warp::reply::json(value).into_response();
+    *response.status_mut() = status;
+    response
 }

@@ -9,7 +9,6 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::config::RateLimitConfig;
-use crate::error::ApiError;
 
 struct Limit<K: std::hash::Hash + Eq + Clone> {
     limiter: DefaultKeyedRateLimiter<K>,
@@ -36,14 +35,26 @@ impl<K: std::hash::Hash + Eq + Clone> Limit<K> {
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
-    fn error(&self, what: &'static str, wait: Duration) -> ApiError {
-        ApiError::RateLimited {
+    fn error(&self, what: &'static str, wait: Duration) -> RateLimited {
+        RateLimited {
             what,
             retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
             limit: self.burst,
             window_secs: self.window.as_secs(),
         }
     }
+}
+
+/// A request refused by a limit, and when to come back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimited {
+    /// What was counted, in words: "failed authentications from this address".
+    pub what: &'static str,
+    /// Seconds until the next request is allowed.
+    pub retry_after: u64,
+    /// The requests allowed at once.
+    pub limit: u32,
+    pub window_secs: u64,
 }
 
 /// The server's rate limits.
@@ -76,7 +87,7 @@ impl RateLimits {
 
     /// Refuses an address that has used up its failed authentications,
     /// before its token is even looked at.
-    pub fn check_address(&self, address: Option<IpAddr>) -> Result<(), ApiError> {
+    pub fn check_address(&self, address: Option<IpAddr>) -> Result<(), RateLimited> {
         let (Some(limit), Some(address)) = (&self.failed_auth, address) else {
             return Ok(());
         };
@@ -90,7 +101,7 @@ impl RateLimits {
 
     /// Counts a failed authentication; past the limit, the address is
     /// blocked and this request is answered 429 too.
-    pub fn failed_authentication(&self, address: Option<IpAddr>) -> Option<ApiError> {
+    pub fn failed_authentication(&self, address: Option<IpAddr>) -> Option<RateLimited> {
         let (Some(limit), Some(address)) = (&self.failed_auth, address) else {
             return None;
         };
@@ -100,7 +111,7 @@ impl RateLimits {
     }
 
     /// Counts a request by an authenticated token.
-    pub fn check_token(&self, token: &str) -> Result<(), ApiError> {
+    pub fn check_token(&self, token: &str) -> Result<(), RateLimited> {
         let Some(limit) = &self.per_token else {
             return Ok(());
         };

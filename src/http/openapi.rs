@@ -15,7 +15,8 @@ use warp::path::{FullPath, Tail};
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
-use crate::error::{ApiError, FieldError};
+use super::problem::{ApiError, FieldError};
+use super::rate_limit::RateLimited;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,14 +30,14 @@ use crate::error::{ApiError, FieldError};
         license(name = "MIT", identifier = "MIT"),
     ),
     paths(
-        crate::handlers::list_identity_providers,
-        crate::handlers::list_linked_identities,
-        crate::handlers::link_identity,
-        crate::handlers::delete_linked_identity,
+        super::handlers::list_identity_providers,
+        super::handlers::list_linked_identities,
+        super::handlers::link_identity,
+        super::handlers::delete_linked_identity,
     ),
     // Embed is only named by the `embed` query parameters, which utoipa does
     // not collect on its own: without it their `$ref` dangles.
-    components(schemas(crate::error::Problem, FieldError, crate::domain::Embed)),
+    components(schemas(super::problem::Problem, FieldError, crate::domain::Embed)),
     modifiers(&Errors),
     tags((name = "Linked Identities", description = "Links between local users and accounts at remote identity providers."))
 )]
@@ -56,7 +57,10 @@ pub fn document_json() -> String {
 fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
     let unauthenticated = (
         StatusCode::UNAUTHORIZED,
-        vec![ApiError::MissingToken, ApiError::InvalidToken("expired")],
+        vec![
+            ApiError::MissingToken,
+            ApiError::InvalidToken("expired".into()),
+        ],
     );
     let forbidden = (
         StatusCode::FORBIDDEN,
@@ -69,12 +73,12 @@ fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
     // token that made too many requests (`[rate_limit]`).
     let rate_limited = (
         StatusCode::TOO_MANY_REQUESTS,
-        vec![ApiError::RateLimited {
+        vec![ApiError::RateLimited(RateLimited {
             what: "failed authentications from this address",
             retry_after: 12,
             limit: 100,
             window_secs: 60,
-        }],
+        })],
     );
     let internal = (
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -129,7 +133,7 @@ fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
                     linked_user_id: "00u1a2b3c4".into(),
                 }],
             ),
-            (StatusCode::PAYLOAD_TOO_LARGE, vec![ApiError::PayloadTooLarge(crate::routes::MAX_BODY_BYTES)]),
+            (StatusCode::PAYLOAD_TOO_LARGE, vec![ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)]),
             (StatusCode::UNSUPPORTED_MEDIA_TYPE, vec![ApiError::UnsupportedMediaType]),
             rate_limited,
             internal,

@@ -1,0 +1,263 @@
+//! warp filters: one function per operation (path, method, then the
+//! bearer, so a wrong path is a 404 and not a 401), and the injectors they
+//! share.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::StreamExt;
+use warp::http::header::{HeaderValue, CONTENT_TYPE};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use super::context::{client_address, optional_header};
+use super::problem::ApiError;
+use super::{handlers, AppState, MAX_BODY_BYTES};
+use crate::auth::Bearer;
+
+/// Every route: the API operations, then the service endpoints.
+pub(super) fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    list_identity_providers(&state)
+        .or(list_linked_identities(&state))
+        .unify()
+        .or(link_identity(&state))
+        .unify()
+        .or(delete_linked_identity(&state))
+        .unify()
+        .or(healthz())
+        .unify()
+        .or(readyz(&state))
+        .unify()
+        .or(metrics(&state))
+        .unify()
+        .or(openapi_json(&state))
+        .unify()
+        .or(super::openapi::docs())
+        .unify()
+}
+
+/// `/api/admin/users/v4/…`
+fn api() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::path!("api" / "admin" / "users" / "v4" / ..)
+}
+
+fn with_state(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Arc<AppState>,), Error = Infallible> + Clone {
+    let state = state.clone();
+    warp::any().map(move || state.clone())
+}
+
+/// The bearer token, authenticated (after path and method matched).
+fn bearer(state: &Arc<AppState>) -> impl Filter<Extract = (Bearer,), Error = Rejection> + Clone {
+    let trusted_proxies = Arc::new(state.trusted_proxies.clone());
+    with_state(state)
+        .and(client_address(trusted_proxies))
+        .and(optional_header("authorization"))
+        .and_then(authenticate)
+}
+
+/// The raw query string ("" when there is none).
+fn query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify()
+}
+
+/// GET /api/admin/users/v4/users/identity-providers
+fn list_identity_providers(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    api()
+        .and(warp::path!("users" / "identity-providers"))
+        .and(warp::get())
+        .and(with_state(state))
+        .and(bearer(state))
+        .and_then(handlers::list_identity_providers)
+}
+
+/// GET /api/admin/users/v4/users/{user_id}/linked-identities?embed=ACTIONS
+fn list_linked_identities(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    api()
+        .and(warp::path!("users" / String / "linked-identities"))
+        .and(warp::get())
+        .and(query())
+        .and(with_state(state))
+        .and(bearer(state))
+        .and_then(handlers::list_linked_identities)
+}
+
+/// POST /api/admin/users/v4/users/{user_id}/linked-identities?embed=ACTIONS
+fn link_identity(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    api()
+        .and(warp::path!("users" / String / "linked-identities"))
+        .and(warp::post())
+        .and(query())
+        .and(with_state(state))
+        .and(bearer(state))
+        .and(json_body())
+        .and_then(handlers::link_identity)
+}
+
+/// DELETE /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}
+fn delete_linked_identity(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    api()
+        .and(warp::path!("users" / String / "linked-identities" / String))
+        .and(warp::delete())
+        .and(with_state(state))
+        .and(bearer(state))
+        .and_then(handlers::delete_linked_identity)
+}
+
+/// GET /healthz
+fn healthz() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response())
+}
+
+/// GET /readyz
+fn readyz(state: &Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state(state))
+        .and_then(handlers::readyz)
+}
+
+/// GET /metrics
+fn metrics(state: &Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(warp::addr::remote())
+        .and_then(handlers::metrics)
+}
+
+/// GET /openapi.json
+fn openapi_json(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("openapi.json")
+        .and(warp::get())
+        .and(with_state(state))
+        .map(|state: Arc<AppState>| {
+            let mut response = Response::new(state.openapi_json.clone().into());
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        })
+}
+
+/// Authenticates the bearer, within the rate limits: an address that keeps
+/// failing is refused for a while, and a token may have a request budget.
+async fn authenticate(
+    state: Arc<AppState>,
+    address: Option<IpAddr>,
+    header: Option<HeaderValue>,
+) -> Result<Bearer, Rejection> {
+    let span = tracing::Span::current();
+    state
+        .limits
+        .check_address(address)
+        .map_err(ApiError::RateLimited)?;
+    match state
+        .authority
+        .authenticate(header.as_ref().map(HeaderValue::as_bytes))
+    {
+        Ok(bearer) => {
+            span.record("token", tracing::field::display(bearer.log_id()));
+            state
+                .limits
+                .check_token(bearer.id())
+                .map_err(ApiError::RateLimited)?;
+            Ok(bearer)
+        }
+        Err(error) => {
+            span.record("token", tracing::field::display("anonymous"));
+            Err(state
+                .limits
+                .failed_authentication(address)
+                .map_or(ApiError::from(error), ApiError::RateLimited)
+                .into())
+        }
+    }
+}
+
+/// A JSON request body: declared as JSON (415 otherwise) and at most
+/// `MAX_BODY_BYTES` (413 otherwise, whether or not a length was declared).
+fn json_body() -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    optional_header("content-type")
+        .and(optional_header("content-length"))
+        .and_then(
+            |content_type: Option<HeaderValue>, length: Option<HeaderValue>| async move {
+                if !content_type.as_ref().is_some_and(is_json) {
+                    return Err(warp::reject::custom(ApiError::UnsupportedMediaType));
+                }
+                let declared = length
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+                    return Err(warp::reject::custom(ApiError::PayloadTooLarge(
+                        MAX_BODY_BYTES,
+                    )));
+                }
+                Ok(())
+            },
+        )
+        .untuple_one()
+        .and(warp::body::stream())
+        .and_then(collect_body)
+}
+
+async fn collect_body<S, B>(body: S) -> Result<Bytes, Rejection>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    futures_util::pin_mut!(body);
+    let mut collected = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| {
+            warp::reject::custom(ApiError::MalformedJson(format!(
+                "the body could not be read: {e}"
+            )))
+        })?;
+        if collected.len() + chunk.remaining() > MAX_BODY_BYTES {
+            return Err(warp::reject::custom(ApiError::PayloadTooLarge(
+                MAX_BODY_BYTES,
+            )));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            collected.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(collected.freeze())
+}
+
+/// `application/json`, optionally with parameters, or any `application/*+json`.
+fn is_json(value: &HeaderValue) -> bool {
+    let Ok(text) = value.to_str() else {
+        return false;
+    };
+    let essence = text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}

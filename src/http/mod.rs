@@ -1,0 +1,277 @@
+//! The HTTP edge: warp filters (one per operation), handlers, the one
+//! mapping of outcomes to problem details, the OpenAPI document, rate limits
+//! and the per-request context. Everything here speaks HTTP; nothing below
+//! it does.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use warp::http::header::{HeaderValue, ALLOW, CONNECTION};
+use warp::http::Method;
+use warp::path::FullPath;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::auth::Authority;
+use crate::config::{IdentityProviderConfig, MetricsConfig};
+use crate::domain::Operation;
+use crate::store::Store;
+
+mod context;
+mod filters;
+mod handlers;
+pub(crate) mod openapi;
+mod problem;
+pub(crate) mod rate_limit;
+
+use context::{declares_body, request_context, RequestContext};
+use problem::{problem_response, ApiError};
+use rate_limit::RateLimits;
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// What every request handler shares.
+pub struct AppState {
+    pub store: Store,
+    pub authority: Authority,
+    pub limits: RateLimits,
+    pub providers: Vec<IdentityProviderConfig>,
+    pub metrics: MetricsConfig,
+    pub cors_origins: Vec<String>,
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    pub openapi_json: Bytes,
+}
+
+impl AppState {
+    /// The configured providers new links may use.
+    pub fn linkable_providers(&self) -> impl Iterator<Item = &IdentityProviderConfig> {
+        self.providers.iter().filter(|p| p.linkable)
+    }
+}
+
+/// The whole application: every route, never rejecting.
+pub fn app(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let origins = state.cors_origins.clone();
+    let routes = if origins.is_empty() {
+        filters::routes(state).boxed()
+    } else {
+        // Preflights and cross-origin requests from other origins are
+        // answered (or refused) by warp's CORS filter.
+        let cors = warp::cors()
+            .allow_origins(origins.iter().map(String::as_str))
+            .allow_methods(["GET", "POST", "DELETE"])
+            .allow_headers(["authorization", "content-type", "x-request-id"])
+            .expose_headers([
+                "x-request-id",
+                "location",
+                "www-authenticate",
+                "retry-after",
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "ratelimit-reset",
+                "ratelimit-policy",
+            ])
+            .max_age(600);
+        filters::routes(state)
+            .with(cors)
+            .map(Reply::into_response)
+            .boxed()
+    };
+    let outcome = routes
+        .map(Ok::<Response, Rejection>)
+        .or_else(|rejection| async move { Ok::<_, Infallible>((Err(rejection),)) });
+    request_context()
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(declares_body())
+        .and(outcome)
+        .map(finish)
+        // The span carries the token's log id, recorded once authenticated.
+        .with(warp::trace(|_| {
+            tracing::info_span!("request", token = tracing::field::Empty)
+        }))
+}
+
+/// Turns every outcome into the response: problem details for errors, the
+/// request id on everything, and one metrics sample and log line each.
+fn finish(
+    context: RequestContext,
+    method: Method,
+    path: FullPath,
+    declares_body: bool,
+    outcome: Result<Response, Rejection>,
+) -> Response {
+    let route = route_of(path.as_str());
+    let mut response = match outcome {
+        Ok(response) => response,
+        Err(rejection) => {
+            let error = ApiError::from_rejection(&rejection);
+            if let ApiError::Internal(cause) = &error {
+                tracing::error!(request_id = %context.id, error = ?cause, "request failed");
+            }
+            let mut response = problem_response(&error, &context.id);
+            if matches!(error, ApiError::MethodNotAllowed) {
+                if let Some(route) = route {
+                    response
+                        .headers_mut()
+                        .insert(ALLOW, HeaderValue::from_static(route.allow()));
+                }
+            }
+            // A request refused before its body was read (no or bad token,
+            // wrong Content-Type, too large, no such route) leaves that body
+            // on the connection, and hyper then closes it without a word: a
+            // keep-alive client would send its next request into the closing
+            // socket and get a connection error. Say that it closes.
+            if declares_body {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    };
+    if let Ok(id) = HeaderValue::from_str(&context.id) {
+        response.headers_mut().insert("x-request-id", id);
+    }
+    let elapsed = context.started.elapsed();
+    let label = route.map_or("other", |r| r.label(&method));
+    crate::telemetry::record_request(label, response.status().as_u16(), elapsed);
+    tracing::info!(
+        target: "linkid::request",
+        method = %method,
+        route = %route.map_or("unknown", |r| r.template),
+        status = response.status().as_u16(),
+        latency_us = elapsed.as_micros() as u64,
+        request_id = %context.id,
+        "request"
+    );
+    response
+}
+
+/// A known path: its template and, through the operations table, its
+/// methods and metrics labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub template: &'static str,
+    /// The label of a route that is not an API operation (`healthz`, …).
+    service: Option<&'static str>,
+}
+
+/// Routes beside the API: (template, metrics label). `/docs` also covers
+/// everything below it.
+const SERVICE_ROUTES: [(&str, &str); 5] = [
+    ("/healthz", "healthz"),
+    ("/readyz", "readyz"),
+    ("/metrics", "metrics"),
+    ("/openapi.json", "openapi"),
+    ("/docs", "docs"),
+];
+
+impl Route {
+    /// The metrics label of this route with this method: the operation's
+    /// id, the service route's name, or `other` for a method it lacks.
+    pub fn label(self, method: &Method) -> &'static str {
+        if let Some(service) = self.service {
+            return service;
+        }
+        Operation::ALL
+            .into_iter()
+            .map(Operation::spec)
+            .find(|spec| spec.route == self.template && spec.method == method.as_str())
+            .map_or("other", |spec| spec.id)
+    }
+
+    /// The `Allow` header of this route.
+    pub fn allow(self) -> &'static str {
+        static ALLOWS: OnceLock<Vec<(&'static str, &'static str)>> = OnceLock::new();
+        if self.service.is_some() {
+            return "GET";
+        }
+        let allows = ALLOWS.get_or_init(|| {
+            let mut allows: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+            for spec in Operation::ALL.map(Operation::spec) {
+                match allows.iter_mut().find(|(route, _)| *route == spec.route) {
+                    Some((_, methods)) => methods.push(spec.method),
+                    None => allows.push((spec.route, vec![spec.method])),
+                }
+            }
+            allows
+                .into_iter()
+                .map(|(route, methods)| (route, &*Box::leak(methods.join(", ").into_boxed_str())))
+                .collect()
+        });
+        allows
+            .iter()
+            .find(|(route, _)| *route == self.template)
+            .map_or("GET", |(_, allow)| allow)
+    }
+}
+
+/// The known route a request path falls under, if any.
+pub fn route_of(path: &str) -> Option<Route> {
+    let path = path.trim_matches('/');
+    if path == "docs" || path.starts_with("docs/") {
+        return Some(Route {
+            template: "/docs",
+            service: Some("docs"),
+        });
+    }
+    if let Some((template, label)) = SERVICE_ROUTES
+        .into_iter()
+        .find(|(template, _)| template.trim_start_matches('/') == path)
+    {
+        return Some(Route {
+            template,
+            service: Some(label),
+        });
+    }
+    Operation::ALL
+        .into_iter()
+        .map(|op| op.spec().route)
+        .find(|template| template_matches(template, path))
+        .map(|template| Route {
+            template,
+            service: None,
+        })
+}
+
+/// Whether a path (without its outer slashes) fits a template whose
+/// `{name}` segments stand for any one segment.
+fn template_matches(template: &str, path: &str) -> bool {
+    let mut template = template.trim_matches('/').split('/');
+    let mut path = path.split('/');
+    loop {
+        match (template.next(), path.next()) {
+            (None, None) => return true,
+            (Some(t), Some(p)) if t.starts_with('{') || t == p => {}
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_fall_under_their_route_with_its_methods_and_labels() {
+        let list = route_of("/api/admin/users/v4/users/u-1/linked-identities").unwrap();
+        assert_eq!(
+            list.template,
+            "/api/admin/users/v4/users/{user_id}/linked-identities"
+        );
+        assert_eq!(list.allow(), "GET, POST");
+        assert_eq!(list.label(&Method::POST), "linkIdentity");
+        assert_eq!(list.label(&Method::PUT), "other");
+        let one = route_of("/api/admin/users/v4/users/u-1/linked-identities/okta").unwrap();
+        assert_eq!(one.allow(), "DELETE");
+        assert_eq!(route_of("/healthz").unwrap().label(&Method::GET), "healthz");
+        assert_eq!(route_of("/docs/index.html").unwrap().template, "/docs");
+        assert_eq!(route_of("/api/admin/users/v4/users"), None);
+        assert_eq!(route_of("/nope"), None);
+    }
+}

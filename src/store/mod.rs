@@ -1,0 +1,158 @@
+//! The storage seam: one interface, one function per operation, whatever
+//! the backend. `sqlite.rs` (the embedded default) and `postgres.rs` (many
+//! instances on one database) are the only files that name their driver;
+//! everything above speaks `Store`, `StoreError` and the domain's records.
+
+use std::sync::Arc;
+
+use crate::config::DatabaseConfig;
+use crate::domain::{LinkRecord, NewLink, ProviderId, UserId};
+
+pub(crate) mod sqlite;
+
+/// Every way a store operation can fail, in the store's own words; the HTTP
+/// layer maps each to a status once.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The user already has a link, to another identity.
+    #[error("the user is already linked to {}", current.provider_id)]
+    UserAlreadyLinked { current: Box<LinkRecord> },
+    /// The remote identity is linked to another user.
+    #[error("the remote identity {linked_user_id:?} at {provider_id:?} is already linked to another user")]
+    IdentityAlreadyLinked {
+        provider_id: String,
+        linked_user_id: String,
+    },
+    /// The user has no link to that provider.
+    #[error("user {user_id:?} has no link to provider {provider_id:?}")]
+    NotFound {
+        user_id: String,
+        provider_id: String,
+    },
+    /// The database cannot be used now (unreachable, file gone, read-only);
+    /// retrying later may succeed.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The disk holding the database is full.
+    #[error("the database's disk is full: {0}")]
+    Full(String),
+    /// Anything else: a bug or a fault worth a log line.
+    #[error("a database operation failed")]
+    Internal(#[source] Arc<anyhow::Error>),
+}
+
+impl From<anyhow::Error> for StoreError {
+    fn from(error: anyhow::Error) -> Self {
+        StoreError::Internal(Arc::new(error))
+    }
+}
+
+/// What linking did.
+#[derive(Debug, Clone)]
+pub enum LinkOutcome {
+    /// A new link was made.
+    Created(LinkRecord),
+    /// The user already had exactly this link; the username may have changed.
+    Existing(LinkRecord),
+}
+
+/// Loads `count` synthetic links (users `seed-user-N`, spread over
+/// `providers`), for benchmarks and demos; returns how many were added.
+pub fn seed(
+    config: &DatabaseConfig,
+    count: u64,
+    providers: &[String],
+    progress: impl Fn(u64),
+) -> anyhow::Result<u64> {
+    sqlite::admin::seed(&config.path, count, providers, progress)
+}
+
+/// Copies the database to a new file `destination` from one consistent
+/// snapshot while servers write. `progress` gets (done, total).
+pub fn backup(
+    config: &DatabaseConfig,
+    destination: &std::path::Path,
+    progress: impl Fn(u64, u64),
+) -> anyhow::Result<()> {
+    sqlite::admin::backup(&config.path, destination, progress)
+}
+
+/// A handle to the database: cheap to clone, shared by all requests.
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+}
+
+/// Calls the same method on whichever backend this is.
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Store::Sqlite(store) => store.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the configured database, creating and upgrading its schema.
+    pub async fn open(config: &DatabaseConfig) -> anyhow::Result<Store> {
+        Ok(Store::Sqlite(sqlite::SqliteStore::open(config)?))
+    }
+
+    /// Where the data lives, for people: a file path or a URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Sqlite(store) => store.path().display().to_string(),
+        }
+    }
+
+    /// A user's linked identities, oldest first.
+    pub async fn list(&self, user: &UserId) -> Result<Vec<LinkRecord>, StoreError> {
+        dispatch!(self.list(user))
+    }
+
+    /// Links a remote identity to a user (see `LinkOutcome`).
+    pub async fn link(&self, user: UserId, link: NewLink) -> Result<LinkOutcome, StoreError> {
+        dispatch!(self.link(user, link))
+    }
+
+    /// Deletes a user's link to a provider, returning what was deleted.
+    pub async fn unlink(
+        &self,
+        user: UserId,
+        provider: ProviderId,
+    ) -> Result<LinkRecord, StoreError> {
+        dispatch!(self.unlink(user, provider))
+    }
+
+    /// Records revocation ids; returns how many were new.
+    pub async fn revoke(&self, ids: Vec<String>) -> Result<usize, StoreError> {
+        dispatch!(self.revoke(ids))
+    }
+
+    /// Revocation ids recorded after the mark `after`, and the new mark.
+    pub async fn revoked_since(&self, after: i64) -> Result<(Vec<String>, i64), StoreError> {
+        dispatch!(self.revoked_since(after))
+    }
+
+    /// How many links are stored.
+    pub async fn count(&self) -> Result<i64, StoreError> {
+        dispatch!(self.count())
+    }
+
+    /// Whether the database answers reads and takes writes; the error says why not.
+    pub async fn ready(&self) -> Result<(), String> {
+        dispatch!(self.ready())
+    }
+
+    /// Open and idle connections.
+    pub fn pool_state(&self) -> (u32, u32) {
+        match self {
+            Store::Sqlite(store) => store.pool_state(),
+        }
+    }
+
+    /// Finishes queued writes and releases the database; later writes fail.
+    pub async fn close(&self) {
+        dispatch!(self.close())
+    }
+}
