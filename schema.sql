@@ -1,4 +1,6 @@
--- linkid schema. Applied at every start; every statement is idempotent.
+-- linkid's current schema on SQLite (version 1; PRAGMA user_version holds it).
+-- A database is created and upgraded by the migrations in
+-- src/store/sqlite.rs, in order; a test holds them to this file.
 
 -- Which account at a remote identity provider belongs to which local user.
 CREATE TABLE IF NOT EXISTS linked_identities (

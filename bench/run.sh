@@ -44,6 +44,9 @@
 # Only loopback addresses are used.
 
 set -euo pipefail
+case ${1:-} in
+    -h | --help) sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds_of() { # "10", "10s", "2m" -> seconds

@@ -1,17 +1,95 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust HTTP tests against the real server, then the
-# contract tests (schemathesis, biscuit-python) against the built binary.
-# Installs what the tests need; safe to run on a fresh machine.
+# The whole test suite: Rust HTTP tests against the real server (once on
+# SQLite, once on PostgreSQL), then the contract tests (schemathesis,
+# biscuit-python) against the built binary, then the docs page in a browser.
+# Safe to run on a fresh Debian machine, as root or not; it installs:
+#   - .venv/ (in the repository, git-ignored): a Python virtual environment
+#     with tests/contract/requirements.txt. A venv because Debian's Python
+#     refuses a global `pip install` (externally-managed-environment); Debian's
+#     python3-venv package is installed (apt, as root or via sudo) when
+#     python3 cannot make one.
+#   - PostgreSQL, when it is missing (Debian's package, by
+#     scripts/pg-cluster.sh): one throwaway server for the whole run, in a
+#     temporary directory under /tmp, stopped and deleted when the script
+#     exits, also on failure or Ctrl-C. The tests get LINKID_TEST_PG_URL,
+#     LINKID_TEST_PG_CA and LINKID_TEST_PG_DIR (see scripts/pg-cluster.sh).
+#   - rustfmt and clippy through rustup, when the toolchain lacks them.
+#   - chromium and playwright-core (tests/browser/run.sh says how).
+# Every phase prints how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== installing test dependencies"
-python3 -m pip install --quiet --disable-pip-version-check -r tests/contract/requirements.txt
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "scripts/test.sh: need root (or sudo) to run: $*" >&2
+        exit 1
+    fi
+}
 
-echo "== building"
+# ---------------------------------------------------------------- phases
+SUITE_T0=$SECONDS
+PHASE=
+PHASE_T0=$SECONDS
+
+phase() { # phase TITLE: end the current phase and start the next
+    phase_done
+    PHASE=$1
+    PHASE_T0=$SECONDS
+    echo "== $PHASE"
+}
+
+phase_done() {
+    [[ -n $PHASE ]] || return 0
+    echo "== phase took $((SECONDS - PHASE_T0)) s ($PHASE)"
+    PHASE=
+}
+
+PG_DIR=
+on_exit() {
+    local rc=$?
+    if [[ $rc -ne 0 && -n $PHASE ]]; then
+        echo "== FAILED (exit status $rc) in: $PHASE, after $((SECONDS - PHASE_T0)) s ($((SECONDS - SUITE_T0)) s in all)" >&2
+    fi
+    if [[ -n $PG_DIR ]]; then
+        scripts/pg-cluster.sh stop "$PG_DIR" || true
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- setup
+phase "installing test dependencies (.venv)"
+if ! { [[ -x .venv/bin/python ]] && .venv/bin/python -m pip --version >/dev/null 2>&1; }; then
+    rm -rf .venv
+    if ! python3 -m venv .venv >/dev/null 2>&1; then
+        rm -rf .venv # a half-made one, without pip
+        echo "   python3 cannot make a virtual environment: installing python3-venv (apt)"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv .venv
+    fi
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/contract/requirements.txt
+
+phase "PostgreSQL for the tests"
+# Under /tmp, not $TMPDIR: as root the server runs as the postgres user, who
+# must be able to reach the directory.
+PG_DIR=$(mktemp -d /tmp/linkid-test-pg.XXXXXX)
+pg_env=$(scripts/pg-cluster.sh start "$PG_DIR")
+eval "$pg_env"
+export LINKID_TEST_PG_URL LINKID_TEST_PG_CA LINKID_TEST_PG_DIR
+
+# ---------------------------------------------------------------- tests
+phase "building"
 cargo build --locked --bins --tests
 
-echo "== cargo fmt and clippy"
+phase "cargo fmt and clippy"
 for component in rustfmt clippy; do
     # A toolchain without them gets them from rustup when it can.
     rustup component list --installed 2>/dev/null | grep -q "^$component" \
@@ -20,11 +98,17 @@ done
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 
-echo "== Rust tests"
-cargo test --locked -- --test-threads 4
+phase "Rust tests (sqlite)"
+LINKID_TEST_BACKEND=sqlite cargo test --locked -- --test-threads 4
 
-echo "== contract tests"
-LINKID_BIN="$PWD/target/debug/linkid" python3 -m pytest tests/contract -q -p no:cacheprovider
+phase "Rust tests (postgres)"
+LINKID_TEST_BACKEND=postgres cargo test --locked -- --test-threads 4
 
-echo "== the docs page in headless Chromium"
+phase "contract tests"
+LINKID_BIN="$PWD/target/debug/linkid" .venv/bin/python -m pytest tests/contract -q -p no:cacheprovider
+
+phase "the docs page in headless Chromium"
 LINKID_BIN="$PWD/target/debug/linkid" tests/browser/run.sh
+
+phase_done
+echo "== all tests passed in $((SECONDS - SUITE_T0)) s"

@@ -17,7 +17,7 @@ use biscuit_auth::{
     AuthorizerBuilder, AuthorizerLimits, Biscuit, BlockBuilder, KeyPair, PublicKey,
 };
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, ConfigError};
 pub use crate::domain::Right;
 
 /// Why a request's token was not accepted.
@@ -107,6 +107,22 @@ impl RootKey {
 }
 
 fn read_key_file(path: &Path) -> anyhow::Result<KeyPair> {
+    // As ssh does: a private key others can read is refused, not used.
+    let mode = fs::metadata(path)
+        .with_context(|| format!("cannot read auth.private_key_file {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(ConfigError {
+            problems: vec![format!(
+                "auth.private_key_file {} is readable by group or others (mode {:o}): run `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            )],
+        }
+        .into());
+    }
     let text = fs::read_to_string(path)
         .with_context(|| format!("cannot read auth.private_key_file {}", path.display()))?;
     let text = text.trim();
@@ -122,11 +138,6 @@ fn read_key_file(path: &Path) -> anyhow::Result<KeyPair> {
             path.display()
         )
     })?;
-    if let Ok(meta) = fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "the root key file is readable by other users; chmod 600 it");
-        }
-    }
     Ok(KeyPair::from(&private))
 }
 

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use warp::http::header::{HeaderValue, ALLOW, CONNECTION};
+use warp::http::header::{HeaderValue, ALLOW, CONNECTION, VARY};
 use warp::http::Method;
 use warp::path::FullPath;
 use warp::reply::Response;
@@ -56,6 +56,7 @@ pub fn app(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let origins = state.cors_origins.clone();
+    let cors = !origins.is_empty();
     let routes = if origins.is_empty() {
         filters::routes(state).boxed()
     } else {
@@ -89,7 +90,16 @@ pub fn app(
         .and(warp::path::full())
         .and(declares_body())
         .and(outcome)
-        .map(finish)
+        .map(move |context, method, path, declares_body, outcome| {
+            let mut response = finish(context, method, path, declares_body, outcome);
+            if cors {
+                // Answers differ by Origin: caches must keep them apart.
+                response
+                    .headers_mut()
+                    .append(VARY, HeaderValue::from_static("origin"));
+            }
+            response
+        })
         // The span carries the token's log id, recorded once authenticated.
         .with(warp::trace(|_| {
             tracing::info_span!("request", token = tracing::field::Empty)

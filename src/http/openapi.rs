@@ -9,7 +9,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::Config;
-use warp::http::header::{HeaderValue, CONTENT_TYPE, LOCATION};
+use warp::http::header::{
+    HeaderValue, CONTENT_SECURITY_POLICY, CONTENT_TYPE, LOCATION, X_CONTENT_TYPE_OPTIONS,
+};
 use warp::http::StatusCode;
 use warp::path::{FullPath, Tail};
 use warp::reply::Response;
@@ -283,12 +285,21 @@ fn error_response(status: StatusCode, errors: &[ApiError]) -> utoipa::openapi::R
     response.build()
 }
 
+/// The `/docs` page's Content-Security-Policy. Swagger UI sets element
+/// styles from script, hence `'unsafe-inline'` for styles only; its icons
+/// are data: URIs.
+const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+     img-src 'self' data:; font-src 'self' data:; connect-src 'self'; \
+     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 /// `/docs`: Swagger UI from files built into the binary, pointed at `/openapi.json`.
 pub fn docs() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let config = Arc::new(
         Config::from("/openapi.json")
             .validator_url("none")
-            .persist_authorization(true)
+            // A token typed into the page lives only as long as the page:
+            // persisting it would leave it in the browser's localStorage.
+            .persist_authorization(false)
             .try_it_out_enabled(true),
     );
     warp::path("docs")
@@ -318,6 +329,14 @@ async fn serve_docs(
             if let Ok(value) = HeaderValue::from_str(&file.content_type) {
                 response.headers_mut().insert(CONTENT_TYPE, value);
             }
+            // The page holds a bearer token: it runs only its own scripts,
+            // talks only to this server, and cannot be framed.
+            response
+                .headers_mut()
+                .insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(DOCS_CSP));
+            response
+                .headers_mut()
+                .insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
             Ok(response)
         }
         Ok(None) => Err(warp::reject::not_found()),

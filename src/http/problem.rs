@@ -23,13 +23,32 @@ pub struct FieldError {
     pub message: String,
 }
 
+/// The most field errors a problem lists; the rest are only counted, so an
+/// answer stays small whatever the request held.
+pub const MAX_FIELD_ERRORS: usize = 20;
+
+/// The most characters of a field name, and of a message, that an error repeats.
+const MAX_FIELD_CHARS: usize = 64;
+const MAX_MESSAGE_CHARS: usize = 200;
+
 impl FieldError {
+    /// A field error; over-long names and messages (which may quote what
+    /// the client sent) are cut.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            field: field.into(),
-            message: message.into(),
+            field: clip(field.into(), MAX_FIELD_CHARS),
+            message: clip(message.into(), MAX_MESSAGE_CHARS),
         }
     }
+}
+
+/// `text` cut to `max` characters, with an ellipsis when cut.
+pub fn clip(mut text: String, max: usize) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(max) {
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 /// An RFC 9457 problem details body.
@@ -56,9 +75,13 @@ pub struct Problem {
     pub code: String,
     /// The request's `x-request-id`.
     pub request_id: String,
-    /// For validation errors: each field that failed.
+    /// For validation errors: each field that failed (at most 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<FieldError>>,
+    /// How many more field errors there were than `errors` lists; present
+    /// only when the list was cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors_omitted: Option<usize>,
 }
 
 /// Every way a request can fail.
@@ -68,10 +91,10 @@ pub enum ApiError {
     #[error("the request is invalid: {}", describe_fields(.0))]
     Validation(Vec<FieldError>),
     /// 400 `MALFORMED_JSON`: the body is not well-formed JSON.
-    #[error("the body is not valid JSON: {0}")]
+    #[error("the body is not valid JSON: {}", clip(.0.clone(), MAX_MESSAGE_CHARS))]
     MalformedJson(String),
     /// 400 `INVALID_IDENTITY_PROVIDER`: unknown or not linkable provider.
-    #[error("{0:?} is not a configured, linkable identity provider; GET /api/admin/users/v4/users/identity-providers lists them")]
+    #[error("{:?} is not a configured, linkable identity provider; GET /api/admin/users/v4/users/identity-providers lists them", clip(.0.clone(), MAX_FIELD_CHARS))]
     InvalidIdentityProvider(String),
     /// 400 `USER_ALREADY_LINKED`: the user has a link to another identity.
     #[error("user {user_id:?} is already linked to identity provider {provider_id:?}; a user may be linked to one identity provider at a time, so delete that link first")]
@@ -132,12 +155,19 @@ pub enum ApiError {
     Internal(Arc<anyhow::Error>),
 }
 
+/// The first few field errors in words, and how many more there are.
 fn describe_fields(fields: &[FieldError]) -> String {
-    fields
+    const SHOWN: usize = 3;
+    let mut text = fields
         .iter()
+        .take(SHOWN)
         .map(|f| format!("{} {}", f.field, f.message))
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if fields.len() > SHOWN {
+        text.push_str(&format!("; and {} more", fields.len() - SHOWN));
+    }
+    text
 }
 
 impl warp::reject::Reject for ApiError {}
@@ -273,7 +303,15 @@ impl ApiError {
             code: self.code().to_string(),
             request_id: request_id.to_string(),
             errors: match self {
-                ApiError::Validation(fields) => Some(fields.clone()),
+                ApiError::Validation(fields) => {
+                    Some(fields.iter().take(MAX_FIELD_ERRORS).cloned().collect())
+                }
+                _ => None,
+            },
+            errors_omitted: match self {
+                ApiError::Validation(fields) if fields.len() > MAX_FIELD_ERRORS => {
+                    Some(fields.len() - MAX_FIELD_ERRORS)
+                }
                 _ => None,
             },
         }

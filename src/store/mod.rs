@@ -56,6 +56,16 @@ pub enum LinkOutcome {
     Existing(LinkRecord),
 }
 
+/// Refuses a database whose schema is newer than this binary knows: it was
+/// written by a later linkid, and this one would misread it.
+pub(crate) fn refuse_newer(found: i64, supported: i64, database: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        found <= supported,
+        "the database at {database} has schema version {found}, newer than this linkid's schema version {supported}: run the newer linkid that wrote it (or restore a backup made by this one)"
+    );
+    Ok(())
+}
+
 /// Loads `count` synthetic links (users `seed-user-N`, spread over
 /// `providers`), for benchmarks and demos; returns how many were added.
 pub fn seed(

@@ -5,16 +5,22 @@
 //! (each in its own savepoint, so outcomes stay exact per request) and
 //! answers each request only after that transaction's commit is durable:
 //! WAL with `synchronous = FULL` syncs the log on every commit.
+//!
+//! The writer also watches the file: a database file deleted or replaced
+//! under the server, a full disk or a read-only one makes writes fail as
+//! `Unavailable` or `Full` (never a success that a restart would lose), and
+//! service resumes by itself when the cause is gone.
 
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use r2d2::Pool;
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use super::{LinkOutcome, StoreError};
@@ -23,8 +29,30 @@ use crate::domain::{LinkRecord, NewLink, ProviderId, UserId};
 
 pub(crate) mod admin;
 
-/// The schema, applied at every start.
-pub const SCHEMA: &str = include_str!("../../schema.sql");
+/// Each schema version's upgrade from the one before, in order:
+/// `MIGRATIONS[i]` makes version `i + 1`. Released versions never change.
+const MIGRATIONS: [&str; 1] = [
+    // 1: release 0.1.0 (which recorded no version): links and revocations.
+    "CREATE TABLE linked_identities (
+        id              INTEGER PRIMARY KEY,
+        user_id         TEXT NOT NULL,
+        provider_id     TEXT NOT NULL,
+        linked_user_id  TEXT NOT NULL,
+        linked_username TEXT NOT NULL,
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        CONSTRAINT one_link_per_user UNIQUE (user_id),
+        CONSTRAINT one_user_per_remote_identity UNIQUE (provider_id, linked_user_id)
+    ) STRICT;
+    CREATE TABLE revoked_tokens (
+        seq           INTEGER PRIMARY KEY,
+        revocation_id TEXT NOT NULL UNIQUE,
+        revoked_at    TEXT NOT NULL
+    ) STRICT;",
+];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The SQLite store: a pool of readers and one writer thread.
 #[derive(Clone)]
@@ -32,7 +60,55 @@ pub struct SqliteStore {
     readers: Pool<SqliteConnectionManager>,
     writer: mpsc::Sender<Message>,
     path: PathBuf,
+    health: Arc<Health>,
 }
+
+/// What the writer has learned about the file and its disk; reads and
+/// readiness consult it.
+#[derive(Default)]
+struct Health {
+    /// The file at `database.path` is no longer the one this store opened.
+    file_gone: AtomicBool,
+    /// Why writes fail for a cause outside any request (a full or read-only
+    /// disk), until one succeeds again.
+    writes_failing: Mutex<Option<StoreError>>,
+}
+
+impl Health {
+    fn writes_failing(&self) -> Option<StoreError> {
+        self.writes_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_writes_failing(&self, cause: Option<StoreError>) {
+        *self
+            .writes_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = cause;
+    }
+}
+
+/// Which file a path names: a file deleted and re-created, or replaced by
+/// a rename, has another identity even at the same path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> Option<FileIdentity> {
+        std::fs::metadata(path).ok().map(|m| FileIdentity {
+            device: m.dev(),
+            inode: m.ino(),
+        })
+    }
+}
+
+const FILE_GONE: &str =
+    "the database file was deleted or replaced while linkid ran; put it back or restart linkid";
 
 enum WriteOp {
     Link { user: UserId, link: NewLink },
@@ -53,51 +129,29 @@ struct WriteJob {
 
 enum Message {
     Write(WriteJob),
-    /// Answered at once (after any batch in progress): the writer is alive.
-    Ping(oneshot::Sender<()>),
+    /// Whether writes can succeed now: answered after any batch in
+    /// progress, with a real write when the last one failed.
+    Probe(oneshot::Sender<Result<(), String>>),
     /// Finish what is queued, checkpoint the WAL into the database, stop.
     Close(oneshot::Sender<()>),
 }
 
 const PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL;";
 
+/// How often an idle writer looks at the file.
+const FILE_CHECK: Duration = Duration::from_secs(1);
+
 impl SqliteStore {
-    /// Opens (creating if needed) the database file, applies the schema and
+    /// Opens (creating if needed) the database file, upgrades its schema and
     /// starts the writer thread.
     pub fn open(config: &DatabaseConfig) -> anyhow::Result<SqliteStore> {
         let (path, pool_size, max_batch) =
             (config.path.as_path(), config.pool_size, config.max_batch);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| {
-                format!("cannot create the database directory {}", dir.display())
-            })?;
-        }
-        if !path.exists() {
-            // Links are personal data: only the service's user reads them
-            // (SQLite gives the -wal and -shm files the same mode).
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("cannot create database.path {}", path.display()))?;
-        }
-        let mut writer = Connection::open(path)
-            .with_context(|| format!("cannot open database.path {}", path.display()))?;
-        writer
-            .execute_batch(PRAGMAS)
-            .context("cannot configure the database")?;
-        let mode: String = writer
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .context("cannot switch the database to WAL")?;
-        anyhow::ensure!(
-            mode.eq_ignore_ascii_case("wal"),
-            "the database refused WAL mode"
-        );
-        writer
-            .execute_batch(SCHEMA)
-            .context("cannot apply schema.sql")?;
+        let mut writer = open_writer(path)?;
+        migrate(&mut writer, path)?;
         writer.set_prepared_statement_cache_capacity(32);
+        let identity = FileIdentity::of(path)
+            .with_context(|| format!("database.path {} vanished at start", path.display()))?;
 
         let manager = SqliteConnectionManager::file(path)
             .with_init(|c| c.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = 1;"));
@@ -109,15 +163,23 @@ impl SqliteStore {
             .build(manager)
             .context("cannot open the read connections")?;
 
+        let health = Arc::new(Health::default());
         let (sender, receiver) = mpsc::channel();
+        let writer_state = Writer {
+            conn: writer,
+            path: path.to_path_buf(),
+            identity,
+            health: health.clone(),
+        };
         std::thread::Builder::new()
             .name("linkid-writer".into())
-            .spawn(move || run_writer(&mut writer, receiver, max_batch))
+            .spawn(move || writer_state.run(receiver, max_batch))
             .context("cannot start the writer thread")?;
         Ok(SqliteStore {
             readers,
             writer: sender,
             path: path.to_path_buf(),
+            health,
         })
     }
 
@@ -167,7 +229,9 @@ impl SqliteStore {
         }
     }
 
-    /// Revocation ids recorded after `after` (a sequence number), and the newest sequence number.
+    /// Revocation ids recorded after `after` (a sequence number), and the
+    /// newest sequence number. One writer at a time commits, in `seq`
+    /// order, so nothing below the newest seen can appear later.
     pub async fn revoked_since(&self, after: i64) -> Result<(Vec<String>, i64), StoreError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
@@ -190,25 +254,30 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
+        if self.health.file_gone.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(FILE_GONE.into()));
+        }
         let pool = self.readers.clone();
-        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<T> {
-            let conn = pool.get().context("no read connection")?;
-            f(&conn).context("read query failed")
+        tokio::task::spawn_blocking(move || {
+            let conn = pool
+                .get()
+                .map_err(|e| StoreError::Unavailable(format!("no read connection: {e}")))?;
+            f(&conn).or_store("a read query failed")
         })
         .await
-        .context("the read task died")?;
-        Ok(result?)
+        .context("the read task died")?
     }
 
-    /// Whether the database answers: the writer thread responds, and the
-    /// file opens and reads afresh. The error says why not.
+    /// Whether the database answers: the file is the one opened, the writer
+    /// can write (tried for real after a failure), and the file opens and
+    /// reads afresh. The error says why not.
     pub async fn ready(&self) -> Result<(), String> {
-        let (pong, answered) = oneshot::channel();
+        let (reply, answered) = oneshot::channel();
         self.writer
-            .send(Message::Ping(pong))
+            .send(Message::Probe(reply))
             .map_err(|_| "the writer has stopped".to_string())?;
-        match tokio::time::timeout(std::time::Duration::from_secs(2), answered).await {
-            Ok(Ok(())) => {}
+        match tokio::time::timeout(Duration::from_secs(2), answered).await {
+            Ok(Ok(outcome)) => outcome?,
             Ok(Err(_)) => return Err("the writer has stopped".into()),
             Err(_) => return Err("the writer is stuck: no answer in 2 s".into()),
         }
@@ -220,7 +289,7 @@ impl SqliteStore {
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            conn.busy_timeout(std::time::Duration::from_secs(2))
+            conn.busy_timeout(Duration::from_secs(2))
                 .map_err(|e| e.to_string())?;
             conn.query_row("SELECT count(*) FROM linked_identities LIMIT 1", [], |_| {
                 Ok(())
@@ -256,11 +325,93 @@ impl SqliteStore {
         let (reply, answer) = oneshot::channel();
         self.writer
             .send(Message::Write(WriteJob { op, reply }))
-            .map_err(|_| anyhow::anyhow!("the writer thread has stopped"))?;
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
         answer
             .await
-            .map_err(|_| anyhow::anyhow!("the writer thread dropped a request"))?
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
     }
+}
+
+/// Opens the database for writing, creating the file (0600) and its
+/// directory when missing, in WAL mode.
+fn open_writer(path: &Path) -> anyhow::Result<Connection> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the database directory {}", dir.display()))?;
+    }
+    if !path.exists() {
+        // Links are personal data: only the service's user reads them
+        // (SQLite gives the -wal and -shm files the same mode).
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            // Another process created it first: use theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot create database.path {}", path.display()))
+            }
+        }
+    }
+    let conn = Connection::open(path)
+        .with_context(|| format!("cannot open database.path {}", path.display()))?;
+    conn.execute_batch(PRAGMAS)
+        .context("cannot configure the database")?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .context("cannot switch the database to WAL")?;
+    anyhow::ensure!(
+        mode.eq_ignore_ascii_case("wal"),
+        "the database refused WAL mode"
+    );
+    Ok(conn)
+}
+
+/// Upgrades the schema to `SCHEMA_VERSION` in one transaction, or refuses a
+/// database written by a newer linkid.
+fn migrate(conn: &mut Connection, path: &Path) -> anyhow::Result<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .context("cannot lock the database to check its schema")?;
+    let recorded: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .context("cannot read the schema version")?;
+    let has_links: bool = tx
+        .query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'linked_identities'",
+            [],
+            |r| r.get(0),
+        )
+        .context("cannot read the schema")?;
+    // Release 0.1.0 wrote version 1's tables and no version number.
+    let version = if recorded == 0 && has_links {
+        1
+    } else {
+        recorded
+    };
+    super::refuse_newer(version, SCHEMA_VERSION, &path.display().to_string())?;
+    if recorded == SCHEMA_VERSION {
+        return Ok(());
+    }
+    for (done, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(migration)
+            .with_context(|| format!("cannot upgrade the schema to version {}", done + 1))?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .context("cannot record the schema version")?;
+    tx.commit().context("cannot commit the schema upgrade")?;
+    if has_links {
+        tracing::info!(
+            from = version,
+            to = SCHEMA_VERSION,
+            "upgraded the database schema"
+        );
+    }
+    Ok(())
 }
 
 fn record_from_row(row: &Row<'_>) -> rusqlite::Result<LinkRecord> {
@@ -279,68 +430,170 @@ fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-fn run_writer(conn: &mut Connection, messages: mpsc::Receiver<Message>, max_batch: usize) {
-    let mut closing = None;
-    while closing.is_none() {
-        let mut batch = Vec::new();
-        match messages.recv() {
-            Ok(Message::Write(job)) => batch.push(job),
-            Ok(Message::Ping(pong)) => {
-                let _ = pong.send(());
+/// Turns SQLite's errors into the store's: a full or read-only disk and a
+/// failing or vanished file are the database being unavailable, not a bug.
+trait OrStore<T> {
+    fn or_store(self, what: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> OrStore<T> for rusqlite::Result<T> {
+    fn or_store(self, what: &'static str) -> Result<T, StoreError> {
+        self.map_err(|error| {
+            let unavailable = |why: &str| StoreError::Unavailable(why.to_owned());
+            match error.sqlite_error_code() {
+                Some(ErrorCode::DiskFull) => {
+                    StoreError::Full("no space is left on the database's disk".into())
+                }
+                Some(ErrorCode::ReadOnly) => unavailable("the database is read-only"),
+                Some(ErrorCode::SystemIoFailure) => {
+                    unavailable("the database's disk failed a read or write")
+                }
+                Some(ErrorCode::CannotOpen) => unavailable("the database file cannot be opened"),
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                    unavailable("the database is locked by another process")
+                }
+                _ => anyhow::Error::new(error).context(what).into(),
             }
-            Ok(Message::Close(done)) => closing = Some(done),
-            Err(_) => break,
-        }
-        while closing.is_none() && !batch.is_empty() && batch.len() < max_batch {
-            match messages.try_recv() {
+        })
+    }
+}
+
+/// The writer thread's state: the one write connection and what it watches.
+struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    identity: FileIdentity,
+    health: Arc<Health>,
+}
+
+impl Writer {
+    fn run(mut self, messages: mpsc::Receiver<Message>, max_batch: usize) {
+        let mut closing = None;
+        while closing.is_none() {
+            let mut batch = Vec::new();
+            match messages.recv_timeout(FILE_CHECK) {
                 Ok(Message::Write(job)) => batch.push(job),
-                Ok(Message::Ping(pong)) => {
-                    let _ = pong.send(());
+                Ok(Message::Probe(reply)) => {
+                    let _ = reply.send(self.probe());
                 }
                 Ok(Message::Close(done)) => closing = Some(done),
-                Err(_) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.check_file();
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            while closing.is_none() && !batch.is_empty() && batch.len() < max_batch {
+                match messages.try_recv() {
+                    Ok(Message::Write(job)) => batch.push(job),
+                    Ok(Message::Probe(reply)) => {
+                        let _ = reply.send(self.probe());
+                    }
+                    Ok(Message::Close(done)) => closing = Some(done),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.write_batch(batch);
             }
         }
-        if batch.is_empty() {
-            continue;
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(error = ?e, "cannot checkpoint the database");
         }
+        if let Some(done) = closing {
+            let _ = done.send(());
+        }
+    }
+
+    /// Whether the path still names the file this store opened; records
+    /// the answer for readers.
+    fn check_file(&self) -> Result<(), StoreError> {
+        let same = FileIdentity::of(&self.path) == Some(self.identity);
+        let was_gone = self.health.file_gone.swap(!same, Ordering::Relaxed);
+        match (same, was_gone) {
+            (false, false) => tracing::error!(path = %self.path.display(), "{FILE_GONE}"),
+            (true, true) => {
+                tracing::info!(path = %self.path.display(), "the database file is back")
+            }
+            _ => {}
+        }
+        if same {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(FILE_GONE.into()))
+        }
+    }
+
+    fn write_batch(&mut self, batch: Vec<WriteJob>) {
         metrics::histogram!("linkid_write_batch_size").record(batch.len() as f64);
-        match apply_batch(conn, &batch) {
+        // Checked after the commit too: a write into a file that is no
+        // longer at the path would be gone at the next start.
+        let outcome = self
+            .check_file()
+            .and_then(|()| apply_batch(&mut self.conn, &batch))
+            .and_then(|results| self.check_file().map(|()| results));
+        match outcome {
             Ok(results) => {
+                self.health.set_writes_failing(None);
                 for (job, result) in batch.into_iter().zip(results) {
                     let _ = job.reply.send(result);
                 }
             }
             Err(error) => {
-                tracing::error!(error = ?error, writes = batch.len(), "a write transaction failed");
-                let shared = StoreError::from(error);
+                match &error {
+                    StoreError::Full(why) | StoreError::Unavailable(why) => {
+                        tracing::warn!(writes = batch.len(), "a write transaction failed: {why}");
+                        self.health.set_writes_failing(Some(error.clone()));
+                    }
+                    _ => {
+                        tracing::error!(error = ?error, writes = batch.len(), "a write transaction failed")
+                    }
+                }
                 for job in batch {
-                    let _ = job.reply.send(Err(shared.clone()));
+                    let _ = job.reply.send(Err(error.clone()));
                 }
             }
         }
     }
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-        tracing::warn!(error = ?e, "cannot checkpoint the database");
-    }
-    if let Some(done) = closing {
-        let _ = done.send(());
+
+    /// Whether a write can succeed now; after a failed write, tries a real
+    /// (empty) one, so readiness recovers when the disk does.
+    fn probe(&mut self) -> Result<(), String> {
+        self.check_file()
+            .map_err(|_| format!("database.path {}: {FILE_GONE}", self.path.display()))?;
+        if let Some(failure) = self.health.writes_failing() {
+            let written = self
+                .conn
+                .execute_batch(&format!(
+                    "BEGIN IMMEDIATE; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))
+                .or_store("the write probe failed");
+            if written.is_err() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(failure.to_string());
+            }
+            self.health.set_writes_failing(None);
+        }
+        Ok(())
     }
 }
 
 /// Runs a batch in one transaction, each write in a savepoint. The outer
-/// error is a failure of the transaction itself (nothing was committed).
+/// error fails the whole batch (nothing was committed): the transaction
+/// itself failed, or one write met a full, read-only or vanished database.
 fn apply_batch(
     conn: &mut Connection,
     batch: &[WriteJob],
-) -> anyhow::Result<Vec<Result<WriteResult, StoreError>>> {
+) -> Result<Vec<Result<WriteResult, StoreError>>, StoreError> {
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .context("cannot begin a write transaction")?;
+        .or_store("cannot begin a write transaction")?;
     let stamp = now();
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        let mut sp = tx.savepoint().context("cannot open a savepoint")?;
+        let mut sp = tx.savepoint().or_store("cannot open a savepoint")?;
         let result = match &job.op {
             WriteOp::Link { user, link } => link_in(&sp, user, link, &stamp).map(WriteResult::Link),
             WriteOp::Unlink { user, provider } => {
@@ -348,14 +601,16 @@ fn apply_batch(
             }
             WriteOp::Revoke { ids } => revoke_in(&sp, ids, &stamp).map(WriteResult::Revoke),
         };
-        if result.is_ok() {
-            sp.commit().context("cannot release a savepoint")?;
-        } else {
-            sp.rollback().context("cannot roll back a savepoint")?;
+        match &result {
+            Ok(_) => sp.commit().or_store("cannot release a savepoint")?,
+            Err(error @ (StoreError::Full(_) | StoreError::Unavailable(_))) => {
+                return Err(error.clone())
+            }
+            Err(_) => sp.rollback().or_store("cannot roll back a savepoint")?,
         }
         results.push(result);
     }
-    tx.commit().context("cannot commit a write transaction")?;
+    tx.commit().or_store("cannot commit a write transaction")?;
     Ok(results)
 }
 
@@ -381,7 +636,7 @@ fn link_in(
                 "UPDATE linked_identities SET linked_username = ?2, updated_at = ?3 WHERE user_id = ?1",
             )
             .and_then(|mut s| s.execute(params![user.as_str(), link.linked_username.as_str(), stamp]))
-            .context("cannot update the linked username")?;
+            .or_store("cannot update the linked username")?;
             current.linked_username = link.linked_username.as_str().to_owned();
             current.updated_at = stamp.to_owned();
         }
@@ -398,7 +653,7 @@ fn link_in(
             )
             .optional()
         })
-        .context("cannot read the remote identity's owner")?;
+        .or_store("cannot read the remote identity's owner")?;
     if owner.is_some() {
         return Err(StoreError::IdentityAlreadyLinked {
             provider_id: link.provider_id.as_str().to_owned(),
@@ -419,7 +674,7 @@ fn link_in(
             stamp
         ])
     })
-    .context("cannot insert a link")?;
+    .or_store("cannot insert a link")?;
     Ok(LinkOutcome::Created(LinkRecord {
         user_id: user.as_str().to_owned(),
         provider_id: link.provider_id.as_str().to_owned(),
@@ -431,13 +686,12 @@ fn link_in(
 }
 
 fn link_of_user(conn: &Connection, user: &UserId) -> Result<Option<LinkRecord>, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
-             FROM linked_identities WHERE user_id = ?1",
-        )
-        .and_then(|mut s| s.query_row([user.as_str()], record_from_row).optional())
-        .context("cannot read the user's link")?)
+    conn.prepare_cached(
+        "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
+         FROM linked_identities WHERE user_id = ?1",
+    )
+    .and_then(|mut s| s.query_row([user.as_str()], record_from_row).optional())
+    .or_store("cannot read the user's link")
 }
 
 fn unlink_in(
@@ -453,7 +707,7 @@ fn unlink_in(
         s.query_row([user.as_str(), provider.as_str()], record_from_row)
             .optional()
     })
-    .context("cannot delete a link")?
+    .or_store("cannot delete a link")?
     .ok_or_else(|| StoreError::NotFound {
         user_id: user.as_str().to_owned(),
         provider_id: provider.as_str().to_owned(),
@@ -465,12 +719,99 @@ fn revoke_in(conn: &Connection, ids: &[String], stamp: &str) -> Result<usize, St
         .prepare_cached(
             "INSERT OR IGNORE INTO revoked_tokens (revocation_id, revoked_at) VALUES (?1, ?2)",
         )
-        .context("cannot prepare a revocation")?;
+        .or_store("cannot prepare a revocation")?;
     let mut added = 0;
     for id in ids {
         added += stmt
             .execute(params![id, stamp])
-            .context("cannot record a revocation")?;
+            .or_store("cannot record a revocation")?;
     }
     Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each table's columns (name, type, not null, key), whatever the SQL
+    /// text's layout and comments.
+    fn shape_of(conn: &Connection) -> Vec<String> {
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        tables
+            .into_iter()
+            .map(|name| {
+                let mut columns: Vec<String> = conn
+                    .prepare(&format!(
+                        "SELECT name, type, \"notnull\", pk FROM pragma_table_info('{name}')"
+                    ))
+                    .unwrap()
+                    .query_map([], |r| {
+                        Ok(format!(
+                            "{}:{}:{}:{}",
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?
+                        ))
+                    })
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                columns.sort();
+                format!("{name}({})", columns.join(","))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_migrations_make_exactly_schema_sql() {
+        let mut migrated = Connection::open_in_memory().unwrap();
+        migrate(&mut migrated, Path::new(":memory:")).unwrap();
+        let fresh = Connection::open_in_memory().unwrap();
+        // schema.sql is for people: a test holds the migrations to it.
+        fresh
+            .execute_batch(include_str!("../../schema.sql"))
+            .unwrap();
+
+        assert_eq!(shape_of(&migrated), shape_of(&fresh));
+        let indexes = |conn: &Connection| -> Vec<String> {
+            conn.prepare("SELECT tbl_name || ':' || count(*) FROM sqlite_master WHERE type = 'index' GROUP BY tbl_name ORDER BY 1")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert_eq!(indexes(&migrated), indexes(&fresh));
+        let version: i64 = migrated
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_database_newer_than_the_binary_is_refused_naming_both_versions() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 5)
+            .unwrap();
+
+        let error = migrate(&mut conn, Path::new("x.db"))
+            .unwrap_err()
+            .to_string();
+
+        assert!(
+            error.contains(&format!("version {}", SCHEMA_VERSION + 5)),
+            "{error}"
+        );
+        assert!(
+            error.contains(&format!("version {SCHEMA_VERSION}")),
+            "{error}"
+        );
+    }
 }

@@ -126,6 +126,12 @@ fn a_key_file_with_bare_hex_is_accepted() {
         keypair.private().to_bytes_hex(),
     )
     .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.path().join("bare.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_linkid"))
             .current_dir(dir.path())
@@ -145,4 +151,22 @@ fn a_key_file_with_bare_hex_is_accepted() {
         String::from_utf8_lossy(&minted.stderr)
     );
     assert!(verified.is_ok(), "the token is signed by the bare-hex key");
+}
+
+#[test]
+fn a_private_key_readable_by_others_stops_start_up_with_the_fix_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::TempDir::new().unwrap();
+    crate::cli::mint(dir.path(), &["--admin"]);
+    let key = dir.path().join("data/root.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    for args in [&["serve"][..], &["token", "mint", "--admin"][..]] {
+        let output = crate::cli::linkid(dir.path(), args);
+
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("chmod 600"), "{args:?}: {stderr}");
+        assert!(output.stdout.is_empty(), "no token is printed");
+    }
 }

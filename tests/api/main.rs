@@ -3,12 +3,14 @@
 
 mod helpers;
 
+mod amplification;
 mod auth;
 mod cli;
 mod config;
 mod crash;
 mod delete;
 mod errors;
+mod faults;
 mod hostile;
 mod identity_providers;
 mod link;
@@ -18,3 +20,4 @@ mod openapi;
 mod ops;
 mod races;
 mod shutdown;
+mod upgrades;

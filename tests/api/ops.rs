@@ -448,3 +448,123 @@ async fn behind_a_trusted_proxy_failed_authentications_count_per_forwarded_clien
         "another client behind the same proxy is not blocked"
     );
 }
+
+#[test]
+fn a_backup_is_private_and_touches_nothing_else_in_its_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new().unwrap();
+    let seeded = linkid(dir.path(), &["seed", "--links", "3"]);
+    assert!(
+        seeded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seeded.stderr)
+    );
+    let unrelated = dir.path().join("copy.partial");
+    std::fs::write(&unrelated, "an operator's file").unwrap();
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_linkid"));
+    command
+        .current_dir(dir.path())
+        .env_remove("LINKID_CONFIG")
+        .args(["backup", "copy.db"]);
+    // SAFETY: umask is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let output = command.output().unwrap();
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mode = std::fs::metadata(dir.path().join("copy.db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the backup's mode is {:o}",
+        mode & 0o777
+    );
+    assert_eq!(
+        std::fs::read_to_string(&unrelated).unwrap(),
+        "an operator's file"
+    );
+    let mut after: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    after.retain(|name| !before.contains(name));
+    assert_eq!(after, ["copy.db"], "the backup left only its copy behind");
+}
+
+#[tokio::test]
+async fn with_cors_every_answer_varies_by_origin() {
+    let app =
+        spawn_app_with(|c| c.cors.allowed_origins = vec!["https://admin.example.com".into()]).await;
+    let from = |origin: &'static str| {
+        app.client
+            .get(app.api("/users/identity-providers"))
+            .bearer_auth(&app.admin)
+            .header("origin", origin)
+            .send()
+    };
+
+    for response in [
+        from("https://admin.example.com").await.unwrap(),
+        from("https://evil.example.net").await.unwrap(),
+        app.list_providers(&app.admin).await,
+    ] {
+        let vary: Vec<_> = response
+            .headers()
+            .get_all("vary")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_lowercase())
+            .collect();
+        assert!(
+            vary.iter().any(|v| v.contains("origin")),
+            "{} has Vary {vary:?}",
+            response.status()
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_docs_page_has_a_content_security_policy_and_keeps_no_token() {
+    let app = spawn_app().await;
+
+    let page = app.client.get(app.url("/docs/")).send().await.unwrap();
+    let initializer = app
+        .client
+        .get(app.url("/docs/swagger-initializer.js"))
+        .send()
+        .await
+        .unwrap();
+
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(initializer
+        .headers()
+        .contains_key("content-security-policy"));
+    let script = initializer.text().await.unwrap();
+    assert!(
+        script.contains("\"persistAuthorization\": false"),
+        "{script}"
+    );
+}

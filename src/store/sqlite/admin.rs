@@ -1,12 +1,13 @@
 //! Admin work on a SQLite database outside the request path: synthetic
 //! links for benchmarks, and online backups.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::Context;
 use rusqlite::{params, Connection, TransactionBehavior};
 
-use super::{now, PRAGMAS, SCHEMA};
+use super::{migrate, now, open_writer};
 
 /// Loads `count` synthetic links (users `seed-user-N`, spread over
 /// `providers`) in large transactions, for benchmarks and demos. Existing
@@ -21,15 +22,8 @@ pub fn seed(
         !providers.is_empty(),
         "no identity providers to seed links with"
     );
-    let store_dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(dir) = store_dir {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut conn = Connection::open(path)
-        .with_context(|| format!("cannot open database.path {}", path.display()))?;
-    conn.execute_batch(PRAGMAS)?;
-    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
-    conn.execute_batch(SCHEMA)?;
+    let mut conn = open_writer(path)?;
+    migrate(&mut conn, path)?;
     let stamp = now();
     let mut added = 0;
     let mut done = 0;
@@ -85,11 +79,22 @@ pub fn backup(
     // A read transaction pins one snapshot: writers carry on in the WAL,
     // and the copy never restarts.
     src.execute_batch("BEGIN; SELECT count(*) FROM sqlite_master;")?;
-    let partial = destination.with_extension("partial");
-    let _ = std::fs::remove_file(&partial);
+    // The copy is written to a new, uniquely named file beside the
+    // destination, readable by this user only (links are personal data),
+    // and moved into place only when whole; nothing else is touched.
+    let directory = destination
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let partial = tempfile::Builder::new()
+        .prefix(".linkid-backup-")
+        .suffix(".partial")
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(directory)
+        .with_context(|| format!("cannot create a file in {}", directory.display()))?;
     {
-        let mut dst = Connection::open(&partial)
-            .with_context(|| format!("cannot create {}", partial.display()))?;
+        let mut dst = Connection::open(partial.path())
+            .with_context(|| format!("cannot open {}", partial.path().display()))?;
         let copy = rusqlite::backup::Backup::new(&src, &mut dst)?;
         loop {
             let more = copy.step(1024)?;
@@ -114,7 +119,8 @@ pub fn backup(
         );
     }
     src.execute_batch("COMMIT;")?;
-    std::fs::rename(&partial, destination)
+    partial
+        .persist_noclobber(destination)
         .with_context(|| format!("cannot move the copy to {}", destination.display()))?;
     Ok(())
 }
