@@ -1,4 +1,4 @@
--- linkid's current schema on SQLite (version 1; PRAGMA user_version holds it).
+-- linkid's current schema on SQLite (version 2; PRAGMA user_version holds it).
 -- A database is created and upgraded by the migrations in
 -- src/store/sqlite.rs, in order; a test holds them to this file.
 
@@ -24,4 +24,31 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     seq           INTEGER PRIMARY KEY,
     revocation_id TEXT NOT NULL UNIQUE,
     revoked_at    TEXT NOT NULL
+) STRICT;
+
+-- Search by provider in user_id order (keyset paging).
+CREATE INDEX IF NOT EXISTS links_by_provider ON linked_identities (provider_id, user_id);
+
+-- The change feed: every change, recorded in the change's own transaction.
+-- AUTOINCREMENT: a seq is never reused, even after pruning.
+CREATE TABLE IF NOT EXISTS events (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    type            TEXT NOT NULL CHECK (type IN ('LINKED', 'UPDATED', 'UNLINKED')),
+    occurred_at     TEXT NOT NULL,
+    user_id         TEXT NOT NULL,
+    provider_id     TEXT NOT NULL,
+    linked_user_id  TEXT NOT NULL,
+    linked_username TEXT NOT NULL,
+    -- The token's log id, or "import" / "upgrade".
+    actor           TEXT NOT NULL,
+    -- The token's subject("...") fact.
+    subject         TEXT,
+    request_id      TEXT
+) STRICT;
+
+-- The newest seq that retention pruned: asking for events after an older
+-- one is 410 EVENTS_EXPIRED.
+CREATE TABLE IF NOT EXISTS feed_state (
+    id             INTEGER PRIMARY KEY CHECK (id = 1),
+    pruned_through INTEGER NOT NULL
 ) STRICT;

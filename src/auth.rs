@@ -186,6 +186,8 @@ struct VerifiedToken {
     token: Biscuit,
     revocation_ids: Vec<String>,
     has_time_checks: bool,
+    /// The authority block's `subject("…")` fact: who holds the token.
+    subject: Option<String>,
 }
 
 impl Bearer {
@@ -193,6 +195,12 @@ impl Bearer {
     /// per-token limits.
     pub fn id(&self) -> &str {
         self.0.revocation_ids.last().map_or("", String::as_str)
+    }
+
+    /// Who the token was minted for (`linkid token mint --subject`), from
+    /// its authority block only: an attenuation cannot claim another name.
+    pub fn subject(&self) -> Option<&str> {
+        self.0.subject.as_deref()
     }
 
     /// A short, non-secret name for the token in logs: its last revocation id's prefix.
@@ -283,6 +291,7 @@ impl Authority {
         let bearer = Bearer(Arc::new(VerifiedToken {
             revocation_ids: token.revocation_identifiers().iter().map(hex).collect(),
             has_time_checks: has_time_only_checks(&token),
+            subject: subject_of(&token),
             token,
         }));
         self.check_current(&bearer)?;
@@ -392,6 +401,23 @@ fn has_time_only_checks(token: &Biscuit) -> bool {
     })
 }
 
+/// The authority block's one `subject("…")` fact, if it has exactly one.
+fn subject_of(token: &Biscuit) -> Option<String> {
+    let source = token.print_block_source(0).ok()?;
+    let block = BlockBuilder::new().code(source).ok()?;
+    let mut subjects = block.facts.iter().filter_map(|fact| {
+        let predicate = &fact.predicate;
+        match predicate.terms.as_slice() {
+            [biscuit_auth::builder::Term::Str(name)] if predicate.name == "subject" => {
+                Some(name.clone())
+            }
+            _ => None,
+        }
+    });
+    let subject = subjects.next()?;
+    subjects.next().is_none().then_some(subject)
+}
+
 /// What `linkid token mint` puts in a new token.
 #[derive(Debug, Default, Clone)]
 pub struct MintRequest {
@@ -399,6 +425,9 @@ pub struct MintRequest {
     pub rights: Vec<Right>,
     pub user: Option<String>,
     pub ttl: Option<Duration>,
+    /// Who the token is for: an authority fact `subject("…")`, which the
+    /// change feed reports.
+    pub subject: Option<String>,
 }
 
 /// Mints a token signed by the root key.
@@ -412,6 +441,10 @@ pub fn mint(keypair: &KeyPair, request: &MintRequest) -> anyhow::Result<String> 
     }
     for right in &request.rights {
         builder = builder.fact(fact("right", &[string(right.as_str())]))?;
+    }
+    if let Some(subject) = &request.subject {
+        crate::domain::check_text(subject).map_err(|why| anyhow::anyhow!("--subject {why}"))?;
+        builder = builder.fact(fact("subject", &[string(subject)]))?;
     }
     if let Some(user) = &request.user {
         crate::domain::UserId::parse(user).map_err(|why| anyhow::anyhow!("--user {why}"))?;

@@ -52,6 +52,29 @@ pub enum Command {
         after_help = "Example:\n  linkid --config /etc/linkid/config.toml check-config"
     )]
     CheckConfig,
+    /// Write every link as JSON Lines (one consistent snapshot, also while
+    /// servers write), in user_id order.
+    #[command(
+        after_help = "Examples:\n  linkid export --out links.jsonl\n  linkid export | gzip > links.jsonl.gz\n\nEach line: {\"user_id\", \"provider_id\", \"linked_user_id\", \"linked_username\", \"created_at\", \"updated_at\"}"
+    )]
+    Export {
+        /// Where to write (default: stdout).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Apply a JSON Lines file of links (the export format) as one
+    /// all-or-nothing transaction; `-` reads stdin. Every bad line and every
+    /// conflict is reported, and then nothing is applied (exit 1).
+    #[command(
+        after_help = "Examples:\n  linkid import links.jsonl --dry-run\n  linkid import links.jsonl\n  zcat links.jsonl.gz | linkid import -\n\nA line equal to a stored link is unchanged; a new linked_username is an update;\ncreated_at and updated_at are optional and kept as given. Changes enter the\nchange feed with actor \"import\"."
+    )]
+    Import {
+        /// The file, or `-` for stdin.
+        file: PathBuf,
+        /// Check every line and report what would change; apply nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Load N synthetic links (users seed-user-0..N-1) into the database, for
     /// benchmarks and demos. Existing links are kept.
     #[command(after_help = "Example:\n  linkid seed --links 1000000")]
@@ -84,6 +107,10 @@ pub enum TokenCommand {
         /// Expire the token after this long, e.g. 30s, 15m, 1h, 7d (default: never).
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         ttl: Option<Duration>,
+        /// Who the token is for (a person or a system); the change feed
+        /// names it as each change's `subject`.
+        #[arg(long, value_name = "NAME")]
+        subject: Option<String>,
     },
     /// Show a token's blocks, checks and revocation ids.
     #[command(after_help = "Example:\n  linkid token inspect \"$TOKEN\"")]
@@ -169,6 +196,16 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token(command) => run_token(&config, command).await,
+        Command::Export { out } => {
+            let sink: Box<dyn std::io::Write + Send> = match &out {
+                Some(path) => Box::new(std::io::BufWriter::new(create_private(path)?)),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            };
+            let written = crate::store::export(&config.database, sink).await?;
+            eprintln!("exported {written} links");
+            Ok(())
+        }
+        Command::Import { file, dry_run } => run_import(&config, &file, dry_run).await,
         Command::Seed { links } => {
             let providers: Vec<String> = config
                 .identity_providers
@@ -205,12 +242,14 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
             rights,
             user,
             ttl,
+            subject,
         } => {
             let request = MintRequest {
                 admin,
                 rights: rights.iter().filter_map(|r| Right::parse(r)).collect(),
                 user,
                 ttl,
+                subject,
             };
             println!("{}", auth::mint(key.signing_key()?, &request)?);
         }
@@ -229,6 +268,80 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
                 eprintln!("revoked: {own}");
             }
         }
+    }
+    Ok(())
+}
+
+/// Creates a new file only this user can read (exports hold personal data).
+fn create_private(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))
+}
+
+async fn run_import(config: &Config, file: &std::path::Path, dry_run: bool) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let (source, size): (crate::store::transfer::Source, Option<u64>) = if file.as_os_str() == "-" {
+        (Box::new(std::io::BufReader::new(std::io::stdin())), None)
+    } else {
+        let opened =
+            std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let size = opened.metadata().ok().map(|m| m.len());
+        (Box::new(std::io::BufReader::new(opened)), size)
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = match size {
+            Some(size) => indicatif::ProgressBar::new(size).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
+                )
+                .expect("the progress template parses"),
+            ),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        Some(bar)
+    } else {
+        None
+    };
+    let progress_bar = bar.clone();
+    let problem_bar = bar.clone();
+    let options = crate::store::transfer::ImportOptions {
+        dry_run,
+        providers: config
+            .identity_providers
+            .iter()
+            .map(|p| p.id.clone())
+            .collect(),
+        progress: Box::new(move |bytes| {
+            if let Some(bar) = &progress_bar {
+                bar.set_position(bytes);
+            }
+        }),
+        problem: Box::new(move |problem| match &problem_bar {
+            Some(bar) => bar.suspend(|| eprintln!("{problem}")),
+            None => eprintln!("{problem}"),
+        }),
+    };
+    let report = crate::store::import(&config.database, source, options).await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if report.problems > 0 {
+        anyhow::bail!(
+            "{} problem{} found: nothing was imported (it would have {})",
+            report.problems,
+            if report.problems == 1 { "" } else { "s" },
+            report.summary()
+        );
+    }
+    if dry_run {
+        println!("dry run, nothing applied: would have {}", report.summary());
+    } else {
+        println!("{}", report.summary());
     }
     Ok(())
 }

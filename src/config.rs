@@ -28,8 +28,21 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub rate_limit: RateLimitConfig,
     pub cors: CorsConfig,
+    pub events: EventsConfig,
     #[serde(default)]
     pub identity_providers: Vec<IdentityProviderConfig>,
+}
+
+/// `[events]`: the change feed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Days to keep events; 0 keeps them for ever.
+    pub retention_days: u32,
+    /// Event streams and long polls open at once; past it, 503.
+    pub max_streams: u32,
+    /// Seconds between heartbeat comments on an event stream.
+    pub heartbeat_secs: u64,
 }
 
 /// `[metrics]`
@@ -222,6 +235,18 @@ impl Config {
             problems.push(format!(
                 "log.level {:?} is not a level filter: use error, warn, info, debug or trace",
                 self.log.level
+            ));
+        }
+        if self.events.max_streams == 0 {
+            problems.push(
+                "events.max_streams is 0: set it to 1 or more (each open stream or long poll holds one)"
+                    .to_string(),
+            );
+        }
+        if !(1..=3600).contains(&self.events.heartbeat_secs) {
+            problems.push(format!(
+                "events.heartbeat_secs is {}: set it between 1 and 3600 (15 is usual)",
+                self.events.heartbeat_secs
             ));
         }
         for (i, origin) in self.cors.allowed_origins.iter().enumerate() {

@@ -87,14 +87,18 @@ pub enum Right {
     LinkedIdentitiesList,
     LinkedIdentitiesCreate,
     LinkedIdentitiesDelete,
+    LinkedIdentitiesSearch,
+    EventsList,
 }
 
 impl Right {
-    pub const ALL: [Right; 4] = [
+    pub const ALL: [Right; 6] = [
         Right::IdentityProvidersList,
         Right::LinkedIdentitiesList,
         Right::LinkedIdentitiesCreate,
         Right::LinkedIdentitiesDelete,
+        Right::LinkedIdentitiesSearch,
+        Right::EventsList,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +107,8 @@ impl Right {
             Right::LinkedIdentitiesList => "linked_identities:list",
             Right::LinkedIdentitiesCreate => "linked_identities:create",
             Right::LinkedIdentitiesDelete => "linked_identities:delete",
+            Right::LinkedIdentitiesSearch => "linked_identities:search",
+            Right::EventsList => "events:list",
         }
     }
 
@@ -120,6 +126,8 @@ pub enum Operation {
     ListLinkedIdentities,
     LinkIdentity,
     DeleteLinkedIdentity,
+    SearchLinkedIdentities,
+    ListEvents,
 }
 
 /// One row of the operations table.
@@ -135,11 +143,13 @@ pub struct OperationSpec {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 4] = [
+    pub const ALL: [Operation; 6] = [
         Operation::ListIdentityProviders,
         Operation::ListLinkedIdentities,
         Operation::LinkIdentity,
         Operation::DeleteLinkedIdentity,
+        Operation::SearchLinkedIdentities,
+        Operation::ListEvents,
     ];
 
     pub const fn spec(self) -> OperationSpec {
@@ -181,6 +191,18 @@ impl Operation {
                 "/api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
                 Right::LinkedIdentitiesDelete,
             ),
+            Operation::SearchLinkedIdentities => row(
+                "searchLinkedIdentities",
+                "GET",
+                "/api/admin/users/v4/linked-identities",
+                Right::LinkedIdentitiesSearch,
+            ),
+            Operation::ListEvents => row(
+                "listEvents",
+                "GET",
+                "/api/admin/users/v4/linked-identities/events",
+                Right::EventsList,
+            ),
         }
     }
 
@@ -201,16 +223,31 @@ pub struct NewLink {
     pub linked_username: LinkedUsername,
 }
 
-/// One stored link, as the store keeps it: the user and the identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One stored link: the user and the identity. The search answer's item,
+/// and one line of `linkid export`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "user_id": "u-42",
+    "provider_id": "okta",
+    "linked_user_id": "00u1a2b3c4",
+    "linked_username": "ada@example.com",
+    "created_at": "2026-11-29T10:00:00Z",
+    "updated_at": "2026-11-29T10:00:00Z"
+}))]
 pub struct LinkRecord {
+    /// The local user.
     pub user_id: String,
+    /// The identity provider's alias.
     pub provider_id: String,
+    /// The user's identifier at the identity provider.
     pub linked_user_id: String,
+    /// The user's login name at the identity provider.
     pub linked_username: String,
-    /// RFC 3339 UTC, seconds.
+    /// When the link was made (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub created_at: String,
-    /// RFC 3339 UTC, seconds.
+    /// When the link last changed (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub updated_at: String,
 }
 
@@ -226,6 +263,91 @@ impl LinkRecord {
             actions: None,
         }
     }
+}
+
+/// Who made a change, for the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// The token's log id (as in the request log), or `import`.
+    pub actor: String,
+    /// The token's `subject` fact, if it has one.
+    pub subject: Option<String>,
+    /// The request's id; none for imports.
+    pub request_id: Option<String>,
+}
+
+impl Actor {
+    /// `linkid import`'s changes.
+    pub fn import() -> Actor {
+        Actor {
+            actor: "import".into(),
+            subject: None,
+            request_id: None,
+        }
+    }
+}
+
+/// What a change did to a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum EventType {
+    /// A new link.
+    Linked,
+    /// The username of an existing link changed.
+    Updated,
+    /// A link was deleted.
+    Unlinked,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Linked => "LINKED",
+            EventType::Updated => "UPDATED",
+            EventType::Unlinked => "UNLINKED",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<EventType> {
+        [EventType::Linked, EventType::Updated, EventType::Unlinked]
+            .into_iter()
+            .find(|t| t.as_str() == text)
+    }
+}
+
+/// One change, as the change feed tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "seq": 42,
+    "type": "LINKED",
+    "occurred_at": "2026-11-29T10:00:00Z",
+    "user_id": "u-42",
+    "provider_id": "okta",
+    "linked_user_id": "00u1a2b3c4",
+    "linked_username": "ada@example.com",
+    "actor": "6f1c0e1d2a3b4c5d",
+    "subject": "provisioning-bot",
+    "request_id": "5f0c6f0e-8f5e-4a8e-9a3c-2b1f7d4e6a10"
+}))]
+pub struct Event {
+    /// The event's place in the feed: ascending in commit order.
+    pub seq: i64,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    /// When the change was committed (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub occurred_at: String,
+    pub user_id: String,
+    pub provider_id: String,
+    pub linked_user_id: String,
+    /// The username after the change (before it, for UNLINKED).
+    pub linked_username: String,
+    /// Who changed it: the token's log id (as in the request log), or `import`.
+    pub actor: String,
+    /// The token's `subject` fact, when it has one.
+    pub subject: Option<String>,
+    /// The request that made the change; null for imports.
+    pub request_id: Option<String>,
 }
 
 /// The protocol an identity provider speaks.

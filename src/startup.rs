@@ -28,6 +28,9 @@ pub struct Application {
     state: Arc<AppState>,
     revoked: Arc<RevocationList>,
     shutdown_timeout: Duration,
+    /// Tells streams and long polls that the server is stopping.
+    stopping: tokio::sync::watch::Sender<bool>,
+    retention_days: u32,
 }
 
 impl Application {
@@ -44,6 +47,7 @@ impl Application {
         let listener = TcpListener::bind(config.server.addr)
             .await
             .with_context(|| format!("cannot listen on server.addr {}", config.server.addr))?;
+        let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
         let state = Arc::new(AppState {
             authority: Authority::new(key.public, revoked.clone(), config.auth.token_cache_size),
             store,
@@ -53,12 +57,19 @@ impl Application {
             cors_origins: config.cors.allowed_origins.clone(),
             trusted_proxies: config.rate_limit.trusted_proxies.clone(),
             openapi_json: Bytes::from(crate::http::openapi::document_json()),
+            events: config.events.clone(),
+            streams: Arc::new(tokio::sync::Semaphore::new(
+                config.events.max_streams as usize,
+            )),
+            stopping: stopping_seen,
         });
         Ok(Application {
             listener,
             state,
             revoked,
             shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_secs),
+            stopping,
+            retention_days: config.events.retention_days,
         })
     }
 
@@ -82,16 +93,23 @@ impl Application {
         crate::telemetry::prometheus();
         let store = self.state.store.clone();
         let mut newest = load_revocations(&store, &self.revoked, 0).await?;
+        let retention_days = self.retention_days;
         let housekeeping = {
             let state = self.state.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(HOUSEKEEPING);
+                let mut last_prune: Option<std::time::Instant> = None;
                 loop {
                     every.tick().await;
                     // Folds recorded histogram samples into their buckets;
                     // without it they pile up in memory until a scrape.
                     crate::telemetry::prometheus().run_upkeep();
                     state.limits.forget_idle();
+                    if retention_days > 0 && last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY)
+                    {
+                        last_prune = Some(std::time::Instant::now());
+                        prune_events(&state.store, retention_days).await;
+                    }
                 }
             })
         };
@@ -105,13 +123,19 @@ impl Application {
                         Ok(n) => newest = n,
                         Err(e) => tracing::warn!(error = ?e, "cannot read revocations"),
                     }
+                    // Events other processes committed wake long polls.
+                    if let Err(e) = store.refresh().await {
+                        tracing::debug!(error = ?e, "cannot read the newest event");
+                    }
                 }
             })
         };
         let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+        let streams = self.stopping;
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
+            let _ = streams.send(true);
             let _ = stopping.send(());
         };
         let server = warp::serve(crate::http::app(self.state))
@@ -130,6 +154,20 @@ impl Application {
         store.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How often events past `events.retention_days` are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+async fn prune_events(store: &Store, retention_days: u32) {
+    let cutoff =
+        std::time::SystemTime::now() - Duration::from_secs(u64::from(retention_days) * 24 * 3600);
+    let cutoff = humantime::format_rfc3339_seconds(cutoff).to_string();
+    match store.prune_events(cutoff).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(events = n, "pruned events past events.retention_days"),
+        Err(e) => tracing::warn!(error = ?e, "cannot prune events"),
     }
 }
 

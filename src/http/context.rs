@@ -18,15 +18,37 @@ pub struct RequestContext {
 
 pub(super) fn request_context(
 ) -> impl Filter<Extract = (RequestContext,), Error = Infallible> + Clone {
-    optional_header("x-request-id").map(|given: Option<HeaderValue>| RequestContext {
-        id: given
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| is_sane_request_id(v))
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+    request_id().map(|id: RequestId| RequestContext {
+        id: id.0,
         started: Instant::now(),
     })
+}
+
+/// The request's id: the caller's `x-request-id` when sane, else a new one.
+/// The server loop decides it once per request and puts it in the request's
+/// extensions, so handlers (for the change feed) and the response agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    /// The id for a request that sent this `x-request-id` (or none).
+    pub fn choose(given: Option<&HeaderValue>) -> RequestId {
+        RequestId(
+            given
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| is_sane_request_id(v))
+                .map(str::to_owned)
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        )
+    }
+}
+
+pub(super) fn request_id() -> impl Filter<Extract = (RequestId,), Error = Infallible> + Clone {
+    warp::ext::optional::<RequestId>()
+        .and(optional_header("x-request-id"))
+        .map(|decided: Option<RequestId>, given: Option<HeaderValue>| {
+            decided.unwrap_or_else(|| RequestId::choose(given.as_ref()))
+        })
 }
 
 /// A caller's request id is echoed only when it is short and plain.

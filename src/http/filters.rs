@@ -12,7 +12,7 @@ use warp::http::header::{HeaderValue, CONTENT_TYPE};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::context::{client_address, optional_header};
+use super::context::{client_address, optional_header, request_id};
 use super::problem::ApiError;
 use super::{handlers, AppState, MAX_BODY_BYTES};
 use crate::auth::Bearer;
@@ -27,6 +27,10 @@ pub(super) fn routes(
         .or(link_identity(&state))
         .unify()
         .or(delete_linked_identity(&state))
+        .unify()
+        .or(list_events(&state))
+        .unify()
+        .or(search_linked_identities(&state))
         .unify()
         .or(healthz())
         .unify()
@@ -102,6 +106,7 @@ fn link_identity(
         .and(with_state(state))
         .and(bearer(state))
         .and(json_body())
+        .and(request_id())
         .and_then(handlers::link_identity)
 }
 
@@ -114,7 +119,37 @@ fn delete_linked_identity(
         .and(warp::delete())
         .and(with_state(state))
         .and(bearer(state))
+        .and(request_id())
         .and_then(handlers::delete_linked_identity)
+}
+
+/// GET /api/admin/users/v4/linked-identities?provider_id=&linked_user_id=&limit=&cursor=
+fn search_linked_identities(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    api()
+        .and(warp::path!("linked-identities"))
+        .and(warp::get())
+        .and(query())
+        .and(with_state(state))
+        .and(bearer(state))
+        .and_then(handlers::search_linked_identities)
+}
+
+/// GET /api/admin/users/v4/linked-identities/events?after=&limit=&wait=
+/// (or `Accept: text/event-stream`, resuming after `Last-Event-ID`)
+fn list_events(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    api()
+        .and(warp::path!("linked-identities" / "events"))
+        .and(warp::get())
+        .and(query())
+        .and(optional_header("accept"))
+        .and(optional_header("last-event-id"))
+        .and(with_state(state))
+        .and(bearer(state))
+        .and_then(handlers::list_events)
 }
 
 /// GET /healthz

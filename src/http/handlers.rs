@@ -11,15 +11,17 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
+use super::context::RequestId;
 use super::problem::{ApiError, FieldError};
+use super::query::{Cursor, Params, DEFAULT_LIMIT, MAX_LIMIT, MAX_WAIT_SECS};
 use super::AppState;
 use crate::auth::{Access, Bearer};
 use crate::domain::{
-    Embed, IdentityAction, IdentityProvider, IdentityProviderList, LinkedIdentity,
-    LinkedIdentityList, LinkedUserId, LinkedUsername, ListAction, NewLink, ProviderId, Right,
-    UserId, API_PREFIX,
+    Actor, Embed, Event, IdentityAction, IdentityProvider, IdentityProviderList, LinkRecord,
+    LinkedIdentity, LinkedIdentityList, LinkedUserId, LinkedUsername, ListAction, NewLink,
+    ProviderId, Right, UserId, API_PREFIX,
 };
-use crate::store::LinkOutcome;
+use crate::store::{LinkOutcome, SearchQuery};
 
 /// List linkable identity providers.
 ///
@@ -186,6 +188,7 @@ pub async fn link_identity(
     state: Arc<AppState>,
     bearer: Bearer,
     body: Bytes,
+    request: RequestId,
 ) -> Result<Response, Rejection> {
     let fields = parse_link_body(&body)?;
     let (user, (embed, fields)) =
@@ -214,7 +217,7 @@ pub async fn link_identity(
     };
     let (status, record) = match state
         .store
-        .link(user.clone(), link)
+        .link(user.clone(), link, actor(&bearer, request))
         .await
         .map_err(ApiError::from)?
     {
@@ -262,6 +265,7 @@ pub async fn delete_linked_identity(
     raw_provider: String,
     state: Arc<AppState>,
     bearer: Bearer,
+    request: RequestId,
 ) -> Result<Response, Rejection> {
     let (user, provider) = gather(
         parse_user(&raw_user),
@@ -283,11 +287,20 @@ pub async fn delete_linked_identity(
         .map_err(ApiError::from)?;
     let identity = state
         .store
-        .unlink(user, provider)
+        .unlink(user, provider, actor(&bearer, request))
         .await
         .map_err(ApiError::from)?
         .into_identity();
     Ok(json_response(StatusCode::OK, &identity))
+}
+
+/// Who is making a change, as the change feed records it.
+fn actor(bearer: &Bearer, request: RequestId) -> Actor {
+    Actor {
+        actor: bearer.log_id().to_owned(),
+        subject: bearer.subject().map(str::to_owned),
+        request_id: Some(request.0),
+    }
 }
 
 /// The actions the bearer may perform on one identity now.
@@ -515,4 +528,334 @@ fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response
     let mut response = warp::reply::json(value).into_response();
     *response.status_mut() = status;
     response
+}
+
+/// A page of all links.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct LinkPage {
+    /// Links in `user_id` order (byte order of their UTF-8).
+    pub linked_identities: Vec<LinkRecord>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Search linked identities.
+///
+/// Every link, in pages, optionally only those at one identity provider.
+/// With `provider_id` and `linked_user_id` it is the login-time reverse
+/// lookup: which local user owns this remote identity (zero or one item,
+/// never a 404). Paging is by key: a walk never repeats an item and never
+/// skips one that existed for the whole walk, also while others write.
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/v4/linked-identities",
+    operation_id = "searchLinkedIdentities",
+    tag = "System of record",
+    params(
+        ("provider_id" = Option<String>, Query, description = "Only links to this identity provider.", min_length = 1, max_length = 255, example = "okta"),
+        ("linked_user_id" = Option<String>, Query, description = "With `provider_id` only: the remote identity to look up.", min_length = 1, max_length = 255, example = "00u1a2b3c4"),
+        ("limit" = Option<u32>, Query, description = "Links per page, 1 to 1000.", minimum = 1, maximum = 1000, example = 100),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` from the previous page of the same search."),
+    ),
+    responses(
+        (status = 200, description = "One page of links, and the cursor of the next.", body = LinkPage,
+            example = json!({"linked_identities": [{"user_id": "u-42", "provider_id": "okta",
+                "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z"}],
+                "next_cursor": null})),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn search_linked_identities(
+    query: String,
+    state: Arc<AppState>,
+    bearer: Bearer,
+) -> Result<Response, Rejection> {
+    let search = parse_search(&query).map_err(ApiError::from)?;
+    state
+        .authority
+        .authorize(
+            &bearer,
+            Access {
+                right: Right::LinkedIdentitiesSearch,
+                user: None,
+                provider: search.provider_id.as_deref(),
+            },
+        )
+        .map_err(ApiError::from)?;
+    let page = state
+        .store
+        .search(search.clone())
+        .await
+        .map_err(ApiError::from)?;
+    let next_cursor = match (page.more, page.links.last()) {
+        (true, Some(last)) => Some(
+            Cursor {
+                provider_id: search.provider_id,
+                linked_user_id: search.linked_user_id,
+                after_user: last.user_id.clone(),
+            }
+            .encode(),
+        ),
+        _ => None,
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &LinkPage {
+            linked_identities: page.links,
+            next_cursor,
+        },
+    ))
+}
+
+fn parse_search(query: &str) -> Fields<SearchQuery> {
+    let params = Params::parse(query);
+    let mut errors = Vec::new();
+    let provider_id = params.text("provider_id", &mut errors);
+    let linked_user_id = params.text("linked_user_id", &mut errors);
+    if linked_user_id.is_some() && params.one("provider_id", &mut Vec::new()).is_none() {
+        errors.push(FieldError::new(
+            "linked_user_id",
+            "needs provider_id: a remote identity is unique only at its provider",
+        ));
+    }
+    let limit = params.number(
+        "limit",
+        1..=i64::from(MAX_LIMIT),
+        i64::from(DEFAULT_LIMIT),
+        &mut errors,
+    );
+    let mut after_user = None;
+    if let Some(text) = params.one("cursor", &mut errors) {
+        match Cursor::decode(text) {
+            Ok(cursor)
+                if cursor.provider_id == provider_id
+                    && cursor.linked_user_id == linked_user_id =>
+            {
+                after_user = Some(cursor.after_user)
+            }
+            Ok(_) => errors.push(FieldError::new(
+                "cursor",
+                "belongs to a search with other filters; repeat that search's provider_id and linked_user_id, or start again without a cursor",
+            )),
+            Err(why) => errors.push(FieldError::new("cursor", why)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(SearchQuery {
+            provider_id,
+            linked_user_id,
+            after_user,
+            limit: limit as u32,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// A page of the change feed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct EventPage {
+    /// Events in ascending `seq` (commit order).
+    pub events: Vec<Event>,
+    /// Ask again with `after` set to this: the last event's `seq`, or the
+    /// `after` asked for when there were none.
+    pub next_after: i64,
+}
+
+/// The feed's query: where to start, how many, how long to wait.
+struct FeedQuery {
+    after: i64,
+    limit: u32,
+    wait: std::time::Duration,
+}
+
+fn parse_feed(query: &str) -> Fields<FeedQuery> {
+    let params = Params::parse(query);
+    let mut errors = Vec::new();
+    let after = params.number("after", 0..=i64::MAX, 0, &mut errors);
+    let limit = params.number(
+        "limit",
+        1..=i64::from(MAX_LIMIT),
+        i64::from(DEFAULT_LIMIT),
+        &mut errors,
+    );
+    let wait = params.number("wait", 0..=MAX_WAIT_SECS as i64, 0, &mut errors);
+    if errors.is_empty() {
+        Ok(FeedQuery {
+            after,
+            limit: limit as u32,
+            wait: std::time::Duration::from_secs(wait as u64),
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// List changes (the change feed).
+///
+/// Every change to a link (`LINKED`, `UPDATED`, `UNLINKED`) made by a
+/// request, an import or any instance, recorded in the same transaction as
+/// the change, in commit order. A consumer that always asks again with
+/// `after=next_after` sees every change exactly once. `wait` long-polls:
+/// the answer comes as soon as an event after `after` exists, or empty when
+/// the time is up. With `Accept: text/event-stream` the same events stream
+/// as server-sent events (`id:` the seq, `event:` the type, `data:` the
+/// JSON), resuming after `Last-Event-ID` (or `after`), with a heartbeat
+/// comment every `events.heartbeat_secs`.
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/v4/linked-identities/events",
+    operation_id = "listEvents",
+    tag = "System of record",
+    params(
+        ("after" = Option<i64>, Query, description = "Only events with a greater `seq` (the previous answer's `next_after`).", minimum = 0, example = 0),
+        ("limit" = Option<u32>, Query, description = "Events per answer, 1 to 1000.", minimum = 1, maximum = 1000, example = 100),
+        ("wait" = Option<u32>, Query, description = "Seconds to wait for an event when there is none yet (long poll), 0 to 60.", minimum = 0, maximum = 60, example = 0),
+        ("Last-Event-ID" = Option<i64>, Header, description = "With `Accept: text/event-stream`: resume after this seq (what an EventSource sends when it reconnects)."),
+    ),
+    responses(
+        (status = 200, description = "Events after `after`, and where to continue.",
+            content(
+                (EventPage = "application/json", example = json!({"events": [{"seq": 1, "type": "LINKED",
+                    "occurred_at": "2026-11-29T10:00:00Z", "user_id": "u-42", "provider_id": "okta",
+                    "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "actor": "6f1c0e1d2a3b4c5d", "subject": "provisioning-bot",
+                    "request_id": "5f0c6f0e-8f5e-4a8e-9a3c-2b1f7d4e6a10"}], "next_after": 1})),
+                (String = "text/event-stream", example = json!("id: 1\nevent: LINKED\ndata: {\"seq\":1,\"type\":\"LINKED\",\"occurred_at\":\"2026-11-29T10:00:00Z\",\"user_id\":\"u-42\",\"provider_id\":\"okta\",\"linked_user_id\":\"00u1a2b3c4\",\"linked_username\":\"ada@example.com\",\"actor\":\"6f1c0e1d2a3b4c5d\",\"subject\":null,\"request_id\":\"5f0c6f0e-8f5e-4a8e-9a3c-2b1f7d4e6a10\"}\n\n")),
+            )),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_events(
+    query: String,
+    accept: Option<HeaderValue>,
+    last_event_id: Option<HeaderValue>,
+    state: Arc<AppState>,
+    bearer: Bearer,
+) -> Result<Response, Rejection> {
+    let feed = parse_feed(&query).map_err(ApiError::from)?;
+    let resume = match last_event_id
+        .as_ref()
+        .map(|v| v.to_str().map(str::parse::<i64>))
+    {
+        None => None,
+        Some(Ok(Ok(seq))) if seq >= 0 => Some(seq),
+        Some(_) => {
+            return Err(ApiError::Validation(vec![FieldError::new(
+                "Last-Event-ID",
+                "must be the seq of an event (a whole number, 0 or more)",
+            )])
+            .into())
+        }
+    };
+    state
+        .authority
+        .authorize(
+            &bearer,
+            Access {
+                right: Right::EventsList,
+                user: None,
+                provider: None,
+            },
+        )
+        .map_err(ApiError::from)?;
+    let streaming = accept
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if streaming {
+        return stream_events(state, resume.unwrap_or(feed.after)).await;
+    }
+    let mut events = state
+        .store
+        .events(feed.after, feed.limit)
+        .await
+        .map_err(ApiError::from)?;
+    if events.is_empty() && !feed.wait.is_zero() {
+        let _permit = state
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::TooManyStreams)?;
+        if wait_for_event(&state, feed.after, feed.wait).await {
+            events = state
+                .store
+                .events(feed.after, feed.limit)
+                .await
+                .map_err(ApiError::from)?;
+        }
+    }
+    let next_after = events.last().map_or(feed.after, |e| e.seq);
+    Ok(json_response(
+        StatusCode::OK,
+        &EventPage { events, next_after },
+    ))
+}
+
+/// Waits until an event after `after` is committed (true), the time is up
+/// or the server is stopping (false).
+async fn wait_for_event(state: &AppState, after: i64, wait: std::time::Duration) -> bool {
+    let mut newest = state.store.newest_event();
+    let mut stopping = state.stopping.clone();
+    tokio::select! {
+        seen = tokio::time::timeout(wait, newest.wait_for(|seq| *seq > after)) => {
+            matches!(seen, Ok(Ok(_)))
+        }
+        _ = stopping.wait_for(|stopping| *stopping) => false,
+    }
+}
+
+/// The feed as server-sent events from `after` on, until the client goes
+/// away, the store fails (the client resumes with `Last-Event-ID`) or the
+/// server stops.
+async fn stream_events(state: Arc<AppState>, after: i64) -> Result<Response, Rejection> {
+    let permit = state
+        .streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManyStreams)?;
+    // A stream that starts among pruned events says so before it starts.
+    let first = state
+        .store
+        .events(after, MAX_LIMIT)
+        .await
+        .map_err(ApiError::from)?;
+    let heartbeat = std::time::Duration::from_secs(state.events.heartbeat_secs);
+    let pending: std::collections::VecDeque<Event> = first.into();
+    let events = futures_util::stream::unfold(
+        (state, after, pending, permit),
+        |(state, mut after, mut pending, permit)| async move {
+            while pending.is_empty() {
+                if *state.stopping.borrow() {
+                    return None;
+                }
+                if !wait_for_event(&state, after, std::time::Duration::from_secs(3600)).await {
+                    continue;
+                }
+                match state.store.events(after, MAX_LIMIT).await {
+                    Ok(batch) => pending.extend(batch),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "an event stream ended: the store failed");
+                        return None;
+                    }
+                }
+            }
+            let event = pending.pop_front()?;
+            after = event.seq;
+            let sse = warp::sse::Event::default()
+                .id(event.seq.to_string())
+                .event(event.event_type.as_str())
+                .data(serde_json::to_string(&event).unwrap_or_default());
+            Some((
+                Ok::<_, std::convert::Infallible>(sse),
+                (state, after, pending, permit),
+            ))
+        },
+    );
+    let stream = warp::sse::keep_alive()
+        .interval(heartbeat)
+        .text("heartbeat")
+        .stream(events);
+    Ok(warp::sse::reply(stream).into_response())
 }

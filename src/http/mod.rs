@@ -14,7 +14,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::auth::Authority;
-use crate::config::{IdentityProviderConfig, MetricsConfig};
+use crate::config::{EventsConfig, IdentityProviderConfig, MetricsConfig};
 use crate::domain::Operation;
 use crate::store::Store;
 
@@ -23,6 +23,7 @@ mod filters;
 mod handlers;
 pub(crate) mod openapi;
 mod problem;
+mod query;
 pub(crate) mod rate_limit;
 
 use context::{declares_body, request_context, RequestContext};
@@ -42,6 +43,12 @@ pub struct AppState {
     pub cors_origins: Vec<String>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
     pub openapi_json: Bytes,
+    pub events: EventsConfig,
+    /// One permit per open event stream or long poll (`events.max_streams`).
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the server starts shutting down: streams and long
+    /// polls end then, so that draining does not wait for them.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {

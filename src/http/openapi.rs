@@ -36,12 +36,17 @@ use super::rate_limit::RateLimited;
         super::handlers::list_linked_identities,
         super::handlers::link_identity,
         super::handlers::delete_linked_identity,
+        super::handlers::search_linked_identities,
+        super::handlers::list_events,
     ),
     // Embed is only named by the `embed` query parameters, which utoipa does
     // not collect on its own: without it their `$ref` dangles.
     components(schemas(super::problem::Problem, FieldError, crate::domain::Embed)),
     modifiers(&Errors),
-    tags((name = "Linked Identities", description = "Links between local users and accounts at remote identity providers."))
+    tags(
+        (name = "Linked Identities", description = "Links between local users and accounts at remote identity providers."),
+        (name = "System of record", description = "Every link at once: the login-time reverse lookup, paging through all links, and the change feed."),
+    )
 )]
 struct ApiDoc;
 

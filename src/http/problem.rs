@@ -141,6 +141,12 @@ pub enum ApiError {
     /// 403 `CORS_FORBIDDEN`: a cross-origin request from an origin not allowed.
     #[error("this cross-origin request is not allowed: {0}")]
     CorsForbidden(String),
+    /// 410 `EVENTS_EXPIRED`: retention pruned events the consumer has not seen.
+    #[error("the events after this point were pruned by retention (events.retention_days); events up to seq {pruned_through} are gone: export the links and continue from after={pruned_through}")]
+    EventsExpired { pruned_through: i64 },
+    /// 503 `TOO_MANY_STREAMS`: every slot for event streams and long polls is taken.
+    #[error("too many event streams and long polls are open (events.max_streams); retry later")]
+    TooManyStreams,
     /// 503 `STORE_UNAVAILABLE`: the database cannot be used now; retry later.
     #[error("the database is unavailable ({0}); retry later")]
     StoreUnavailable(String),
@@ -199,6 +205,9 @@ impl From<StoreError> for ApiError {
                 user_id,
                 provider_id,
             },
+            StoreError::EventsExpired { pruned_through } => {
+                ApiError::EventsExpired { pruned_through }
+            }
             StoreError::Unavailable(why) => ApiError::StoreUnavailable(why),
             StoreError::Full(why) => ApiError::StorageFull(why),
             StoreError::Internal(cause) => ApiError::Internal(cause),
@@ -228,9 +237,10 @@ impl ApiError {
             ApiError::MissingToken | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden | ApiError::CorsForbidden(_) => StatusCode::FORBIDDEN,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) | ApiError::StoreUnavailable(_) => {
+            ApiError::NotReady(_) | ApiError::StoreUnavailable(_) | ApiError::TooManyStreams => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::EventsExpired { .. } => StatusCode::GONE,
             ApiError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -254,6 +264,8 @@ impl ApiError {
             ApiError::RateLimited(_) => "RATE_LIMITED",
             ApiError::NotReady(_) => "NOT_READY",
             ApiError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+            ApiError::EventsExpired { .. } => "EVENTS_EXPIRED",
+            ApiError::TooManyStreams => "TOO_MANY_STREAMS",
             ApiError::StorageFull(_) => "STORAGE_FULL",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
@@ -287,7 +299,9 @@ impl ApiError {
                 ("ratelimit-reset", retry_after.to_string()),
                 ("ratelimit-policy", format!("{limit};w={window_secs}")),
             ],
-            ApiError::StoreUnavailable(_) => vec![("retry-after", "2".to_string())],
+            ApiError::StoreUnavailable(_) | ApiError::TooManyStreams => {
+                vec![("retry-after", "2".to_string())]
+            }
             _ => vec![],
         }
     }

@@ -6,9 +6,10 @@
 use std::sync::Arc;
 
 use crate::config::DatabaseConfig;
-use crate::domain::{LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{Actor, Event, LinkRecord, NewLink, ProviderId, UserId};
 
 pub(crate) mod sqlite;
+pub mod transfer;
 
 /// Every way a store operation can fail, in the store's own words; the HTTP
 /// layer maps each to a status once.
@@ -33,6 +34,9 @@ pub enum StoreError {
     /// retrying later may succeed.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// The events after the one asked for were pruned by retention.
+    #[error("events up to {pruned_through} were pruned")]
+    EventsExpired { pruned_through: i64 },
     /// The disk holding the database is full.
     #[error("the database's disk is full: {0}")]
     Full(String),
@@ -87,6 +91,45 @@ pub fn backup(
     sqlite::admin::backup(&config.path, destination, progress)
 }
 
+/// A search of all links, in `user_id` order: optional filters, the page
+/// size, and the last `user_id` of the previous page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SearchQuery {
+    pub provider_id: Option<String>,
+    /// Only with `provider_id`: the login-time reverse lookup.
+    pub linked_user_id: Option<String>,
+    pub after_user: Option<String>,
+    pub limit: u32,
+}
+
+/// One page of a search, and whether more follow it.
+#[derive(Debug, Clone)]
+pub struct SearchPage {
+    pub links: Vec<LinkRecord>,
+    pub more: bool,
+}
+
+/// Writes every link as JSON Lines, in `user_id` order, from one
+/// consistent snapshot; returns how many.
+pub async fn export(
+    config: &DatabaseConfig,
+    out: Box<dyn std::io::Write + Send>,
+) -> anyhow::Result<u64> {
+    let path = config.path.clone();
+    tokio::task::spawn_blocking(move || sqlite::admin::export(&path, out)).await?
+}
+
+/// Applies a JSON Lines file of links as one all-or-nothing transaction
+/// (see `transfer`).
+pub async fn import(
+    config: &DatabaseConfig,
+    source: transfer::Source,
+    options: transfer::ImportOptions,
+) -> anyhow::Result<transfer::ImportReport> {
+    let path = config.path.clone();
+    tokio::task::spawn_blocking(move || sqlite::admin::import(&path, source, options)).await?
+}
+
 /// A handle to the database: cheap to clone, shared by all requests.
 #[derive(Clone)]
 pub enum Store {
@@ -120,18 +163,57 @@ impl Store {
         dispatch!(self.list(user))
     }
 
-    /// Links a remote identity to a user (see `LinkOutcome`).
-    pub async fn link(&self, user: UserId, link: NewLink) -> Result<LinkOutcome, StoreError> {
-        dispatch!(self.link(user, link))
+    /// Links a remote identity to a user (see `LinkOutcome`), recording the
+    /// change's event in the same transaction.
+    pub async fn link(
+        &self,
+        user: UserId,
+        link: NewLink,
+        actor: Actor,
+    ) -> Result<LinkOutcome, StoreError> {
+        dispatch!(self.link(user, link, actor))
     }
 
-    /// Deletes a user's link to a provider, returning what was deleted.
+    /// Deletes a user's link to a provider, returning what was deleted and
+    /// recording the event in the same transaction.
     pub async fn unlink(
         &self,
         user: UserId,
         provider: ProviderId,
+        actor: Actor,
     ) -> Result<LinkRecord, StoreError> {
-        dispatch!(self.unlink(user, provider))
+        dispatch!(self.unlink(user, provider, actor))
+    }
+
+    /// One page of all links, in `user_id` order.
+    pub async fn search(&self, query: SearchQuery) -> Result<SearchPage, StoreError> {
+        dispatch!(self.search(query))
+    }
+
+    /// Up to `limit` events after `after`, in `seq` order; `EventsExpired`
+    /// when retention pruned some of the events right after `after`.
+    pub async fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        dispatch!(self.events(after, limit))
+    }
+
+    /// The newest committed event's `seq`, kept current by this process's
+    /// writes and by `refresh`; long polls wait on it.
+    pub fn newest_event(&self) -> tokio::sync::watch::Receiver<i64> {
+        match self {
+            Store::Sqlite(store) => store.newest_event(),
+        }
+    }
+
+    /// Reads what other processes committed since the last call (new
+    /// events, for `newest_event`); the server calls it a few times a second.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        dispatch!(self.refresh())
+    }
+
+    /// Deletes events that occurred before `cutoff` (RFC 3339 UTC);
+    /// returns how many.
+    pub async fn prune_events(&self, cutoff: String) -> Result<u64, StoreError> {
+        dispatch!(self.prune_events(cutoff))
     }
 
     /// Records revocation ids; returns how many were new.

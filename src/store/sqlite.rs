@@ -23,15 +23,17 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::{LinkOutcome, StoreError};
+use tokio::sync::watch;
+
+use super::{LinkOutcome, SearchPage, SearchQuery, StoreError};
 use crate::config::DatabaseConfig;
-use crate::domain::{LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{Actor, Event, EventType, LinkRecord, NewLink, ProviderId, UserId};
 
 pub(crate) mod admin;
 
 /// Each schema version's upgrade from the one before, in order:
 /// `MIGRATIONS[i]` makes version `i + 1`. Released versions never change.
-const MIGRATIONS: [&str; 1] = [
+const MIGRATIONS: [&str; 2] = [
     // 1: release 0.1.0 (which recorded no version): links and revocations.
     "CREATE TABLE linked_identities (
         id              INTEGER PRIMARY KEY,
@@ -49,6 +51,30 @@ const MIGRATIONS: [&str; 1] = [
         revocation_id TEXT NOT NULL UNIQUE,
         revoked_at    TEXT NOT NULL
     ) STRICT;",
+    // 2: search by provider, the change feed. Links made before it enter
+    // the feed as LINKED events by `upgrade`, so that replaying the feed
+    // from the start rebuilds every stored link.
+    "CREATE INDEX links_by_provider ON linked_identities (provider_id, user_id);
+    CREATE TABLE events (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        type            TEXT NOT NULL CHECK (type IN ('LINKED', 'UPDATED', 'UNLINKED')),
+        occurred_at     TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        provider_id     TEXT NOT NULL,
+        linked_user_id  TEXT NOT NULL,
+        linked_username TEXT NOT NULL,
+        actor           TEXT NOT NULL,
+        subject         TEXT,
+        request_id      TEXT
+    ) STRICT;
+    CREATE TABLE feed_state (
+        id             INTEGER PRIMARY KEY CHECK (id = 1),
+        pruned_through INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO feed_state (id, pruned_through) VALUES (1, 0);
+    INSERT INTO events (type, occurred_at, user_id, provider_id, linked_user_id, linked_username, actor)
+        SELECT 'LINKED', created_at, user_id, provider_id, linked_user_id, linked_username, 'upgrade'
+        FROM linked_identities ORDER BY id;",
 ];
 
 /// The schema version this binary writes.
@@ -61,6 +87,8 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Message>,
     path: PathBuf,
     health: Arc<Health>,
+    /// The newest committed event's seq (see `Store::newest_event`).
+    newest_event: Arc<watch::Sender<i64>>,
 }
 
 /// What the writer has learned about the file and its disk; reads and
@@ -111,15 +139,29 @@ const FILE_GONE: &str =
     "the database file was deleted or replaced while linkid ran; put it back or restart linkid";
 
 enum WriteOp {
-    Link { user: UserId, link: NewLink },
-    Unlink { user: UserId, provider: ProviderId },
-    Revoke { ids: Vec<String> },
+    Link {
+        user: UserId,
+        link: NewLink,
+        actor: Actor,
+    },
+    Unlink {
+        user: UserId,
+        provider: ProviderId,
+        actor: Actor,
+    },
+    Revoke {
+        ids: Vec<String>,
+    },
+    PruneEvents {
+        cutoff: String,
+    },
 }
 
 enum WriteResult {
     Link(LinkOutcome),
     Unlink(LinkRecord),
     Revoke(usize),
+    PruneEvents(u64),
 }
 
 struct WriteJob {
@@ -164,12 +206,15 @@ impl SqliteStore {
             .context("cannot open the read connections")?;
 
         let health = Arc::new(Health::default());
+        let newest = newest_event_in(&writer).context("cannot read the change feed")?;
+        let newest_event = Arc::new(watch::Sender::new(newest));
         let (sender, receiver) = mpsc::channel();
         let writer_state = Writer {
             conn: writer,
             path: path.to_path_buf(),
             identity,
             health: health.clone(),
+            newest_event: newest_event.clone(),
         };
         std::thread::Builder::new()
             .name("linkid-writer".into())
@@ -180,6 +225,7 @@ impl SqliteStore {
             writer: sender,
             path: path.to_path_buf(),
             health,
+            newest_event,
         })
     }
 
@@ -202,8 +248,13 @@ impl SqliteStore {
     }
 
     /// Links a remote identity to a user (see `LinkOutcome`).
-    pub async fn link(&self, user: UserId, link: NewLink) -> Result<LinkOutcome, StoreError> {
-        match self.write(WriteOp::Link { user, link }).await? {
+    pub async fn link(
+        &self,
+        user: UserId,
+        link: NewLink,
+        actor: Actor,
+    ) -> Result<LinkOutcome, StoreError> {
+        match self.write(WriteOp::Link { user, link, actor }).await? {
             WriteResult::Link(outcome) => Ok(outcome),
             _ => unreachable!("the writer answers a link with a link"),
         }
@@ -214,10 +265,103 @@ impl SqliteStore {
         &self,
         user: UserId,
         provider: ProviderId,
+        actor: Actor,
     ) -> Result<LinkRecord, StoreError> {
-        match self.write(WriteOp::Unlink { user, provider }).await? {
+        match self
+            .write(WriteOp::Unlink {
+                user,
+                provider,
+                actor,
+            })
+            .await?
+        {
             WriteResult::Unlink(identity) => Ok(identity),
             _ => unreachable!("the writer answers an unlink with an unlink"),
+        }
+    }
+
+    /// One page of all links in `user_id` order (byte order: the same on
+    /// every backend). With both filters it is one seek on the
+    /// `one_user_per_remote_identity` index; with the provider alone it
+    /// walks `links_by_provider`, and without filters the `user_id` index.
+    pub async fn search(&self, query: SearchQuery) -> Result<SearchPage, StoreError> {
+        self.read(move |conn| {
+            let after = query.after_user.clone().unwrap_or_default();
+            let fetch = i64::from(query.limit) + 1;
+            let mut links = match (&query.provider_id, &query.linked_user_id) {
+                (Some(provider), Some(remote)) => conn
+                    .prepare_cached(LOOKUP)?
+                    .query_map(params![provider, remote, after], record_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+                (Some(provider), None) => conn
+                    .prepare_cached(PAGE_OF_PROVIDER)?
+                    .query_map(params![provider, after, fetch], record_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+                _ => conn
+                    .prepare_cached(PAGE)?
+                    .query_map(params![after, fetch], record_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            let more = links.len() > query.limit as usize;
+            links.truncate(query.limit as usize);
+            Ok(SearchPage { links, more })
+        })
+        .await
+    }
+
+    /// Up to `limit` events after `after`, in `seq` order.
+    pub async fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let (pruned_through, events) = self
+            .read(move |conn| {
+                // One read transaction: the pruning mark and the events agree.
+                conn.execute_batch("BEGIN")?;
+                let read = (|| {
+                    let pruned: i64 = conn
+                        .prepare_cached("SELECT pruned_through FROM feed_state")?
+                        .query_row([], |r| r.get(0))?;
+                    let events = conn
+                        .prepare_cached(
+                            "SELECT seq, type, occurred_at, user_id, provider_id, linked_user_id, \
+                             linked_username, actor, subject, request_id \
+                             FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                        )?
+                        .query_map(params![after, limit], event_from_row)?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((pruned, events))
+                })();
+                conn.execute_batch("COMMIT")?;
+                read
+            })
+            .await?;
+        if after < pruned_through {
+            return Err(StoreError::EventsExpired { pruned_through });
+        }
+        Ok(events)
+    }
+
+    pub fn newest_event(&self) -> watch::Receiver<i64> {
+        self.newest_event.subscribe()
+    }
+
+    /// Reads the newest event, which another process (`linkid import`) may
+    /// have committed.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let newest = self.read(newest_event_in).await?;
+        self.newest_event.send_if_modified(|seen| {
+            let newer = newest > *seen;
+            if newer {
+                *seen = newest;
+            }
+            newer
+        });
+        Ok(())
+    }
+
+    /// Deletes events that occurred before `cutoff`; returns how many.
+    pub async fn prune_events(&self, cutoff: String) -> Result<u64, StoreError> {
+        match self.write(WriteOp::PruneEvents { cutoff }).await? {
+            WriteResult::PruneEvents(n) => Ok(n),
+            _ => unreachable!("the writer answers a prune with a prune"),
         }
     }
 
@@ -414,6 +558,75 @@ fn migrate(conn: &mut Connection, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The login-time reverse lookup: one seek on `one_user_per_remote_identity`.
+const LOOKUP: &str =
+    "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
+     FROM linked_identities WHERE provider_id = ?1 AND linked_user_id = ?2 AND user_id > ?3";
+/// A page of one provider's links, walking `links_by_provider`.
+const PAGE_OF_PROVIDER: &str =
+    "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
+     FROM linked_identities WHERE provider_id = ?1 AND user_id > ?2 ORDER BY user_id LIMIT ?3";
+/// A page of all links, walking the `user_id` index.
+const PAGE: &str =
+    "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
+     FROM linked_identities WHERE user_id > ?1 ORDER BY user_id LIMIT ?2";
+
+fn newest_event_in(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM events")?
+        .query_row([], |r| r.get(0))
+}
+
+fn event_from_row(row: &Row<'_>) -> rusqlite::Result<Event> {
+    let kind: String = row.get(1)?;
+    Ok(Event {
+        seq: row.get(0)?,
+        event_type: EventType::parse(&kind).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                1,
+                rusqlite::types::Type::Text,
+                format!("unknown event type {kind:?}").into(),
+            )
+        })?,
+        occurred_at: row.get(2)?,
+        user_id: row.get(3)?,
+        provider_id: row.get(4)?,
+        linked_user_id: row.get(5)?,
+        linked_username: row.get(6)?,
+        actor: row.get(7)?,
+        subject: row.get(8)?,
+        request_id: row.get(9)?,
+    })
+}
+
+/// Records a change in the feed, in the change's own transaction.
+fn record_event(
+    conn: &Connection,
+    kind: EventType,
+    link: &LinkRecord,
+    actor: &Actor,
+    stamp: &str,
+) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO events (type, occurred_at, user_id, provider_id, linked_user_id, \
+         linked_username, actor, subject, request_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            kind.as_str(),
+            stamp,
+            link.user_id,
+            link.provider_id,
+            link.linked_user_id,
+            link.linked_username,
+            actor.actor,
+            actor.subject,
+            actor.request_id
+        ])
+    })
+    .or_store("cannot record an event")?;
+    Ok(conn.last_insert_rowid())
+}
+
 fn record_from_row(row: &Row<'_>) -> rusqlite::Result<LinkRecord> {
     Ok(LinkRecord {
         user_id: row.get(0)?,
@@ -464,6 +677,7 @@ struct Writer {
     path: PathBuf,
     identity: FileIdentity,
     health: Arc<Health>,
+    newest_event: Arc<watch::Sender<i64>>,
 }
 
 impl Writer {
@@ -537,6 +751,14 @@ impl Writer {
         match outcome {
             Ok(results) => {
                 self.health.set_writes_failing(None);
+                // Committed: long polls may see the new events now.
+                if let Ok(newest) = newest_event_in(&self.conn) {
+                    self.newest_event.send_if_modified(|seen| {
+                        let newer = newest > *seen;
+                        *seen = newest.max(*seen);
+                        newer
+                    });
+                }
                 for (job, result) in batch.into_iter().zip(results) {
                     let _ = job.reply.send(result);
                 }
@@ -595,11 +817,18 @@ fn apply_batch(
     for job in batch {
         let mut sp = tx.savepoint().or_store("cannot open a savepoint")?;
         let result = match &job.op {
-            WriteOp::Link { user, link } => link_in(&sp, user, link, &stamp).map(WriteResult::Link),
-            WriteOp::Unlink { user, provider } => {
-                unlink_in(&sp, user, provider).map(WriteResult::Unlink)
+            WriteOp::Link { user, link, actor } => {
+                link_in(&sp, user, link, actor, &stamp).map(WriteResult::Link)
             }
+            WriteOp::Unlink {
+                user,
+                provider,
+                actor,
+            } => unlink_in(&sp, user, provider, actor, &stamp).map(WriteResult::Unlink),
             WriteOp::Revoke { ids } => revoke_in(&sp, ids, &stamp).map(WriteResult::Revoke),
+            WriteOp::PruneEvents { cutoff } => {
+                prune_events_in(&sp, cutoff).map(WriteResult::PruneEvents)
+            }
         };
         match &result {
             Ok(_) => sp.commit().or_store("cannot release a savepoint")?,
@@ -618,6 +847,7 @@ fn link_in(
     conn: &Connection,
     user: &UserId,
     link: &NewLink,
+    actor: &Actor,
     stamp: &str,
 ) -> Result<LinkOutcome, StoreError> {
     // The writer holds the database's write lock for the whole batch, so
@@ -639,22 +869,17 @@ fn link_in(
             .or_store("cannot update the linked username")?;
             current.linked_username = link.linked_username.as_str().to_owned();
             current.updated_at = stamp.to_owned();
+            record_event(conn, EventType::Updated, &current, actor, stamp)?;
         }
         return Ok(LinkOutcome::Existing(current));
     }
-    let owner: Option<String> = conn
-        .prepare_cached(
-            "SELECT user_id FROM linked_identities WHERE provider_id = ?1 AND linked_user_id = ?2",
-        )
-        .and_then(|mut s| {
-            s.query_row(
-                [link.provider_id.as_str(), link.linked_user_id.as_str()],
-                |r| r.get(0),
-            )
-            .optional()
-        })
-        .or_store("cannot read the remote identity's owner")?;
-    if owner.is_some() {
+    if owner_of(
+        conn,
+        link.provider_id.as_str(),
+        link.linked_user_id.as_str(),
+    )?
+    .is_some()
+    {
         return Err(StoreError::IdentityAlreadyLinked {
             provider_id: link.provider_id.as_str().to_owned(),
             linked_user_id: link.linked_user_id.as_str().to_owned(),
@@ -675,14 +900,32 @@ fn link_in(
         ])
     })
     .or_store("cannot insert a link")?;
-    Ok(LinkOutcome::Created(LinkRecord {
+    let created = LinkRecord {
         user_id: user.as_str().to_owned(),
         provider_id: link.provider_id.as_str().to_owned(),
         linked_user_id: link.linked_user_id.as_str().to_owned(),
         linked_username: link.linked_username.as_str().to_owned(),
         created_at: stamp.to_owned(),
         updated_at: stamp.to_owned(),
-    }))
+    };
+    record_event(conn, EventType::Linked, &created, actor, stamp)?;
+    Ok(LinkOutcome::Created(created))
+}
+
+/// The user a remote identity is linked to, if any.
+fn owner_of(
+    conn: &Connection,
+    provider: &str,
+    linked_user_id: &str,
+) -> Result<Option<String>, StoreError> {
+    conn.prepare_cached(
+        "SELECT user_id FROM linked_identities WHERE provider_id = ?1 AND linked_user_id = ?2",
+    )
+    .and_then(|mut s| {
+        s.query_row([provider, linked_user_id], |r| r.get(0))
+            .optional()
+    })
+    .or_store("cannot read the remote identity's owner")
 }
 
 fn link_of_user(conn: &Connection, user: &UserId) -> Result<Option<LinkRecord>, StoreError> {
@@ -698,20 +941,45 @@ fn unlink_in(
     conn: &Connection,
     user: &UserId,
     provider: &ProviderId,
+    actor: &Actor,
+    stamp: &str,
 ) -> Result<LinkRecord, StoreError> {
-    conn.prepare_cached(
-        "DELETE FROM linked_identities WHERE user_id = ?1 AND provider_id = ?2 \
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM linked_identities WHERE user_id = ?1 AND provider_id = ?2 \
          RETURNING user_id, provider_id, linked_user_id, linked_username, created_at, updated_at",
-    )
-    .and_then(|mut s| {
-        s.query_row([user.as_str(), provider.as_str()], record_from_row)
-            .optional()
-    })
-    .or_store("cannot delete a link")?
-    .ok_or_else(|| StoreError::NotFound {
-        user_id: user.as_str().to_owned(),
-        provider_id: provider.as_str().to_owned(),
-    })
+        )
+        .and_then(|mut s| {
+            s.query_row([user.as_str(), provider.as_str()], record_from_row)
+                .optional()
+        })
+        .or_store("cannot delete a link")?
+        .ok_or_else(|| StoreError::NotFound {
+            user_id: user.as_str().to_owned(),
+            provider_id: provider.as_str().to_owned(),
+        })?;
+    record_event(conn, EventType::Unlinked, &deleted, actor, stamp)?;
+    Ok(deleted)
+}
+
+/// Deletes events older than `cutoff` and remembers the newest one deleted,
+/// so a consumer asking for them learns they are gone.
+fn prune_events_in(conn: &Connection, cutoff: &str) -> Result<u64, StoreError> {
+    let through: Option<i64> = conn
+        .prepare_cached("SELECT max(seq) FROM events WHERE occurred_at < ?1")
+        .and_then(|mut s| s.query_row([cutoff], |r| r.get(0)))
+        .or_store("cannot find old events")?;
+    let Some(through) = through else {
+        return Ok(0);
+    };
+    let deleted = conn
+        .prepare_cached("DELETE FROM events WHERE seq <= ?1")
+        .and_then(|mut s| s.execute([through]))
+        .or_store("cannot prune events")?;
+    conn.prepare_cached("UPDATE feed_state SET pruned_through = max(pruned_through, ?1)")
+        .and_then(|mut s| s.execute([through]))
+        .or_store("cannot record the pruning")?;
+    Ok(deleted as u64)
 }
 
 fn revoke_in(conn: &Connection, ids: &[String], stamp: &str) -> Result<usize, StoreError> {
@@ -793,6 +1061,46 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn searches_are_index_seeks_never_scans_or_sorts() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let values = ["a", "b", "c"];
+            let count = stmt.parameter_count();
+            stmt.query_map(rusqlite::params_from_iter(&values[..count]), |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+            .join("; ")
+        };
+
+        let lookup = plan(LOOKUP);
+        assert!(
+            lookup.contains("USING INDEX sqlite_autoindex_linked_identities_2 (provider_id=? AND linked_user_id=?)"),
+            "{lookup}"
+        );
+        let by_provider = plan(PAGE_OF_PROVIDER);
+        assert!(
+            by_provider.contains("USING INDEX links_by_provider (provider_id=? AND user_id>?)"),
+            "{by_provider}"
+        );
+        let all = plan(PAGE);
+        assert!(
+            all.contains("USING INDEX sqlite_autoindex_linked_identities_1 (user_id>?)"),
+            "{all}"
+        );
+        for plan in [lookup, by_provider, all] {
+            assert!(
+                !plan.contains("SCAN") && !plan.contains("TEMP B-TREE"),
+                "{plan}"
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,14 @@ use std::path::Path;
 use anyhow::Context;
 use rusqlite::{params, Connection, TransactionBehavior};
 
-use super::{migrate, now, open_writer};
+use super::{
+    link_of_user, migrate, now, open_writer, owner_of, record_event, record_from_row, OrStore,
+};
+use crate::domain::{Actor, EventType, LinkRecord, UserId};
+use crate::store::transfer::{
+    run_import, write_line, Conflict, ImportOptions, ImportReport, LineOutcome, Source,
+};
+use crate::store::StoreError;
 
 /// Loads `count` synthetic links (users `seed-user-N`, spread over
 /// `providers`) in large transactions, for benchmarks and demos. Existing
@@ -123,4 +130,101 @@ pub fn backup(
         .persist_noclobber(destination)
         .with_context(|| format!("cannot move the copy to {}", destination.display()))?;
     Ok(())
+}
+
+/// Writes every link as JSON Lines in `user_id` order from one read
+/// transaction (one snapshot while servers write); returns how many.
+pub fn export(path: &Path, mut out: Box<dyn std::io::Write + Send>) -> anyhow::Result<u64> {
+    anyhow::ensure!(path.is_file(), "there is no database at {}", path.display());
+    let mut conn = open_writer(path)?;
+    migrate(&mut conn, path)?;
+    let tx = conn
+        .transaction()
+        .context("cannot begin a read transaction")?;
+    let mut stmt = tx.prepare(
+        "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
+         FROM linked_identities ORDER BY user_id",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut written = 0;
+    while let Some(row) = rows.next()? {
+        write_line(&mut *out, &record_from_row(row)?).context("cannot write the export")?;
+        written += 1;
+    }
+    out.flush().context("cannot write the export")?;
+    Ok(written)
+}
+
+/// Applies a JSON Lines file in one transaction, with every change's event
+/// (actor `import`); commits only when no line had a problem and this is
+/// not a dry run. Servers on the same file keep serving reads meanwhile;
+/// their writes wait for the commit (up to their busy timeout).
+pub fn import(
+    path: &Path,
+    source: Source,
+    mut options: ImportOptions,
+) -> anyhow::Result<ImportReport> {
+    let mut conn = open_writer(path)?;
+    migrate(&mut conn, path)?;
+    // A server's write batch holds the lock briefly: wait for it.
+    conn.busy_timeout(std::time::Duration::from_secs(60))?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .context("cannot lock the database for the import")?;
+    let stamp = now();
+    let actor = Actor::import();
+    let mut report = run_import(source, &mut options, |line| {
+        Ok(import_line(&tx, line, &actor, &stamp)?)
+    })?;
+    if report.problems == 0 && !options.dry_run {
+        tx.commit().context("cannot commit the import")?;
+        report.applied = true;
+    }
+    Ok(report)
+}
+
+fn import_line(
+    conn: &Connection,
+    line: &LinkRecord,
+    actor: &Actor,
+    stamp: &str,
+) -> Result<Result<LineOutcome, Conflict>, StoreError> {
+    let user = UserId::parse(&line.user_id).map_err(|why| anyhow::anyhow!("user_id {why}"))?;
+    if let Some(current) = link_of_user(conn, &user)? {
+        if current.provider_id != line.provider_id || current.linked_user_id != line.linked_user_id
+        {
+            return Ok(Err(Conflict::UserAlreadyLinked { current }));
+        }
+        if current.linked_username == line.linked_username {
+            return Ok(Ok(LineOutcome::Unchanged));
+        }
+        conn.prepare_cached(
+            "UPDATE linked_identities SET linked_username = ?2, updated_at = ?3 WHERE user_id = ?1",
+        )
+        .and_then(|mut s| s.execute(params![line.user_id, line.linked_username, line.updated_at]))
+        .or_store("cannot update a link")?;
+        record_event(conn, EventType::Updated, line, actor, stamp)?;
+        return Ok(Ok(LineOutcome::Updated));
+    }
+    if let Some(owner) = owner_of(conn, &line.provider_id, &line.linked_user_id)? {
+        return Ok(Err(Conflict::IdentityAlreadyLinked { owner }));
+    }
+    conn.prepare_cached(
+        "INSERT INTO linked_identities \
+         (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            line.user_id,
+            line.provider_id,
+            line.linked_user_id,
+            line.linked_username,
+            line.created_at,
+            line.updated_at
+        ])
+    })
+    .or_store("cannot insert a link")?;
+    record_event(conn, EventType::Linked, line, actor, stamp)?;
+    Ok(Ok(LineOutcome::Created))
 }
