@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::auth::{Authority, RevocationList, RootKey};
 use crate::config::Config;
 use crate::http::rate_limit::RateLimits;
+use crate::http::server;
 use crate::http::AppState;
 use crate::store::Store;
 
@@ -27,7 +28,7 @@ pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
     revoked: Arc<RevocationList>,
-    shutdown_timeout: Duration,
+    server: server::Settings,
 }
 
 impl Application {
@@ -41,8 +42,8 @@ impl Application {
         let store = Store::open(&config.database).await?;
         tracing::info!(database = %store.describe(), "database ready");
         let revoked = Arc::new(RevocationList::default());
-        let listener = TcpListener::bind(config.server.addr)
-            .await
+        let server = server::Settings::from_config(&config.server)?;
+        let listener = server::bind(config.server.addr)
             .with_context(|| format!("cannot listen on server.addr {}", config.server.addr))?;
         let state = Arc::new(AppState {
             authority: Authority::new(key.public, revoked.clone(), config.auth.token_cache_size),
@@ -58,7 +59,7 @@ impl Application {
             listener,
             state,
             revoked,
-            shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_secs),
+            server,
         })
     }
 
@@ -72,9 +73,9 @@ impl Application {
         self.local_addr().port()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets
-    /// in-flight requests finish (up to `server.shutdown_timeout_secs`) and
-    /// checkpoints the database.
+    /// Serves until `shutdown` completes, then stops accepting, closes idle
+    /// and stalled connections, lets requests in their handlers finish (up
+    /// to `server.shutdown_timeout_secs`) and checkpoints the database.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -108,23 +109,17 @@ impl Application {
                 }
             })
         };
-        let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
-            let _ = stopping.send(());
         };
-        let server = warp::serve(crate::http::app(self.state))
-            .incoming(self.listener)
-            .graceful(signal)
-            .run();
-        let timeout = self.shutdown_timeout;
-        tokio::select! {
-            () = server => {}
-            () = async { if stopped.await.is_ok() { tokio::time::sleep(timeout).await } else { std::future::pending().await } } => {
-                tracing::warn!("in-flight requests did not finish in {timeout:?}; stopping anyway");
-            }
-        }
+        server::serve(
+            self.listener,
+            warp::service(crate::http::app(self.state)),
+            self.server,
+            signal,
+        )
+        .await;
         poller.abort();
         housekeeping.abort();
         store.close().await;

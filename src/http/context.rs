@@ -2,12 +2,14 @@
 //! client's address, and raw header access that never rejects.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use warp::http::header::HeaderValue;
 use warp::Filter;
+
+use super::server::PeerAddr;
 
 /// Per-request context taken before routing: the request id and the start time.
 #[derive(Debug, Clone)]
@@ -64,11 +66,11 @@ pub(super) fn declares_body() -> impl Filter<Extract = (bool,), Error = Infallib
 pub(super) fn client_address(
     trusted: Arc<Vec<IpAddr>>,
 ) -> impl Filter<Extract = (Option<IpAddr>,), Error = Infallible> + Clone {
-    warp::addr::remote()
+    warp::ext::optional::<PeerAddr>()
         .and(optional_header("x-forwarded-for"))
         .map(
-            move |peer: Option<SocketAddr>, forwarded: Option<HeaderValue>| {
-                let peer = peer?.ip();
+            move |peer: Option<PeerAddr>, forwarded: Option<HeaderValue>| {
+                let peer = peer?.0.ip();
                 if !trusted.contains(&peer) {
                     return Some(peer);
                 }

@@ -14,6 +14,7 @@ use warp::{Filter, Rejection, Reply};
 
 use super::context::{client_address, optional_header};
 use super::problem::ApiError;
+use super::server::{BodyTimedOut, PeerAddr};
 use super::{handlers, AppState, MAX_BODY_BYTES};
 use crate::auth::Bearer;
 
@@ -137,7 +138,7 @@ fn metrics(state: &Arc<AppState>) -> impl Filter<Extract = (Response,), Error = 
     warp::path!("metrics")
         .and(warp::get())
         .and(with_state(state))
-        .and(warp::addr::remote())
+        .and(warp::ext::optional::<PeerAddr>())
         .and_then(handlers::metrics)
 }
 
@@ -228,9 +229,12 @@ where
     let mut collected = BytesMut::new();
     while let Some(chunk) = body.next().await {
         let mut chunk = chunk.map_err(|e| {
-            warp::reject::custom(ApiError::MalformedJson(format!(
-                "the body could not be read: {e}"
-            )))
+            let timed_out = std::error::Error::source(&e)
+                .and_then(|cause| cause.downcast_ref::<BodyTimedOut>());
+            warp::reject::custom(match timed_out {
+                Some(BodyTimedOut(after)) => ApiError::RequestTimeout(after.as_secs()),
+                None => ApiError::MalformedJson(format!("the body could not be read: {e}")),
+            })
         })?;
         if collected.len() + chunk.remaining() > MAX_BODY_BYTES {
             return Err(warp::reject::custom(ApiError::PayloadTooLarge(

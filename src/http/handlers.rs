@@ -490,9 +490,9 @@ pub async fn readyz(state: Arc<AppState>) -> Result<Response, Rejection> {
 /// `GET /metrics`: Prometheus text, when enabled and (by default) only to loopback clients.
 pub async fn metrics(
     state: Arc<AppState>,
-    remote: Option<std::net::SocketAddr>,
+    peer: Option<super::server::PeerAddr>,
 ) -> Result<Response, Rejection> {
-    let local = remote.is_some_and(|r| r.ip().is_loopback());
+    let local = peer.is_some_and(|p| p.0.ip().is_loopback());
     if !state.metrics.enabled || (state.metrics.loopback_only && !local) {
         return Err(warp::reject::not_found());
     }

@@ -24,6 +24,7 @@ mod handlers;
 pub(crate) mod openapi;
 mod problem;
 pub(crate) mod rate_limit;
+pub(crate) mod server;
 
 use context::{declares_body, request_context, RequestContext};
 use problem::{problem_response, ApiError};

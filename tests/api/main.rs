@@ -6,6 +6,7 @@ mod helpers;
 mod auth;
 mod cli;
 mod config;
+mod connections;
 mod crash;
 mod delete;
 mod errors;
