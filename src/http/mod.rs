@@ -82,7 +82,8 @@ pub fn app(
             .map(Reply::into_response)
             .boxed()
     };
-    let outcome = routes
+    let outcome = no_tunnels()
+        .and(routes)
         .map(Ok::<Response, Rejection>)
         .or_else(|rejection| async move { Ok::<_, Infallible>((Err(rejection),)) });
     request_context()
@@ -95,6 +96,20 @@ pub fn app(
         .with(warp::trace(|_| {
             tracing::info_span!("request", token = tracing::field::Empty)
         }))
+}
+
+/// Refuses CONNECT, on any target: this server is no proxy and opens no
+/// tunnels.
+fn no_tunnels() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::method()
+        .and_then(|method: Method| async move {
+            if method == Method::CONNECT {
+                Err(warp::reject::custom(ApiError::MethodNotAllowed))
+            } else {
+                Ok(())
+            }
+        })
+        .untuple_one()
 }
 
 /// Turns every outcome into the response: problem details for errors, the
@@ -116,11 +131,12 @@ fn finish(
             }
             let mut response = problem_response(&error, &context.id);
             if matches!(error, ApiError::MethodNotAllowed) {
-                if let Some(route) = route {
-                    response
-                        .headers_mut()
-                        .insert(ALLOW, HeaderValue::from_static(route.allow()));
-                }
+                // Empty where the target is no resource here: nothing is
+                // allowed on it (RFC 9110 §10.2.1).
+                let allow = route.map_or("", Route::allow);
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(allow));
             }
             // A request refused before its body was read (no or bad token,
             // wrong Content-Type, too large, no such route) leaves that body

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 use warp::http::header::{HeaderValue, CONNECTION};
-use warp::http::Request;
+use warp::http::{Request, Uri};
 use warp::reply::Response;
 
 use crate::config::ServerConfig;
@@ -454,7 +454,8 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Readies a request for the app: its peer and a body with a deadline.
+/// Readies a request for the app: its peer, a target warp can route, and
+/// a body with a deadline.
 fn prepare(
     mut request: Request<Incoming>,
     peer: SocketAddr,
@@ -462,6 +463,12 @@ fn prepare(
     connection: &Arc<Connection>,
 ) -> Request<TimedBody> {
     request.extensions_mut().insert(PeerAddr(peer));
+    // An authority-form target (`CONNECT host:port`) has no path, and
+    // warp's `path::full()` panics on it; give it the root path, which the
+    // app then refuses.
+    if request.uri().path_and_query().is_none() {
+        *request.uri_mut() = Uri::from_static("/");
+    }
     let timeout = settings.body_timeout;
     request.map(|body| TimedBody {
         body,

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use crate::cli::Server;
 use crate::helpers::{spawn_app_with, TestApp, PREFIX};
 
 /// Short timeouts so that each test takes a few seconds.
@@ -447,4 +448,58 @@ async fn out_of_files_while_serving_it_backs_off_logs_once_and_recovers() {
         served.is_some(),
         "/healthz was not answered while out of files: {log}"
     );
+}
+
+#[tokio::test]
+async fn request_lines_without_a_path_get_a_problem_and_log_no_panic() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let cases = [
+        (
+            "CONNECT x:1 HTTP/1.1\r\nhost: x:1\r\n\r\n",
+            "HTTP/1.1 405",
+            "METHOD_NOT_ALLOWED",
+        ),
+        (
+            "CONNECT /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+            "HTTP/1.1 405",
+            "METHOD_NOT_ALLOWED",
+        ),
+        (
+            "OPTIONS * HTTP/1.1\r\nhost: x\r\n\r\n",
+            "HTTP/1.1 404",
+            "NOT_FOUND",
+        ),
+        (
+            "GET * HTTP/1.1\r\nhost: x\r\n\r\n",
+            "HTTP/1.1 404",
+            "NOT_FOUND",
+        ),
+        (
+            "GET http://x HTTP/1.1\r\nhost: x\r\n\r\n",
+            "HTTP/1.1 404",
+            "NOT_FOUND",
+        ),
+    ];
+
+    for (request, status, code) in cases {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let response = timeout(Duration::from_secs(5), read_response(&mut stream))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no answer to {request:?}: {}", server.log()));
+
+        assert!(response.starts_with(status), "{request:?}: {response}");
+        assert!(response.contains("application/problem+json"), "{response}");
+        assert!(response.contains("x-request-id"), "{response}");
+        assert!(response.contains(code), "{response}");
+    }
+    let absolute = "GET http://x/healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    stream.write_all(absolute.as_bytes()).await.unwrap();
+    let response = read_response(&mut stream).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(!server.log().contains("panicked"), "{}", server.log());
 }
