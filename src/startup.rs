@@ -52,7 +52,14 @@ impl Application {
             providers: config.identity_providers.clone(),
             metrics: config.metrics.clone(),
             cors_origins: config.cors.allowed_origins.clone(),
-            trusted_proxies: config.rate_limit.trusted_proxies.clone(),
+            // An IPv4 peer on a dual-stack listener is ::ffff:a.b.c.d; it
+            // is compared in its IPv4 form.
+            trusted_proxies: config
+                .rate_limit
+                .trusted_proxies
+                .iter()
+                .map(|ip| ip.to_canonical())
+                .collect(),
             openapi_json: Bytes::from(crate::http::openapi::document_json()),
         });
         Ok(Application {

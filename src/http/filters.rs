@@ -3,7 +3,6 @@
 //! share.
 
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -12,9 +11,9 @@ use warp::http::header::{HeaderValue, CONTENT_TYPE};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::context::{client_address, optional_header};
+use super::context::{client, optional_header, Client};
 use super::problem::ApiError;
-use super::server::{BodyTimedOut, PeerAddr};
+use super::server::BodyTimedOut;
 use super::{handlers, AppState, MAX_BODY_BYTES};
 use crate::auth::Bearer;
 
@@ -57,7 +56,7 @@ fn with_state(
 fn bearer(state: &Arc<AppState>) -> impl Filter<Extract = (Bearer,), Error = Rejection> + Clone {
     let trusted_proxies = Arc::new(state.trusted_proxies.clone());
     with_state(state)
-        .and(client_address(trusted_proxies))
+        .and(client(trusted_proxies))
         .and(optional_header("authorization"))
         .and_then(authenticate)
 }
@@ -138,7 +137,7 @@ fn metrics(state: &Arc<AppState>) -> impl Filter<Extract = (Response,), Error = 
     warp::path!("metrics")
         .and(warp::get())
         .and(with_state(state))
-        .and(warp::ext::optional::<PeerAddr>())
+        .and(client(Arc::new(state.trusted_proxies.clone())))
         .and_then(handlers::metrics)
 }
 
@@ -158,17 +157,17 @@ fn openapi_json(
         })
 }
 
-/// Authenticates the bearer, within the rate limits: an address that keeps
+/// Authenticates the bearer, within the rate limits: a client that keeps
 /// failing is refused for a while, and a token may have a request budget.
 async fn authenticate(
     state: Arc<AppState>,
-    address: Option<IpAddr>,
+    client: Option<Client>,
     header: Option<HeaderValue>,
 ) -> Result<Bearer, Rejection> {
     let span = tracing::Span::current();
     state
         .limits
-        .check_address(address)
+        .check_address(client.as_ref())
         .map_err(ApiError::RateLimited)?;
     match state
         .authority
@@ -186,7 +185,7 @@ async fn authenticate(
             span.record("token", tracing::field::display("anonymous"));
             Err(state
                 .limits
-                .failed_authentication(address)
+                .failed_authentication(client.as_ref())
                 .map_or(ApiError::from(error), ApiError::RateLimited)
                 .into())
         }

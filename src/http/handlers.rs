@@ -487,12 +487,15 @@ pub async fn readyz(state: Arc<AppState>) -> Result<Response, Rejection> {
     ))
 }
 
-/// `GET /metrics`: Prometheus text, when enabled and (by default) only to loopback clients.
+/// `GET /metrics`: Prometheus text, when enabled and (by default) only to
+/// loopback clients (behind trusted proxies, the forwarded client).
 pub async fn metrics(
     state: Arc<AppState>,
-    peer: Option<super::server::PeerAddr>,
+    client: Option<super::context::Client>,
 ) -> Result<Response, Rejection> {
-    let local = peer.is_some_and(|p| p.0.ip().is_loopback());
+    let local = client
+        .as_ref()
+        .is_some_and(super::context::Client::is_loopback);
     if !state.metrics.enabled || (state.metrics.loopback_only && !local) {
         return Err(warp::reject::not_found());
     }

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::cli::Server;
-use crate::helpers::{spawn_app_with, TestApp, PREFIX};
+use crate::helpers::{assert_problem, spawn_app_with, TestApp, PREFIX};
 
 /// Short timeouts so that each test takes a few seconds.
 fn timeouts(header: u64, keep_alive: u64, body: u64) -> impl FnOnce(&mut Config) {
@@ -502,4 +502,126 @@ async fn request_lines_without_a_path_get_a_problem_and_log_no_panic() {
     let response = read_response(&mut stream).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+#[tokio::test]
+async fn metrics_behind_a_trusted_proxy_refuse_a_forwarded_remote_client() {
+    let app =
+        spawn_app_with(|c| c.rate_limit.trusted_proxies = vec!["127.0.0.1".parse().unwrap()]).await;
+    let scrape = |forwarded: &'static str| {
+        app.client
+            .get(app.url("/metrics"))
+            .header("x-forwarded-for", forwarded)
+            .send()
+    };
+
+    let remote = scrape("203.0.113.7").await.unwrap();
+    let local = scrape("127.0.0.1").await.unwrap();
+
+    assert_problem(remote, 404, "NOT_FOUND").await;
+    assert_eq!(local.status(), 200);
+}
+
+/// Sends a request with a bad (or the admin) token and these
+/// `X-Forwarded-For` lines; returns the status.
+async fn status_from(app: &TestApp, forwarded: &[String], token: &str) -> u16 {
+    let mut request = app
+        .client
+        .get(app.api("/users/identity-providers"))
+        .bearer_auth(token);
+    for line in forwarded {
+        request = request.header("x-forwarded-for", line);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+fn lines(lines: &[&str]) -> Vec<String> {
+    lines.iter().map(|l| l.to_string()).collect()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_failures_count_per_forwarded_client_whatever_the_hop_form() {
+    let app = spawn_app_with(|c| {
+        c.rate_limit.failed_auth_per_minute = 60;
+        c.rate_limit.failed_auth_burst = 2;
+        c.rate_limit.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    })
+    .await;
+    // (what, two failures, a third as the same client in another form, a
+    // neighbour behind the same proxy)
+    let cases = [
+        (
+            "a hop with a port",
+            [lines(&["203.0.113.7:5555"]), lines(&["203.0.113.7:5556"])],
+            lines(&["203.0.113.7:6666"]),
+            lines(&["203.0.113.8:5555"]),
+        ),
+        (
+            "bracketed IPv6",
+            [lines(&["[2001:db8::9]:443"]), lines(&["[2001:db8::9]"])],
+            lines(&["2001:db8::9"]),
+            lines(&["[2001:db8:0:1::9]:443"]),
+        ),
+        (
+            "several lines, the proxy's own last",
+            [
+                lines(&["198.51.100.1", "203.0.113.20"]),
+                lines(&["198.51.100.2, 198.51.100.3", "203.0.113.20"]),
+            ],
+            lines(&["198.51.100.4", "203.0.113.20, 127.0.0.1"]),
+            lines(&["198.51.100.1", "203.0.113.21"]),
+        ),
+        (
+            "rotating IPv6 addresses in one /64",
+            [lines(&["2001:db8:1:2::1"]), lines(&["2001:db8:1:2::2"])],
+            lines(&["2001:db8:1:2:ffff:ffff:ffff:3"]),
+            lines(&["2001:db8:1:3::1"]),
+        ),
+        (
+            "a hop that names no address",
+            [lines(&["unknown"]), lines(&["unknown"])],
+            lines(&["unknown"]),
+            // The proxy's own requests are not blocked by its clients' failures.
+            lines(&[]),
+        ),
+    ];
+
+    for (what, failures, again, neighbour) in cases {
+        for forwarded in &failures {
+            assert_eq!(status_from(&app, forwarded, "bad").await, 401, "{what}");
+        }
+        let blocked = status_from(&app, &again, "bad").await;
+        let other = status_from(&app, &neighbour, &app.admin).await;
+
+        assert_eq!(blocked, 429, "{what}: the same client is counted as one");
+        assert_eq!(other, 200, "{what}: a neighbour is not blocked");
+    }
+}
+
+#[tokio::test]
+async fn on_a_dual_stack_listener_an_ipv4_proxy_is_trusted_and_loopback_reads_metrics() {
+    if std::net::TcpListener::bind("[::]:0").is_err() {
+        eprintln!("no IPv6 here; skipped");
+        return;
+    }
+    let app = spawn_app_with(|c| {
+        c.server.addr = "[::]:0".parse().unwrap();
+        c.rate_limit.failed_auth_per_minute = 60;
+        c.rate_limit.failed_auth_burst = 2;
+        c.rate_limit.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    })
+    .await;
+    // The peer is ::ffff:127.0.0.1 (app.address is http://127.0.0.1:port).
+    let client = lines(&["203.0.113.40"]);
+
+    for _ in 0..2 {
+        assert_eq!(status_from(&app, &client, "bad").await, 401);
+    }
+    let blocked = status_from(&app, &client, "bad").await;
+    let neighbour = status_from(&app, &lines(&["203.0.113.41"]), &app.admin).await;
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
+
+    assert_eq!(blocked, 429);
+    assert_eq!(neighbour, 200, "the IPv4-mapped peer is the trusted proxy");
+    assert_eq!(metrics.status(), 200, "::ffff:127.0.0.1 is loopback");
 }
