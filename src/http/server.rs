@@ -14,7 +14,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -344,11 +344,11 @@ impl Connection {
     }
 
     fn phase(&self) -> Phase {
-        *self.phase.lock().expect("the phase lock is never poisoned")
+        *lock(&self.phase)
     }
 
     fn set_phase(&self, change: impl FnOnce(Phase) -> Phase) {
-        let mut phase = self.phase.lock().expect("the phase lock is never poisoned");
+        let mut phase = lock(&self.phase);
         let next = change(*phase);
         if next != *phase {
             *phase = next;
@@ -357,15 +357,21 @@ impl Connection {
     }
 
     fn begin_stopping(&self, now: Instant) {
-        *self.stopping_since.lock().expect("never poisoned") = Some(now);
-        if let Some(body) = self.body_waiting.lock().expect("never poisoned").take() {
+        *lock(&self.stopping_since) = Some(now);
+        if let Some(body) = lock(&self.body_waiting).take() {
             body.wake();
         }
     }
 
     fn stopping_since(&self) -> Option<Instant> {
-        *self.stopping_since.lock().expect("never poisoned")
+        *lock(&self.stopping_since)
     }
+}
+
+/// The data behind a lock; a panic while holding one of these leaves no
+/// half-made change, so poisoning is ignored.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Serves one connection until the client closes it, a deadline passes, or
@@ -505,7 +511,7 @@ impl Body for TimedBody {
         }
         // Registered before looking, so that a shutdown beginning in
         // between still wakes this body.
-        *this.connection.body_waiting.lock().expect("never poisoned") = Some(cx.waker().clone());
+        *lock(&this.connection.body_waiting) = Some(cx.waker().clone());
         let due = match this.connection.stopping_since() {
             Some(since) => this.due.min(since + SHUTDOWN_BODY_GRACE),
             None => this.due,
