@@ -84,7 +84,16 @@ pub struct CorsConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub addr: SocketAddr,
+    /// On shutdown, how long requests in their handlers may take to finish.
     pub shutdown_timeout_secs: u64,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout_secs: u64,
+    /// How long an idle keep-alive connection waits for its next request.
+    pub keep_alive_timeout_secs: u64,
+    /// How long a client may take to send a request's body, once its headers are in.
+    pub body_timeout_secs: u64,
+    /// Connections served at once (clamped below the process's file limit).
+    pub max_connections: u64,
 }
 
 /// `[database]`
@@ -204,6 +213,22 @@ impl Config {
     /// Checks that types alone cannot express.
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        for (key, value) in [
+            (
+                "server.header_read_timeout_secs",
+                self.server.header_read_timeout_secs,
+            ),
+            (
+                "server.keep_alive_timeout_secs",
+                self.server.keep_alive_timeout_secs,
+            ),
+            ("server.body_timeout_secs", self.server.body_timeout_secs),
+            ("server.max_connections", self.server.max_connections),
+        ] {
+            if value == 0 {
+                problems.push(format!("{key} is 0: set it to 1 or more"));
+            }
+        }
         if self.database.path.as_os_str().is_empty() {
             problems.push("database.path is empty: set it to a file path".to_string());
         }
@@ -338,4 +363,33 @@ fn file_problems(key: &str, path: &Path) -> Vec<String> {
         ancestor = dir.parent();
     }
     vec![]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_timeout_or_connection_limit_is_refused_naming_its_key() {
+        for key in [
+            "header_read_timeout_secs",
+            "keep_alive_timeout_secs",
+            "body_timeout_secs",
+            "max_connections",
+        ] {
+            let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+                .merge((format!("server.{key}"), 0))
+                .merge(("database.path", "linkid.db"));
+
+            let error = Config::from_figment(figment).unwrap_err();
+
+            assert!(
+                error
+                    .problems
+                    .iter()
+                    .any(|p| p.contains(&format!("server.{key} is 0"))),
+                "{error}"
+            );
+        }
+    }
 }

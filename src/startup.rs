@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::auth::{Authority, RevocationList, RootKey};
 use crate::config::Config;
 use crate::http::rate_limit::RateLimits;
+use crate::http::server;
 use crate::http::AppState;
 use crate::store::Store;
 
@@ -27,7 +28,7 @@ pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
     revoked: Arc<RevocationList>,
-    shutdown_timeout: Duration,
+    server: server::Settings,
     /// Tells streams and long polls that the server is stopping.
     stopping: tokio::sync::watch::Sender<bool>,
     retention_days: u32,
@@ -44,8 +45,8 @@ impl Application {
         let store = Store::open(&config.database).await?;
         tracing::info!(database = %store.describe(), "database ready");
         let revoked = Arc::new(RevocationList::default());
-        let listener = TcpListener::bind(config.server.addr)
-            .await
+        let server = server::Settings::from_config(&config.server)?;
+        let listener = server::bind(config.server.addr)
             .with_context(|| format!("cannot listen on server.addr {}", config.server.addr))?;
         let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
         let state = Arc::new(AppState {
@@ -55,7 +56,14 @@ impl Application {
             providers: config.identity_providers.clone(),
             metrics: config.metrics.clone(),
             cors_origins: config.cors.allowed_origins.clone(),
-            trusted_proxies: config.rate_limit.trusted_proxies.clone(),
+            // An IPv4 peer on a dual-stack listener is ::ffff:a.b.c.d; it
+            // is compared in its IPv4 form.
+            trusted_proxies: config
+                .rate_limit
+                .trusted_proxies
+                .iter()
+                .map(|ip| ip.to_canonical())
+                .collect(),
             openapi_json: Bytes::from(crate::http::openapi::document_json()),
             events: config.events.clone(),
             streams: Arc::new(tokio::sync::Semaphore::new(
@@ -67,7 +75,7 @@ impl Application {
             listener,
             state,
             revoked,
-            shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_secs),
+            server,
             stopping,
             retention_days: config.events.retention_days,
         })
@@ -83,9 +91,9 @@ impl Application {
         self.local_addr().port()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets
-    /// in-flight requests finish (up to `server.shutdown_timeout_secs`) and
-    /// checkpoints the database.
+    /// Serves until `shutdown` completes, then stops accepting, closes idle
+    /// and stalled connections, lets requests in their handlers finish (up
+    /// to `server.shutdown_timeout_secs`) and checkpoints the database.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -130,25 +138,20 @@ impl Application {
                 }
             })
         };
-        let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
         let streams = self.stopping;
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
+            // Event streams and long polls end now, so draining need not wait for them.
             let _ = streams.send(true);
-            let _ = stopping.send(());
         };
-        let server = warp::serve(crate::http::app(self.state))
-            .incoming(self.listener)
-            .graceful(signal)
-            .run();
-        let timeout = self.shutdown_timeout;
-        tokio::select! {
-            () = server => {}
-            () = async { if stopped.await.is_ok() { tokio::time::sleep(timeout).await } else { std::future::pending().await } } => {
-                tracing::warn!("in-flight requests did not finish in {timeout:?}; stopping anyway");
-            }
-        }
+        server::serve(
+            self.listener,
+            warp::service(crate::http::app(self.state)),
+            self.server,
+            signal,
+        )
+        .await;
         poller.abort();
         housekeeping.abort();
         store.close().await;

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use warp::http::header::HeaderValue;
+use warp::http::HeaderMap;
 use warp::Filter;
+
+use super::server::PeerAddr;
 
 /// Per-request context taken before routing: the request id and the start time.
 #[derive(Debug, Clone)]
@@ -81,27 +84,183 @@ pub(super) fn declares_body() -> impl Filter<Extract = (bool,), Error = Infallib
         )
 }
 
-/// The client's address: the TCP peer, or, when the peer is a trusted
-/// proxy, the nearest untrusted address in `X-Forwarded-For`.
-pub(super) fn client_address(
+/// Who sent a request, as far as the server can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Client {
+    /// Its address (an IPv4-mapped IPv6 address in its IPv4 form).
+    Address(IpAddr),
+    /// A forwarded hop that is no address (`unknown`, an obfuscated id), as
+    /// the trusted proxy wrote it, cut to `MAX_NAMED_CLIENT` characters.
+    Named(String),
+}
+
+impl Client {
+    /// Whether the client is on this host.
+    pub fn is_loopback(&self) -> bool {
+        matches!(self, Client::Address(ip) if ip.is_loopback())
+    }
+}
+
+/// The longest name of a `Client::Named` kept (it keys a rate limit).
+const MAX_NAMED_CLIENT: usize = 64;
+
+/// The request's client: the TCP peer, or, when the peer is a trusted
+/// proxy, the client its `X-Forwarded-For` lines name.
+pub(super) fn client(
     trusted: Arc<Vec<IpAddr>>,
-) -> impl Filter<Extract = (Option<IpAddr>,), Error = Infallible> + Clone {
-    warp::addr::remote()
-        .and(optional_header("x-forwarded-for"))
-        .map(
-            move |peer: Option<SocketAddr>, forwarded: Option<HeaderValue>| {
-                let peer = peer?.ip();
-                if !trusted.contains(&peer) {
-                    return Some(peer);
-                }
-                let hops = forwarded
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                hops.rsplit(',')
-                    .map(|hop| hop.trim().parse::<IpAddr>())
-                    .find(|hop| !hop.as_ref().is_ok_and(|ip| trusted.contains(ip)))
-                    .map_or(Some(peer), |hop| Some(hop.unwrap_or(peer)))
-            },
-        )
+) -> impl Filter<Extract = (Option<Client>,), Error = Infallible> + Clone {
+    warp::ext::optional::<PeerAddr>()
+        .and(warp::header::headers_cloned())
+        .map(move |peer: Option<PeerAddr>, headers: HeaderMap| {
+            let peer = peer?.0.ip().to_canonical();
+            let lines: Vec<_> = headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|line| String::from_utf8_lossy(line.as_bytes()))
+                .collect();
+            Some(resolve_client(
+                peer,
+                lines.iter().map(|line| line.as_ref()),
+                &trusted,
+            ))
+        })
+}
+
+/// The client of a request from `peer` with these `X-Forwarded-For` lines.
+/// Only a trusted peer's lines count. They are one list, in order (RFC 7230
+/// §3.2.2; each proxy appends to it), read from the right: the first hop that
+/// is not a trusted proxy is the client, whatever it says, since the hops
+/// left of it are the client's own words. All trusted: the leftmost one.
+fn resolve_client<'a>(
+    peer: IpAddr,
+    lines: impl Iterator<Item = &'a str>,
+    trusted: &[IpAddr],
+) -> Client {
+    let mut client = Client::Address(peer);
+    if !trusted.contains(&peer) {
+        return client;
+    }
+    let hops: Vec<&str> = lines
+        .flat_map(|line| line.split(','))
+        .map(str::trim)
+        .filter(|hop| !hop.is_empty())
+        .collect();
+    for hop in hops.into_iter().rev() {
+        client = parse_hop(hop);
+        match &client {
+            Client::Address(ip) if trusted.contains(ip) => {}
+            _ => break,
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` hop: an IPv4 or IPv6 address, with or without a
+/// port (`203.0.113.7:5555`, `[2001:db8::9]:443`, `[2001:db8::9]`), maybe
+/// quoted; anything else names the client as it stands.
+fn parse_hop(hop: &str) -> Client {
+    let hop = hop.trim().trim_matches('"');
+    let address = hop
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            hop.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse::<IpAddr>().ok())
+        });
+    match address {
+        Some(ip) => Client::Address(ip.to_canonical()),
+        None => Client::Named(hop.chars().take(MAX_NAMED_CLIENT).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn address(text: &str) -> Client {
+        Client::Address(ip(text))
+    }
+
+    #[test]
+    fn hops_parse_with_or_without_ports_brackets_and_quotes() {
+        assert_eq!(parse_hop("203.0.113.7"), address("203.0.113.7"));
+        assert_eq!(parse_hop(" 203.0.113.7:5555 "), address("203.0.113.7"));
+        assert_eq!(parse_hop("2001:db8::9"), address("2001:db8::9"));
+        assert_eq!(parse_hop("[2001:db8::9]"), address("2001:db8::9"));
+        assert_eq!(parse_hop("[2001:db8::9]:443"), address("2001:db8::9"));
+        assert_eq!(parse_hop("\"[2001:db8::9]:443\""), address("2001:db8::9"));
+        assert_eq!(parse_hop("::ffff:198.51.100.4"), address("198.51.100.4"));
+        assert_eq!(
+            parse_hop("[::ffff:198.51.100.4]:80"),
+            address("198.51.100.4")
+        );
+    }
+
+    #[test]
+    fn a_hop_that_is_no_address_names_the_client_cut_short() {
+        assert_eq!(parse_hop("unknown"), Client::Named("unknown".into()));
+        assert_eq!(parse_hop("_hidden"), Client::Named("_hidden".into()));
+        assert_eq!(
+            parse_hop("203.0.113.7:port"),
+            Client::Named("203.0.113.7:port".into())
+        );
+        let Client::Named(long) = parse_hop(&"x".repeat(1000)) else {
+            panic!("a name");
+        };
+        assert_eq!(long.len(), MAX_NAMED_CLIENT);
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_forwards() {
+        let client = resolve_client(ip("198.51.100.1"), ["203.0.113.7"].into_iter(), &[]);
+
+        assert_eq!(client, address("198.51.100.1"));
+    }
+
+    #[test]
+    fn behind_trusted_proxies_the_rightmost_untrusted_hop_across_lines_is_the_client() {
+        let trusted = [ip("127.0.0.1"), ip("10.0.0.2")];
+        let resolve =
+            |lines: &[&str]| resolve_client(ip("127.0.0.1"), lines.iter().copied(), &trusted);
+
+        assert_eq!(resolve(&["203.0.113.7"]), address("203.0.113.7"));
+        assert_eq!(
+            resolve(&["198.51.100.1, 203.0.113.7, 10.0.0.2"]),
+            address("203.0.113.7")
+        );
+        // A client-sent line comes first; the proxy appends its own.
+        assert_eq!(
+            resolve(&["198.51.100.1", "203.0.113.7"]),
+            address("203.0.113.7")
+        );
+        assert_eq!(
+            resolve(&["198.51.100.1", "203.0.113.7,", "10.0.0.2"]),
+            address("203.0.113.7")
+        );
+        assert_eq!(resolve(&["203.0.113.7:5555"]), address("203.0.113.7"));
+        assert_eq!(resolve(&["[2001:db8::9]:443"]), address("2001:db8::9"));
+        // No address: the client as the proxy named it, not the proxy.
+        assert_eq!(
+            resolve(&["198.51.100.1, unknown"]),
+            Client::Named("unknown".into())
+        );
+        // Nothing forwarded, or only proxies: the leftmost known.
+        assert_eq!(resolve(&[]), address("127.0.0.1"));
+        assert_eq!(resolve(&[" , "]), address("127.0.0.1"));
+        assert_eq!(resolve(&["10.0.0.2, 127.0.0.1"]), address("10.0.0.2"));
+    }
+
+    #[test]
+    fn only_addresses_on_this_host_are_loopback() {
+        assert!(address("127.0.0.1").is_loopback());
+        assert!(address("::1").is_loopback());
+        assert!(!address("203.0.113.7").is_loopback());
+        assert!(!Client::Named("localhost".into()).is_loopback());
+    }
 }

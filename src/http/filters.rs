@@ -3,7 +3,6 @@
 //! share.
 
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -12,8 +11,9 @@ use warp::http::header::{HeaderValue, CONTENT_TYPE};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::context::{client_address, optional_header, request_id};
+use super::context::{client, optional_header, request_id, Client};
 use super::problem::ApiError;
+use super::server::BodyTimedOut;
 use super::{handlers, AppState, MAX_BODY_BYTES};
 use crate::auth::Bearer;
 
@@ -60,7 +60,7 @@ fn with_state(
 fn bearer(state: &Arc<AppState>) -> impl Filter<Extract = (Bearer,), Error = Rejection> + Clone {
     let trusted_proxies = Arc::new(state.trusted_proxies.clone());
     with_state(state)
-        .and(client_address(trusted_proxies))
+        .and(client(trusted_proxies))
         .and(optional_header("authorization"))
         .and_then(authenticate)
 }
@@ -172,7 +172,7 @@ fn metrics(state: &Arc<AppState>) -> impl Filter<Extract = (Response,), Error = 
     warp::path!("metrics")
         .and(warp::get())
         .and(with_state(state))
-        .and(warp::addr::remote())
+        .and(client(Arc::new(state.trusted_proxies.clone())))
         .and_then(handlers::metrics)
 }
 
@@ -192,17 +192,17 @@ fn openapi_json(
         })
 }
 
-/// Authenticates the bearer, within the rate limits: an address that keeps
+/// Authenticates the bearer, within the rate limits: a client that keeps
 /// failing is refused for a while, and a token may have a request budget.
 async fn authenticate(
     state: Arc<AppState>,
-    address: Option<IpAddr>,
+    client: Option<Client>,
     header: Option<HeaderValue>,
 ) -> Result<Bearer, Rejection> {
     let span = tracing::Span::current();
     state
         .limits
-        .check_address(address)
+        .check_address(client.as_ref())
         .map_err(ApiError::RateLimited)?;
     match state
         .authority
@@ -220,7 +220,7 @@ async fn authenticate(
             span.record("token", tracing::field::display("anonymous"));
             Err(state
                 .limits
-                .failed_authentication(address)
+                .failed_authentication(client.as_ref())
                 .map_or(ApiError::from(error), ApiError::RateLimited)
                 .into())
         }
@@ -263,9 +263,12 @@ where
     let mut collected = BytesMut::new();
     while let Some(chunk) = body.next().await {
         let mut chunk = chunk.map_err(|e| {
-            warp::reject::custom(ApiError::MalformedJson(format!(
-                "the body could not be read: {e}"
-            )))
+            let timed_out = std::error::Error::source(&e)
+                .and_then(|cause| cause.downcast_ref::<BodyTimedOut>());
+            warp::reject::custom(match timed_out {
+                Some(BodyTimedOut(after)) => ApiError::RequestTimeout(after.as_secs()),
+                None => ApiError::MalformedJson(format!("the body could not be read: {e}")),
+            })
         })?;
         if collected.len() + chunk.remaining() > MAX_BODY_BYTES {
             return Err(warp::reject::custom(ApiError::PayloadTooLarge(

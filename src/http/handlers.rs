@@ -500,12 +500,15 @@ pub async fn readyz(state: Arc<AppState>) -> Result<Response, Rejection> {
     ))
 }
 
-/// `GET /metrics`: Prometheus text, when enabled and (by default) only to loopback clients.
+/// `GET /metrics`: Prometheus text, when enabled and (by default) only to
+/// loopback clients (behind trusted proxies, the forwarded client).
 pub async fn metrics(
     state: Arc<AppState>,
-    remote: Option<std::net::SocketAddr>,
+    client: Option<super::context::Client>,
 ) -> Result<Response, Rejection> {
-    let local = remote.is_some_and(|r| r.ip().is_loopback());
+    let local = client
+        .as_ref()
+        .is_some_and(super::context::Client::is_loopback);
     if !state.metrics.enabled || (state.metrics.loopback_only && !local) {
         return Err(warp::reject::not_found());
     }

@@ -25,6 +25,7 @@ pub(crate) mod openapi;
 mod problem;
 mod query;
 pub(crate) mod rate_limit;
+pub(crate) mod server;
 
 use context::{declares_body, request_context, RequestContext};
 use problem::{problem_response, ApiError};
@@ -89,7 +90,8 @@ pub fn app(
             .map(Reply::into_response)
             .boxed()
     };
-    let outcome = routes
+    let outcome = no_tunnels()
+        .and(routes)
         .map(Ok::<Response, Rejection>)
         .or_else(|rejection| async move { Ok::<_, Infallible>((Err(rejection),)) });
     request_context()
@@ -113,6 +115,20 @@ pub fn app(
         }))
 }
 
+/// Refuses CONNECT, on any target: this server is no proxy and opens no
+/// tunnels.
+fn no_tunnels() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::method()
+        .and_then(|method: Method| async move {
+            if method == Method::CONNECT {
+                Err(warp::reject::custom(ApiError::MethodNotAllowed))
+            } else {
+                Ok(())
+            }
+        })
+        .untuple_one()
+}
+
 /// Turns every outcome into the response: problem details for errors, the
 /// request id on everything, and one metrics sample and log line each.
 fn finish(
@@ -132,11 +148,12 @@ fn finish(
             }
             let mut response = problem_response(&error, &context.id);
             if matches!(error, ApiError::MethodNotAllowed) {
-                if let Some(route) = route {
-                    response
-                        .headers_mut()
-                        .insert(ALLOW, HeaderValue::from_static(route.allow()));
-                }
+                // Empty where the target is no resource here: nothing is
+                // allowed on it (RFC 9110 §10.2.1).
+                let allow = route.map_or("", Route::allow);
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(allow));
             }
             // A request refused before its body was read (no or bad token,
             // wrong Content-Type, too large, no such route) leaves that body

@@ -142,6 +142,7 @@ fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
             ),
             (StatusCode::PAYLOAD_TOO_LARGE, vec![ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)]),
             (StatusCode::UNSUPPORTED_MEDIA_TYPE, vec![ApiError::UnsupportedMediaType]),
+            (StatusCode::REQUEST_TIMEOUT, vec![ApiError::RequestTimeout(30)]),
             rate_limited,
             internal,
         ],

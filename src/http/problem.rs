@@ -129,6 +129,9 @@ pub enum ApiError {
     /// 405 `METHOD_NOT_ALLOWED`: the path exists, the method does not.
     #[error("this method is not allowed on this path")]
     MethodNotAllowed,
+    /// 408 `REQUEST_TIMEOUT`: the body did not arrive within `server.body_timeout_secs`.
+    #[error("the request body did not arrive within {0} s; the connection is closed")]
+    RequestTimeout(u64),
     /// 413 `PAYLOAD_TOO_LARGE`: body over the limit.
     #[error("the body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -243,6 +246,7 @@ impl ApiError {
             ApiError::EventsExpired { .. } => StatusCode::GONE,
             ApiError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -269,6 +273,7 @@ impl ApiError {
             ApiError::StorageFull(_) => "STORAGE_FULL",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ApiError::RequestTimeout(_) => "REQUEST_TIMEOUT",
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ApiError::Internal(_) => "INTERNAL",

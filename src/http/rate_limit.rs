@@ -1,13 +1,15 @@
-//! Rate limits (governor): failed authentications per client address, and
-//! requests per token. Either is off when its rate is 0.
+//! Rate limits (governor): failed authentications per client (an IPv4
+//! address, an IPv6 /64, or the name a proxy gave it), and requests per
+//! token. Either is off when its rate is 0.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+use super::context::Client;
 use crate::config::RateLimitConfig;
 
 struct Limit<K: std::hash::Hash + Eq + Clone> {
@@ -57,11 +59,33 @@ pub struct RateLimited {
     pub window_secs: u64,
 }
 
+/// What a client's failed authentications count against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Bucket {
+    V4(Ipv4Addr),
+    /// The first 64 bits: one subscriber's network, whose addresses the
+    /// subscriber can rotate at will.
+    V6Network(u64),
+    Named(Box<str>),
+}
+
+impl Bucket {
+    fn of(client: &Client) -> Bucket {
+        match client {
+            Client::Address(ip) => match ip.to_canonical() {
+                IpAddr::V4(v4) => Bucket::V4(v4),
+                IpAddr::V6(v6) => Bucket::V6Network((u128::from(v6) >> 64) as u64),
+            },
+            Client::Named(name) => Bucket::Named(name.as_str().into()),
+        }
+    }
+}
+
 /// The server's rate limits.
 pub struct RateLimits {
-    failed_auth: Option<Limit<IpAddr>>,
-    /// Addresses that used up their failed authentications, until when.
-    blocked: quick_cache::sync::Cache<IpAddr, Instant>,
+    failed_auth: Option<Limit<Bucket>>,
+    /// Clients that used up their failed authentications, until when.
+    blocked: quick_cache::sync::Cache<Bucket, Instant>,
     per_token: Option<Limit<String>>,
 }
 
@@ -85,13 +109,13 @@ impl RateLimits {
         }
     }
 
-    /// Refuses an address that has used up its failed authentications,
+    /// Refuses a client that has used up its failed authentications,
     /// before its token is even looked at.
-    pub fn check_address(&self, address: Option<IpAddr>) -> Result<(), RateLimited> {
-        let (Some(limit), Some(address)) = (&self.failed_auth, address) else {
+    pub fn check_address(&self, client: Option<&Client>) -> Result<(), RateLimited> {
+        let (Some(limit), Some(client)) = (&self.failed_auth, client) else {
             return Ok(());
         };
-        match self.blocked.get(&address) {
+        match self.blocked.get(&Bucket::of(client)) {
             Some(until) if until > Instant::now() => {
                 Err(limit.error(FAILED_AUTH, until - Instant::now()))
             }
@@ -99,14 +123,15 @@ impl RateLimits {
         }
     }
 
-    /// Counts a failed authentication; past the limit, the address is
+    /// Counts a failed authentication; past the limit, the client is
     /// blocked and this request is answered 429 too.
-    pub fn failed_authentication(&self, address: Option<IpAddr>) -> Option<RateLimited> {
-        let (Some(limit), Some(address)) = (&self.failed_auth, address) else {
+    pub fn failed_authentication(&self, client: Option<&Client>) -> Option<RateLimited> {
+        let (Some(limit), Some(client)) = (&self.failed_auth, client) else {
             return None;
         };
-        let wait = limit.take(&address).err()?;
-        self.blocked.insert(address, Instant::now() + wait);
+        let bucket = Bucket::of(client);
+        let wait = limit.take(&bucket).err()?;
+        self.blocked.insert(bucket, Instant::now() + wait);
         Some(limit.error(FAILED_AUTH, wait))
     }
 
@@ -131,5 +156,53 @@ impl RateLimits {
         for limit in self.per_token.iter() {
             limit.limiter.retain_recent();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bucket(address: &str) -> Bucket {
+        Bucket::of(&Client::Address(address.parse().unwrap()))
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64_and_ipv4_per_address() {
+        assert_eq!(
+            bucket("2001:db8:1:2::1"),
+            bucket("2001:db8:1:2:ffff:ffff:ffff:ffff")
+        );
+        assert_ne!(bucket("2001:db8:1:2::1"), bucket("2001:db8:1:3::1"));
+        assert_ne!(bucket("203.0.113.7"), bucket("203.0.113.8"));
+        assert_eq!(bucket("::ffff:203.0.113.7"), bucket("203.0.113.7"));
+        assert_eq!(
+            Bucket::of(&Client::Named("unknown".into())),
+            Bucket::Named("unknown".into())
+        );
+    }
+
+    #[test]
+    fn rotating_addresses_in_one_64_share_one_failed_authentication_budget() {
+        let limits = RateLimits::new(&RateLimitConfig {
+            failed_auth_per_minute: 60,
+            failed_auth_burst: 2,
+            per_token_per_second: 0,
+            per_token_burst: 0,
+            trusted_proxies: vec![],
+        });
+        let from = |address: &str| Client::Address(address.parse().unwrap());
+
+        assert!(limits
+            .failed_authentication(Some(&from("2001:db8::1")))
+            .is_none());
+        assert!(limits
+            .failed_authentication(Some(&from("2001:db8::2")))
+            .is_none());
+        let tripped = limits.failed_authentication(Some(&from("2001:db8::3")));
+
+        assert!(tripped.is_some());
+        assert!(limits.check_address(Some(&from("2001:db8::4"))).is_err());
+        assert!(limits.check_address(Some(&from("2001:db8:0:1::1"))).is_ok());
     }
 }

@@ -608,3 +608,17 @@ fn sigterm_ends_open_streams_within_the_shutdown_timeout() {
         }
     });
 }
+
+#[tokio::test]
+async fn an_event_carries_the_request_id_the_response_gave_when_the_client_sent_none() {
+    let app = spawn_app().await;
+
+    let response = app.link_as_admin("u-1", "okta", "r-1").await;
+
+    let given = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let recorded = all_events(&app).await;
+    assert_eq!(recorded[0]["request_id"], given.as_str());
+}

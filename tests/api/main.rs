@@ -7,6 +7,7 @@ mod amplification;
 mod auth;
 mod cli;
 mod config;
+mod connections;
 mod crash;
 mod delete;
 mod errors;

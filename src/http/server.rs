@@ -1,0 +1,732 @@
+//! The accept loop: serves the app over HTTP/1.1 with hyper, one task per
+//! connection, with what warp's own server lacks — timeouts for a request's
+//! head, its body and an idle keep-alive connection, a limit on connections
+//! below the file limit, an accept loop that backs off instead of spinning,
+//! and a shutdown that closes idle and stalled connections at once.
+//!
+//! Each connection has a [`Connection`] record of what it is doing (its
+//! [`Phase`]); the socket wrapper, the request and response bodies and the
+//! connection's own task keep it current, and the task closes the
+//! connection when the phase's deadline passes.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+use warp::http::header::{HeaderValue, CONNECTION};
+use warp::http::{Request, Uri};
+use warp::reply::Response;
+
+use super::context::RequestId;
+use crate::config::ServerConfig;
+
+/// Clients past `max_connections` wait in the kernel's accept queue; this
+/// deep (the kernel may cap it at `net.core.somaxconn`), not std's 128.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Files kept free beside the connections: the database's files and the
+/// ones it opens later (journals, backups), the log, PostgreSQL sockets.
+const SPARE_FILES: u64 = 64;
+
+/// How long the accept loop waits after an error that is not one client's
+/// (out of files or memory) before it tries again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At most one log line per this period about failing `accept`s.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// At shutdown, a body still arriving gets this much longer, so that a
+/// request half sent at the signal can finish while a trickled one cannot
+/// hold the shutdown.
+const SHUTDOWN_BODY_GRACE: Duration = Duration::from_secs(1);
+
+/// The TCP peer of the connection a request came on (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerAddr(pub SocketAddr);
+
+/// A request body that did not arrive in time (the error its body stream
+/// yields); the request is answered 408 and its connection closed.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the body did not arrive within {} s", .0.as_secs())]
+pub(crate) struct BodyTimedOut(pub Duration);
+
+/// How the server treats connections, from `[server]`.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// A request's head must be in by then (from the connection's start
+    /// for its first request, from the first byte for later ones).
+    pub header_read_timeout: Duration,
+    /// An idle connection waits this long for its next request.
+    pub keep_alive_timeout: Duration,
+    /// A request's body must be in this long after its head.
+    pub body_timeout: Duration,
+    /// Connections served at once, already below the file limit.
+    pub max_connections: usize,
+    /// How long requests in their handlers may take to finish at shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl Settings {
+    /// The settings from the config, with the soft file limit raised to the
+    /// hard one and `max_connections` lowered to fit under it.
+    pub(crate) fn from_config(config: &ServerConfig) -> anyhow::Result<Settings> {
+        let files = raise_file_limit();
+        let open = open_files();
+        let max_connections =
+            connection_limit(config.max_connections, files, open).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the file limit ({files}, with {open} open) leaves no room for connections: \
+                     raise it (ulimit -n, or LimitNOFILE= in a systemd unit)"
+                )
+            })?;
+        if max_connections < config.max_connections {
+            tracing::warn!(
+                configured = config.max_connections,
+                serving = max_connections,
+                file_limit = files,
+                "server.max_connections lowered to fit the file limit; raise the limit (ulimit -n, LimitNOFILE=) to serve more"
+            );
+        }
+        Ok(Settings {
+            header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+            keep_alive_timeout: Duration::from_secs(config.keep_alive_timeout_secs),
+            body_timeout: Duration::from_secs(config.body_timeout_secs),
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
+        })
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit; returns the soft
+/// limit in force.
+fn raise_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// The files this process has open now (a guess where /proc is missing).
+fn open_files() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(32, |entries| entries.count() as u64)
+}
+
+/// The connections to serve at once: as configured, but leaving the files
+/// already open and `SPARE_FILES` free; `None` when nothing is left.
+fn connection_limit(configured: u64, file_limit: u64, open: u64) -> Option<u64> {
+    let room = file_limit.saturating_sub(open.saturating_add(SPARE_FILES));
+    Some(configured.min(room)).filter(|n| *n > 0)
+}
+
+/// Binds `addr` with a deep accept queue.
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As std does: a restarted server can bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Serves `app` (`warp::service` of the app's filter) on `listener` until
+/// `shutdown` completes; then stops accepting, closes idle and stalled
+/// connections, and waits up to `shutdown_timeout` for requests in their
+/// handlers before dropping them.
+pub(crate) async fn serve<S>(
+    listener: TcpListener,
+    app: S,
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: Service<Request<TimedBody>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let settings = Arc::new(settings);
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let (stop, stopping) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut errors = AcceptErrors::default();
+    tokio::pin!(shutdown);
+    loop {
+        // Past the limit, stop accepting: new clients wait in the accept queue.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        while connections.try_join_next().is_some() {}
+        match accepted {
+            Ok((stream, peer)) => {
+                let connection = serve_connection(
+                    stream,
+                    peer,
+                    app.clone(),
+                    settings.clone(),
+                    stopping.clone(),
+                );
+                connections.spawn(async move {
+                    connection.await;
+                    drop(slot);
+                });
+            }
+            // One client's trouble (it reset before we accepted): next.
+            Err(error) if is_one_clients(&error) => {}
+            // Out of files or memory: every retry would fail alike, so wait
+            // for connections to close rather than spin.
+            Err(error) => {
+                if let Some(since) = errors.record(Instant::now()) {
+                    tracing::warn!(
+                        error = %error,
+                        failures_since_last_report = since,
+                        "cannot accept connections; retrying every {ACCEPT_BACKOFF:?} (raise the file limit or lower server.max_connections)"
+                    );
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    () = &mut shutdown => break,
+                }
+            }
+        }
+    }
+    // New clients are refused from here on.
+    drop(listener);
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(settings.shutdown_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "in-flight requests did not finish in {:?}; stopping anyway",
+            settings.shutdown_timeout
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// Whether an `accept` error is about one client only, so the next
+/// `accept` may well succeed.
+fn is_one_clients(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
+    )
+}
+
+/// Counts `accept` failures so that they are logged once per
+/// `ACCEPT_LOG_EVERY`, not once each.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptErrors {
+    /// Records a failure; returns how many there were since the last log
+    /// line when this one should be logged.
+    fn record(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self
+            .last_logged
+            .is_some_and(|last| now.duration_since(last) < ACCEPT_LOG_EVERY)
+        {
+            return None;
+        }
+        self.last_logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+/// What a connection is doing, which decides when it is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No request under way: since the connection opened (`first`), or
+    /// since the last response.
+    Waiting { since: Instant, first: bool },
+    /// A request's head is arriving; it is due `header_read_timeout` after
+    /// `since` (the connection's start for a first request).
+    ReadingHead { since: Instant },
+    /// A request is in its handler or its response is being written (its
+    /// body has its own deadline).
+    Busy,
+}
+
+impl Phase {
+    /// When the connection is closed if nothing happens first.
+    fn deadline(self, settings: &Settings) -> Option<Instant> {
+        match self {
+            Phase::Waiting { since, first: true } | Phase::ReadingHead { since } => {
+                Some(since + settings.header_read_timeout)
+            }
+            Phase::Waiting {
+                since,
+                first: false,
+            } => Some(since + settings.keep_alive_timeout),
+            Phase::Busy => None,
+        }
+    }
+
+    /// Bytes arrived from the client.
+    fn on_bytes(self, now: Instant) -> Phase {
+        match self {
+            Phase::Waiting { since, first: true } => Phase::ReadingHead { since },
+            Phase::Waiting { first: false, .. } => Phase::ReadingHead { since: now },
+            other => other,
+        }
+    }
+}
+
+/// One connection's shared record: its phase, and what shutdown and the
+/// body timeout need to tell each other.
+#[derive(Debug)]
+struct Connection {
+    phase: Mutex<Phase>,
+    /// Wakes the connection's task when the phase changes its deadline.
+    changed: Notify,
+    /// When shutdown began, if it has.
+    stopping_since: Mutex<Option<Instant>>,
+    /// The request body waiting for bytes, to wake when shutdown begins.
+    body_waiting: Mutex<Option<Waker>>,
+    /// A body timed out: the connection closes after its answer.
+    body_timed_out: AtomicBool,
+}
+
+impl Connection {
+    fn new(now: Instant) -> Connection {
+        Connection {
+            phase: Mutex::new(Phase::Waiting {
+                since: now,
+                first: true,
+            }),
+            changed: Notify::new(),
+            stopping_since: Mutex::new(None),
+            body_waiting: Mutex::new(None),
+            body_timed_out: AtomicBool::new(false),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        *lock(&self.phase)
+    }
+
+    fn set_phase(&self, change: impl FnOnce(Phase) -> Phase) {
+        let mut phase = lock(&self.phase);
+        let next = change(*phase);
+        if next != *phase {
+            *phase = next;
+            self.changed.notify_one();
+        }
+    }
+
+    fn begin_stopping(&self, now: Instant) {
+        *lock(&self.stopping_since) = Some(now);
+        if let Some(body) = lock(&self.body_waiting).take() {
+            body.wake();
+        }
+    }
+
+    fn stopping_since(&self) -> Option<Instant> {
+        *lock(&self.stopping_since)
+    }
+}
+
+/// The data behind a lock; a panic while holding one of these leaves no
+/// half-made change, so poisoning is ignored.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Serves one connection until the client closes it, a deadline passes, or
+/// shutdown closes it.
+async fn serve_connection<S>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: S,
+    settings: Arc<Settings>,
+    mut stopping: watch::Receiver<bool>,
+) where
+    S: Service<Request<TimedBody>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let connection = Arc::new(Connection::new(Instant::now()));
+    let io = TokioIo::new(WatchedStream {
+        stream,
+        connection: connection.clone(),
+    });
+    let service = {
+        let connection = connection.clone();
+        let settings = settings.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            connection.set_phase(|_| Phase::Busy);
+            let request = prepare(request, peer, &settings, &connection);
+            let answer = app.clone().call(request);
+            let connection = connection.clone();
+            async move {
+                let Ok(mut response) = answer.await;
+                if connection.body_timed_out.load(Ordering::Relaxed) {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response.map(|body| ResponseBody {
+                    body,
+                    _sent: ResponseSent(connection),
+                }))
+            }
+        })
+    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The deadlines here replace hyper's, whose header timer also runs
+    // while a keep-alive connection waits for its next request.
+    http.header_read_timeout(None);
+    let conn = http.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut stopped = false;
+    loop {
+        let deadline = connection.phase().deadline(&settings);
+        tokio::select! {
+            served = conn.as_mut() => {
+                if let Err(error) = served {
+                    tracing::debug!(%peer, error = %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = connection.changed.notified() => {}
+            () = sleep_until(deadline) => {
+                let now = Instant::now();
+                if connection.phase().deadline(&settings).is_some_and(|due| due <= now) {
+                    tracing::debug!(%peer, phase = ?connection.phase(), "connection timed out");
+                    return;
+                }
+            }
+            _ = stopping.changed(), if !stopped => {
+                stopped = true;
+                connection.begin_stopping(Instant::now());
+                // After the response in hand, if any, the connection closes.
+                conn.as_mut().graceful_shutdown();
+                if connection.phase() != Phase::Busy {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Readies a request for the app: its peer, a target warp can route, and
+/// a body with a deadline.
+fn prepare(
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    settings: &Settings,
+    connection: &Arc<Connection>,
+) -> Request<TimedBody> {
+    request.extensions_mut().insert(PeerAddr(peer));
+    // Decided once, so the response, the log line and the change feed agree.
+    let id = RequestId::choose(request.headers().get("x-request-id"));
+    request.extensions_mut().insert(id);
+    // An authority-form target (`CONNECT host:port`) has no path, and
+    // warp's `path::full()` panics on it; give it the root path, which the
+    // app then refuses.
+    if request.uri().path_and_query().is_none() {
+        *request.uri_mut() = Uri::from_static("/");
+    }
+    let timeout = settings.body_timeout;
+    request.map(|body| TimedBody {
+        body,
+        due: Instant::now() + timeout,
+        timeout,
+        timer: None,
+        connection: connection.clone(),
+    })
+}
+
+/// A request body that must arrive by `due` (or soon after shutdown
+/// begins); late, it ends with [`BodyTimedOut`].
+pub(crate) struct TimedBody {
+    body: Incoming,
+    due: Instant,
+    timeout: Duration,
+    /// Made on the first wait only: most requests have no body to wait for.
+    timer: Option<Pin<Box<Sleep>>>,
+    connection: Arc<Connection>,
+}
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => return Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {}
+        }
+        // Registered before looking, so that a shutdown beginning in
+        // between still wakes this body.
+        *lock(&this.connection.body_waiting) = Some(cx.waker().clone());
+        let due = match this.connection.stopping_since() {
+            Some(since) => this.due.min(since + SHUTDOWN_BODY_GRACE),
+            None => this.due,
+        };
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                this.connection
+                    .body_timed_out
+                    .store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(Box::new(BodyTimedOut(this.timeout)))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A response body that, once hyper is done with it, starts the
+/// connection's keep-alive wait.
+struct ResponseBody<B> {
+    body: B,
+    _sent: ResponseSent,
+}
+
+impl<B: Body + Unpin> Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+struct ResponseSent(Arc<Connection>);
+
+impl Drop for ResponseSent {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        self.0.set_phase(|_| Phase::Waiting {
+            since: now,
+            first: false,
+        });
+    }
+}
+
+/// The socket, noting when a request's first bytes arrive.
+struct WatchedStream {
+    stream: TcpStream,
+    connection: Arc<Connection>,
+}
+
+impl AsyncRead for WatchedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let now = Instant::now();
+            this.connection.set_phase(|phase| phase.on_bytes(now));
+        }
+        read
+    }
+}
+
+impl AsyncWrite for WatchedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(75),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 16,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn a_first_request_has_the_header_timeout_from_the_connections_start() {
+        let start = Instant::now();
+        let later = start + Duration::from_secs(5);
+        let fresh = Phase::Waiting {
+            since: start,
+            first: true,
+        };
+
+        let reading = fresh.on_bytes(later);
+
+        assert_eq!(
+            fresh.deadline(&settings()),
+            Some(start + Duration::from_secs(10))
+        );
+        assert_eq!(
+            reading.deadline(&settings()),
+            Some(start + Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn a_kept_alive_connection_waits_the_keep_alive_timeout_then_the_header_timeout() {
+        let done = Instant::now();
+        let idle = Phase::Waiting {
+            since: done,
+            first: false,
+        };
+        let next = done + Duration::from_secs(60);
+
+        assert_eq!(
+            idle.deadline(&settings()),
+            Some(done + Duration::from_secs(75))
+        );
+        assert_eq!(
+            idle.on_bytes(next).deadline(&settings()),
+            Some(next + Duration::from_secs(10))
+        );
+        assert_eq!(Phase::Busy.deadline(&settings()), None);
+        assert_eq!(Phase::Busy.on_bytes(next), Phase::Busy);
+    }
+
+    #[test]
+    fn connections_leave_the_open_files_and_spares_free() {
+        assert_eq!(connection_limit(1024, 1_048_576, 20), Some(1024));
+        assert_eq!(
+            connection_limit(1024, 1024, 20),
+            Some(1024 - 20 - SPARE_FILES)
+        );
+        assert_eq!(connection_limit(1024, 80, 20), None);
+        assert_eq!(connection_limit(0, 4096, 20), None);
+    }
+
+    #[test]
+    fn accept_failures_are_logged_once_per_period_with_a_count() {
+        let mut errors = AcceptErrors::default();
+        let start = Instant::now();
+
+        let first = errors.record(start);
+        let quiet: Vec<_> = (1..50)
+            .map(|i| errors.record(start + Duration::from_millis(100 * i)))
+            .collect();
+        let next = errors.record(start + ACCEPT_LOG_EVERY);
+
+        assert_eq!(first, Some(1));
+        assert!(quiet.iter().all(Option::is_none));
+        assert_eq!(next, Some(50));
+    }
+
+    #[test]
+    fn only_one_clients_accept_errors_are_retried_at_once() {
+        use std::io::{Error, ErrorKind};
+        assert!(is_one_clients(&Error::from(ErrorKind::ConnectionAborted)));
+        assert!(!is_one_clients(&Error::from_raw_os_error(libc::EMFILE)));
+        assert!(!is_one_clients(&Error::from_raw_os_error(libc::ENFILE)));
+        assert!(!is_one_clients(&Error::from_raw_os_error(libc::ENOBUFS)));
+    }
+}
