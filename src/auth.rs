@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -17,7 +17,7 @@ use biscuit_auth::{
     AuthorizerBuilder, AuthorizerLimits, Biscuit, BlockBuilder, KeyPair, PublicKey,
 };
 
-use crate::config::{AuthConfig, ConfigError};
+use crate::config::{AuthConfig, ConfigError, Problem};
 pub use crate::domain::Right;
 
 /// Why a request's token was not accepted.
@@ -57,44 +57,63 @@ pub struct RootKey {
 }
 
 impl RootKey {
-    /// Loads the key from the config, generating the key file on first use
-    /// when neither `auth.public_key` nor the key file exists.
-    pub fn load_or_create(config: &AuthConfig) -> anyhow::Result<RootKey> {
+    /// Reads the configured key without creating anything: `None` when
+    /// neither `auth.public_key` nor the key file exists yet. A key file
+    /// that cannot be used is a configuration problem, every reason named.
+    pub fn load(config: &AuthConfig) -> Result<Option<RootKey>, ConfigError> {
         let path = &config.private_key_file;
         let configured_public = config
             .public_key
             .as_deref()
             .map(|text| {
-                text.parse::<PublicKey>()
-                    .map_err(|e| anyhow::anyhow!("auth.public_key is not a public key: {e}"))
+                text.parse::<PublicKey>().map_err(|e| {
+                    ConfigError::one(Problem::new(
+                        "auth.public_key",
+                        format!("is not a public key ({e})"),
+                        "use the text form \"ed25519/<64 hex digits>\"",
+                    ))
+                })
             })
             .transpose()?;
         let keypair = if !path.as_os_str().is_empty() && path.exists() {
-            Some(read_key_file(path)?)
+            Some(read_key_file(path).map_err(ConfigError::one)?)
         } else {
             None
         };
-        match (configured_public, keypair) {
-            (Some(public), keypair) => Ok(RootKey {
+        Ok(match (configured_public, keypair) {
+            (Some(public), keypair) => Some(RootKey {
                 public,
                 keypair,
                 generated: None,
             }),
-            (None, Some(keypair)) => Ok(RootKey {
+            (None, Some(keypair)) => Some(RootKey {
                 public: keypair.public(),
                 keypair: Some(keypair),
                 generated: None,
             }),
-            (None, None) => {
-                let keypair = KeyPair::new();
-                write_key_file(path, &keypair)?;
-                Ok(RootKey {
-                    public: keypair.public(),
-                    keypair: Some(keypair),
-                    generated: Some(path.clone()),
-                })
-            }
+            (None, None) => None,
+        })
+    }
+
+    /// Loads the key from the config, generating the key file on first use
+    /// when neither `auth.public_key` nor the key file exists. Processes
+    /// that start together agree: the first key put in place is everyone's.
+    pub fn load_or_create(config: &AuthConfig) -> anyhow::Result<RootKey> {
+        if let Some(key) = Self::load(config)? {
+            return Ok(key);
         }
+        let path = &config.private_key_file;
+        let placed = write_key_file(path, &KeyPair::new())?;
+        let key = Self::load(config)?.with_context(|| {
+            format!(
+                "auth.private_key_file {} vanished as it was created",
+                path.display()
+            )
+        })?;
+        Ok(RootKey {
+            generated: placed.then(|| path.clone()),
+            ..key
+        })
     }
 
     /// The key pair, or why tokens cannot be minted here.
@@ -106,57 +125,84 @@ impl RootKey {
     }
 }
 
-fn read_key_file(path: &Path) -> anyhow::Result<KeyPair> {
-    // As ssh does: a private key others can read is refused, not used.
-    let mode = fs::metadata(path)
-        .with_context(|| format!("cannot read auth.private_key_file {}", path.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(ConfigError {
-            problems: vec![format!(
-                "auth.private_key_file {} is readable by group or others (mode {:o}): run `chmod 600 {}`",
-                path.display(),
-                mode & 0o777,
-                path.display()
-            )],
-        }
-        .into());
-    }
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("cannot read auth.private_key_file {}", path.display()))?;
+/// Reads a key file, or says what is wrong with it.
+fn read_key_file(path: &Path) -> Result<KeyPair, Problem> {
+    const KEY: &str = "auth.private_key_file";
+    let shown = path.display();
+    let unreadable = |e: std::io::Error| {
+        Problem::new(
+            KEY,
+            format!("{shown} cannot be read ({e})"),
+            "let the server's user read it (chown, or chmod 600 as its owner)",
+        )
+    };
+    let mode = fs::metadata(path).map_err(unreadable)?.permissions().mode();
+    let bytes = fs::read(path).map_err(unreadable)?;
+    let text = String::from_utf8_lossy(&bytes);
     let text = text.trim();
     // The prefixed form is what we write; bare hex is what other tools print.
-    let private = text
-        .parse::<biscuit_auth::PrivateKey>()
-        .or_else(|_| {
-            biscuit_auth::PrivateKey::from_bytes_hex(text, biscuit_auth::builder::Algorithm::Ed25519)
-        })
-        .map_err(|_| {
-        anyhow::anyhow!(
-            "auth.private_key_file {} does not hold a private key in the form \"ed25519-private/<hex>\" (or 64 hex digits)",
-            path.display()
-        )
-    })?;
+    let private = text.parse::<biscuit_auth::PrivateKey>().or_else(|_| {
+        biscuit_auth::PrivateKey::from_bytes_hex(text, biscuit_auth::builder::Algorithm::Ed25519)
+    });
+    let Ok(private) = private else {
+        // Not a key at all: its mode is beside the point (no `chmod` advice
+        // for /etc/passwd).
+        return Err(Problem::new(
+            KEY,
+            format!("{shown} holds no private key"),
+            "point it at linkid's key file (\"ed25519-private/<hex>\" or 64 hex digits), or at a path where none exists yet to generate one",
+        ));
+    };
+    // As ssh does: a private key others can read is refused, not used.
+    if mode & 0o077 != 0 {
+        return Err(Problem::new(
+            KEY,
+            format!(
+                "{shown} is readable by group or others (mode {:o})",
+                mode & 0o777
+            ),
+            format!("run `chmod 600 {shown}`"),
+        ));
+    }
     Ok(KeyPair::from(&private))
 }
 
-fn write_key_file(path: &Path, keypair: &KeyPair) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the key directory {}", dir.display()))?;
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create auth.private_key_file {}", path.display()))?;
+/// Puts a new key file in place atomically: written in full to a temporary
+/// file beside it, then linked to `path` only if nothing is there. Returns
+/// whether this key was placed (false: another process's came first).
+fn write_key_file(path: &Path, keypair: &KeyPair) -> Result<bool, ConfigError> {
+    let cannot = |e: &dyn std::fmt::Display| {
+        ConfigError::one(Problem::new(
+            "auth.private_key_file",
+            format!("{} cannot be created ({e})", path.display()),
+            "point it at a path in a directory the server's user can write, or set auth.public_key",
+        ))
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| cannot(&e))?;
+    // tempfile creates it with mode 0600.
+    let mut file = tempfile::Builder::new()
+        .prefix(".root.key.")
+        .tempfile_in(dir)
+        .map_err(|e| cannot(&e))?;
     let text = keypair.private().to_prefixed_string();
-    file.write_all(text.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
-    Ok(())
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.as_file().sync_all())
+        .map_err(|e| cannot(&e))?;
+    let placed = match file.persist_noclobber(path) {
+        Ok(_) => true,
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(cannot(&e.error)),
+    };
+    // The new name must survive a crash as the key's contents do.
+    if let Ok(dir) = fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(placed)
 }
 
 /// Revocation ids (hex) the server refuses; refreshed from the database.
@@ -283,8 +329,13 @@ impl Authority {
         metrics::counter!("linkid_token_cache_misses_total").increment(1);
         let text = token;
         let token = Biscuit::from_base64(text, self.root).map_err(|e| match e {
+            // Its public key is no secret, and it shows at once which key
+            // file (or directory) the server and the minter each used.
             TokenError::Format(biscuit_auth::error::Format::Signature(_)) => {
-                AuthError::invalid("not signed by a key this server trusts")
+                AuthError::Invalid(Cow::Owned(format!(
+                    "not signed by this server's root key (it trusts {})",
+                    self.root
+                )))
             }
             _ => AuthError::invalid("malformed"),
         })?;

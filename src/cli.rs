@@ -1,13 +1,16 @@
-//! Command-line interface: `serve` (the default), `token ...` and `openapi`.
+//! Command-line interface: `serve` (the default), `token ...`, the
+//! admin commands (`check-config`, `backup`, `export`, `import`, `seed`) and
+//! `openapi`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::auth::{self, MintRequest, Right, RootKey};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::startup::{self, Application};
 use crate::store::Store;
 
@@ -104,55 +107,112 @@ pub enum TokenCommand {
         /// Restrict the token to one user's linked identities (listing providers stays allowed).
         #[arg(long, value_name = "USER_ID")]
         user: Option<String>,
-        /// Expire the token after this long, e.g. 30s, 15m, 1h, 7d (default: never).
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        /// Expire the token after this long, at least 1s, e.g. 30s, 15m, 1h, 7d (default: never).
+        #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
         ttl: Option<Duration>,
         /// Who the token is for (a person or a system); the change feed
         /// names it as each change's `subject`.
         #[arg(long, value_name = "NAME")]
         subject: Option<String>,
     },
-    /// Show a token's blocks, checks and revocation ids.
-    #[command(after_help = "Example:\n  linkid token inspect \"$TOKEN\"")]
+    /// Say whether this server accepts a token (its first line: `verdict:
+    /// valid`, `expired`, `revoked`, or signed by another key), and show its
+    /// blocks, checks and revocation ids.
+    #[command(
+        after_help = "Examples:\n  linkid token inspect - <<< \"$TOKEN\"      (stdin: the token stays out of shell history and ps)\n  linkid token inspect \"$TOKEN\""
+    )]
     Inspect {
-        /// The token (base64).
+        /// The token (base64), or `-` to read it from stdin.
         token: String,
     },
     /// Revoke a token and every token attenuated from it; a running server
     /// refuses it within a second.
-    #[command(after_help = "Example:\n  linkid token revoke \"$TOKEN\"")]
+    #[command(
+        after_help = "Examples:\n  linkid token revoke - <<< \"$TOKEN\"       (stdin: the token stays out of shell history and ps)\n  linkid token revoke \"$TOKEN\""
+    )]
     Revoke {
-        /// The token (base64).
+        /// The token (base64), or `-` to read it from stdin.
         token: String,
     },
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 30s, 15m, 1h, 7d)"))
+/// A token's lifetime: biscuit times are whole seconds, so anything under
+/// one second would mint a token that is expired at once.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 30s, 15m, 1h, 7d)"))?;
+    if ttl < Duration::from_secs(1) {
+        return Err(format!(
+            "{text} would mint a token that is already expired: use 1s or more, or leave --ttl out for a token that does not expire"
+        ));
+    }
+    Ok(ttl)
 }
 
-/// Runs the parsed command line.
+/// A token given on the command line, or `-` for one read from stdin
+/// (which keeps it out of shell history and `ps`).
+fn token_argument(text: String) -> anyhow::Result<String> {
+    if text != "-" {
+        return Ok(text);
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the token from stdin")?;
+    let token = line.trim().to_string();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "no token on stdin (pass one line holding the token)"
+    );
+    Ok(token)
+}
+
+/// Runs the parsed command line. A configuration problem met on the way
+/// (a key file that holds no key, say) is reported with its origin.
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    let sources = config.sources.clone();
+    run_command(cli, config)
+        .await
+        .map_err(|error| match error.downcast::<ConfigError>() {
+            Ok(problem) => problem.located(&sources).into(),
+            Err(other) => other,
+        })
+}
+
+async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
+            let checked = startup::check(&config)?;
             let linkable = config
                 .identity_providers
                 .iter()
                 .filter(|p| p.linkable)
                 .count();
             println!("configuration is valid");
+            println!("  read             {}", config.sources.read.join(", "));
             println!("  server.addr      {}", config.server.addr);
-            println!("  database.path    {}", config.database.path.display());
-            match &config.auth.public_key {
-                Some(key) => println!("  tokens verified  with auth.public_key {key}"),
-                None => println!(
-                    "  tokens verified  with the key in {}{}",
-                    config.auth.private_key_file.display(),
-                    if config.auth.private_key_file.exists() {
-                        ""
-                    } else {
-                        " (generated on first start)"
-                    }
+            let database = &checked.database;
+            println!(
+                "  database.path    {}{}",
+                config.database.path.display(),
+                match (database.exists, database.in_use_by) {
+                    (_, Some(pid)) => format!(" (in use by linkid serve, pid {pid})"),
+                    (true, None) => String::new(),
+                    (false, None) => " (created on first start)".to_string(),
+                }
+            );
+            match (&checked.key, &config.auth.public_key) {
+                (Some(key), Some(_)) => {
+                    println!("  tokens verified  with auth.public_key {}", key.public)
+                }
+                (Some(key), None) => println!(
+                    "  tokens verified  with {} from {}",
+                    key.public,
+                    config.auth.private_key_file.display()
+                ),
+                (None, _) => println!(
+                    "  tokens verified  with the key in {} (generated on first start)",
+                    config.auth.private_key_file.display()
                 ),
             }
             println!(
@@ -205,7 +265,15 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             eprintln!("exported {written} links");
             Ok(())
         }
-        Command::Import { file, dry_run } => run_import(&config, &file, dry_run).await,
+        Command::Import { file, dry_run } => {
+            let report = import_file(&config, &file, dry_run).await?;
+            if dry_run {
+                println!("dry run, nothing applied: would have {}", report.summary());
+            } else {
+                println!("{}", report.summary());
+            }
+            Ok(())
+        }
         Command::Seed { links } => {
             let providers: Vec<String> = config
                 .identity_providers
@@ -232,10 +300,6 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
 }
 
 async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
-    let key = RootKey::load_or_create(&config.auth)?;
-    if let Some(path) = &key.generated {
-        eprintln!("generated a new root key at {} (mode 0600)", path.display());
-    }
     match command {
         TokenCommand::Mint {
             admin,
@@ -244,6 +308,10 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
             ttl,
             subject,
         } => {
+            let key = RootKey::load_or_create(&config.auth)?;
+            if let Some(path) = &key.generated {
+                eprintln!("generated a new root key at {} (mode 0600)", path.display());
+            }
             let request = MintRequest {
                 admin,
                 rights: rights.iter().filter_map(|r| Right::parse(r)).collect(),
@@ -253,8 +321,36 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
             };
             println!("{}", auth::mint(key.signing_key()?, &request)?);
         }
-        TokenCommand::Inspect { token } => print!("{}", auth::inspect(key.public, &token)?),
+        TokenCommand::Inspect { token } => {
+            let token = token_argument(token)?;
+            let key = existing_key(config)?;
+            let revoked = Arc::new(auth::RevocationList::default());
+            let database = match Store::open_existing(&config.database).await? {
+                Some(store) => {
+                    let (ids, _) = store.revoked_since(0).await?;
+                    store.close().await;
+                    revoked.extend(ids);
+                    format!("revocations in {}", config.database.path.display())
+                }
+                None => format!(
+                    "no database yet at {}, so nothing is revoked",
+                    config.database.path.display()
+                ),
+            };
+            let authority = auth::Authority::new(key.public, revoked, 1);
+            let verdict = authority.authenticate(Some(format!("Bearer {token}").as_bytes()));
+            let shown = auth::inspect(key.public, &token)?;
+            match &verdict {
+                Ok(_) => println!("verdict: valid"),
+                Err(auth::AuthError::Invalid(why)) => println!("verdict: {why}"),
+                Err(other) => println!("verdict: {other}"),
+            }
+            println!("checked against: root key {} and {database}", key.public);
+            print!("{shown}");
+        }
         TokenCommand::Revoke { token } => {
+            let token = token_argument(token)?;
+            let key = existing_key(config)?;
             let ids = auth::revocation_ids(key.public, &token)?;
             // The last block's id belongs to this token and to every token
             // attenuated from it, and to no token it was attenuated from.
@@ -272,6 +368,17 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
     Ok(())
 }
 
+/// The root key, which must exist already: no token can be valid (or
+/// revoked) for a key that is only now generated.
+fn existing_key(config: &Config) -> anyhow::Result<RootKey> {
+    RootKey::load(&config.auth)?.with_context(|| {
+        format!(
+            "there is no root key yet at auth.private_key_file {}, so no token is valid here (`linkid token mint` or `linkid serve` generates it)",
+            config.auth.private_key_file.display()
+        )
+    })
+}
+
 /// Creates a new file only this user can read (exports hold personal data).
 fn create_private(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -283,7 +390,13 @@ fn create_private(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
         .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))
 }
 
-async fn run_import(config: &Config, file: &std::path::Path, dry_run: bool) -> anyhow::Result<()> {
+/// Applies a JSON Lines file of links (`-`: stdin) as one transaction,
+/// reporting every problem on stderr; an error when there were any.
+async fn import_file(
+    config: &Config,
+    file: &std::path::Path,
+    dry_run: bool,
+) -> anyhow::Result<crate::store::transfer::ImportReport> {
     use std::io::IsTerminal;
     let (source, size): (crate::store::transfer::Source, Option<u64>) = if file.as_os_str() == "-" {
         (Box::new(std::io::BufReader::new(std::io::stdin())), None)
@@ -338,10 +451,5 @@ async fn run_import(config: &Config, file: &std::path::Path, dry_run: bool) -> a
             report.summary()
         );
     }
-    if dry_run {
-        println!("dry run, nothing applied: would have {}", report.summary());
-    } else {
-        println!("{}", report.summary());
-    }
-    Ok(())
+    Ok(report)
 }

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Protocol;
 
+mod problem;
+
+pub use problem::{ConfigError, Origin, Problem, Sources};
+
 /// The shipped `config.toml`, which is also the built-in defaults layer.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
 
@@ -31,6 +35,9 @@ pub struct Config {
     pub events: EventsConfig,
     #[serde(default)]
     pub identity_providers: Vec<IdentityProviderConfig>,
+    /// Where the configuration came from, for messages and the start-up log.
+    #[serde(skip)]
+    pub sources: Sources,
 }
 
 /// `[events]`: the change feed.
@@ -83,7 +90,7 @@ pub struct CorsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    pub addr: SocketAddr,
+    pub addr: ListenAddr,
     /// On shutdown, how long requests in their handlers may take to finish.
     pub shutdown_timeout_secs: u64,
     /// How long a client may take to send a request's headers.
@@ -94,6 +101,95 @@ pub struct ServerConfig {
     pub body_timeout_secs: u64,
     /// Connections served at once (clamped below the process's file limit).
     pub max_connections: u64,
+}
+
+/// `server.addr`: an IP address and port, or a host name and port resolved
+/// once, when the configuration is read (its first IPv4 address, else its
+/// first IPv6 one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr {
+    written: String,
+    resolved: SocketAddr,
+}
+
+impl ListenAddr {
+    /// The address to listen on.
+    pub fn socket_addr(&self) -> SocketAddr {
+        self.resolved
+    }
+}
+
+impl std::str::FromStr for ListenAddr {
+    /// `what is wrong — the fix`.
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ListenAddr, String> {
+        let written = text.to_string();
+        if let Ok(resolved) = text.parse::<SocketAddr>() {
+            return Ok(ListenAddr { written, resolved });
+        }
+        let example = |port: &str| {
+            format!("use an IP address, e.g. 127.0.0.1:{port} for this machine only or 0.0.0.0:{port} for every interface")
+        };
+        let Some((host, port)) = text.rsplit_once(':') else {
+            return Err(format!("`{text}` has no port — {}", example("8080")));
+        };
+        let Ok(port_number) = port.parse::<u16>() else {
+            return Err(format!(
+                "`{text}` does not end in a port number (0-65535) — {}",
+                example("8080")
+            ));
+        };
+        if host.is_empty() || host.starts_with('[') {
+            return Err(format!("`{text}` is not an address — {}", example(port)));
+        }
+        use std::net::ToSocketAddrs;
+        let addrs: Vec<SocketAddr> = (host, port_number)
+            .to_socket_addrs()
+            .map_err(|e| {
+                format!(
+                    "the host name in `{text}` does not resolve ({e}) — {}",
+                    example(port)
+                )
+            })?
+            .collect();
+        let resolved = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| {
+                format!(
+                    "the host name in `{text}` has no address — {}",
+                    example(port)
+                )
+            })?;
+        Ok(ListenAddr { written, resolved })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.written.parse::<SocketAddr>() == Ok(self.resolved) {
+            write!(f, "{}", self.resolved)
+        } else {
+            write!(f, "{} (resolves to {})", self.written, self.resolved)
+        }
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.written)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// `[database]`
@@ -146,23 +242,23 @@ fn default_linkable() -> bool {
     true
 }
 
-/// Every problem found in a configuration, each naming its key.
-#[derive(Debug)]
-pub struct ConfigError {
-    pub problems: Vec<String>,
-}
+/// The built-in defaults as a layer of their own, so that messages can name them.
+struct BuiltIn;
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration:")?;
-        for problem in &self.problems {
-            writeln!(f, "  - {problem}")?;
-        }
-        Ok(())
+impl figment::Provider for BuiltIn {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(problem::BUILT_IN)
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Toml::string(DEFAULT_CONFIG_TOML).data()
     }
 }
 
-impl std::error::Error for ConfigError {}
+/// The levels `log.level` takes, alone or per target (`warn,linkid=debug`).
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
 impl Config {
     /// Reads the layers. `path` is the `--config` option; `LINKID_CONFIG` is
@@ -171,48 +267,111 @@ impl Config {
         let named = path
             .map(Path::to_path_buf)
             .or_else(|| std::env::var_os("LINKID_CONFIG").map(PathBuf::from));
-        let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML));
-        match named {
+        let mut read = vec![problem::BUILT_IN.to_string()];
+        let mut figment = Figment::from(BuiltIn);
+        let file = match named {
             Some(file) => {
+                let file = absolute(&file);
                 if !file.is_file() {
-                    return Err(ConfigError {
-                        problems: vec![format!(
-                            "config file {} does not exist or is not a file: pass an existing file with --config or LINKID_CONFIG",
+                    let problem = Problem::new(
+                        "",
+                        format!(
+                            "the config file {} does not exist or is not a file",
                             file.display()
-                        )],
+                        ),
+                        "pass an existing file with --config or LINKID_CONFIG",
+                    );
+                    return Err(ConfigError {
+                        read,
+                        ..ConfigError::one(problem)
                     });
                 }
-                figment = figment.merge(Toml::file_exact(file));
+                let how = if path.is_some() {
+                    "--config"
+                } else {
+                    "LINKID_CONFIG"
+                };
+                read.push(format!("{} ({how})", file.display()));
+                Some(file)
             }
             None if Path::new(DEFAULT_CONFIG_PATH).is_file() => {
-                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_PATH))
+                let file = absolute(Path::new(DEFAULT_CONFIG_PATH));
+                read.push(file.display().to_string());
+                Some(file)
             }
-            None => {}
+            None => {
+                read.push(format!(
+                    "no config file ({DEFAULT_CONFIG_PATH} is not in {})",
+                    absolute(Path::new(".")).display()
+                ));
+                None
+            }
+        };
+        if let Some(file) = &file {
+            figment = figment.merge(Toml::file_exact(file));
         }
+        let mut variables: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .filter(|name| name.starts_with("LINKID_") && name != "LINKID_CONFIG")
+            .collect();
+        variables.sort();
+        read.extend(variables);
         let figment = figment.merge(
             Env::prefixed("LINKID_")
                 .filter(|key| !key.as_str().eq_ignore_ascii_case("config"))
                 .split("__"),
         );
-        Self::from_figment(figment)
+        Self::checked(figment, read, file)
     }
 
     /// Extracts and checks a configuration from any figment (tests use this).
     pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(|errors| ConfigError {
-            problems: errors.into_iter().map(|e| e.to_string()).collect(),
-        })?;
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError { problems })
+        Self::checked(figment, Vec::new(), None)
+    }
+
+    /// Reports every problem of every layer at once (see `problem::extract`).
+    fn checked(
+        figment: Figment,
+        read: Vec<String>,
+        file: Option<PathBuf>,
+    ) -> Result<Config, ConfigError> {
+        let defaults = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+            .find_value("")
+            .expect("the built-in defaults parse");
+        let extracted = problem::extract::<Config>(&figment, &defaults);
+        let sources = Sources::new(read.clone(), file, extracted.origins);
+        let mut problems = extracted.problems;
+        if let Some(config) = &extracted.value {
+            // A mended value is the default, not the user's: checking it
+            // would only repeat the problem.
+            let mended = &extracted.mended;
+            problems.extend(config.problems().into_iter().filter(|p| {
+                !mended.iter().any(|m| {
+                    p.key == *m
+                        || p.key.starts_with(&format!("{m}."))
+                        || p.key.starts_with(&format!("{m}["))
+                })
+            }));
+        }
+        match extracted.value {
+            Some(mut config) if problems.is_empty() => {
+                config.sources = sources;
+                // Relative paths stay relative to the working directory;
+                // messages and logs show where that put them.
+                config.database.path = absolute(&config.database.path);
+                if !config.auth.private_key_file.as_os_str().is_empty() {
+                    config.auth.private_key_file = absolute(&config.auth.private_key_file);
+                }
+                Ok(config)
+            }
+            _ => Err(ConfigError { problems, read }.located(&sources)),
         }
     }
 
     /// Checks that types alone cannot express.
-    fn problems(&self) -> Vec<String> {
+    fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
+        let one_or_more = "set it to 1 or more";
         for (key, value) in [
             (
                 "server.header_read_timeout_secs",
@@ -226,58 +385,59 @@ impl Config {
             ("server.max_connections", self.server.max_connections),
         ] {
             if value == 0 {
-                problems.push(format!("{key} is 0: set it to 1 or more"));
+                problems.push(Problem::new(key, "is 0", one_or_more));
             }
         }
         if self.database.path.as_os_str().is_empty() {
-            problems.push("database.path is empty: set it to a file path".to_string());
+            problems.push(Problem::new(
+                "database.path",
+                "is empty",
+                "set it to a file path",
+            ));
         }
         if self.database.pool_size == 0 {
-            problems.push("database.pool_size is 0: set it to 1 or more".to_string());
+            problems.push(Problem::new("database.pool_size", "is 0", one_or_more));
         }
         if self.database.max_batch == 0 {
-            problems.push("database.max_batch is 0: set it to 1 or more".to_string());
+            problems.push(Problem::new("database.max_batch", "is 0", one_or_more));
         }
         if let Some(key) = &self.auth.public_key {
             if let Err(e) = key.parse::<biscuit_auth::PublicKey>() {
-                problems.push(format!(
-                    "auth.public_key is not a public key ({e}): use the text form \"ed25519/<64 hex digits>\""
+                problems.push(Problem::new(
+                    "auth.public_key",
+                    format!("is not a public key ({e})"),
+                    "use the text form \"ed25519/<64 hex digits>\"",
                 ));
             }
         }
         if self.auth.public_key.is_none() && self.auth.private_key_file.as_os_str().is_empty() {
-            problems.push(
-                "auth.private_key_file is empty and auth.public_key is unset: set one of them"
-                    .to_string(),
-            );
-        }
-        if self
-            .log
-            .level
-            .parse::<tracing_subscriber::EnvFilter>()
-            .is_err()
-        {
-            problems.push(format!(
-                "log.level {:?} is not a level filter: use error, warn, info, debug or trace",
-                self.log.level
+            problems.push(Problem::new(
+                "auth.private_key_file",
+                "is empty and auth.public_key is unset",
+                "set one of them",
             ));
         }
+        problems.extend(log_level_problem(&self.log.level));
         if self.events.max_streams == 0 {
-            problems.push(
-                "events.max_streams is 0: set it to 1 or more (each open stream or long poll holds one)"
-                    .to_string(),
-            );
+            problems.push(Problem::new(
+                "events.max_streams",
+                "is 0",
+                "set it to 1 or more (each open stream or long poll holds one)",
+            ));
         }
         if !(1..=3600).contains(&self.events.heartbeat_secs) {
-            problems.push(format!(
-                "events.heartbeat_secs is {}: set it between 1 and 3600 (15 is usual)",
-                self.events.heartbeat_secs
+            problems.push(Problem::new(
+                "events.heartbeat_secs",
+                format!("is {}", self.events.heartbeat_secs),
+                "set it between 1 and 3600 (15 is usual)",
             ));
         }
         for (i, origin) in self.cors.allowed_origins.iter().enumerate() {
             if !is_origin(origin) {
-                problems.push(format!(
-                    "cors.allowed_origins[{i}] {origin:?} is not an origin: use scheme://host[:port], e.g. \"https://admin.example.com\""
+                problems.push(Problem::new(
+                    format!("cors.allowed_origins[{i}]"),
+                    format!("{origin:?} is not an origin"),
+                    "use scheme://host[:port], e.g. \"https://admin.example.com\"",
                 ));
             }
         }
@@ -291,25 +451,71 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, idp) in self.identity_providers.iter().enumerate() {
             if crate::domain::ProviderId::parse(&idp.id).is_err() {
-                problems.push(format!(
-                    "identity_providers[{i}].id {:?} must be 1-255 characters without control characters",
-                    idp.id
+                problems.push(Problem::new(
+                    format!("identity_providers[{i}].id"),
+                    format!("{:?} is not a provider id", idp.id),
+                    "use 1-255 characters without control characters",
                 ));
             }
             if idp.display_name.trim().is_empty() {
-                problems.push(format!(
-                    "identity_providers[{i}].display_name is empty: give the provider a name"
+                problems.push(Problem::new(
+                    format!("identity_providers[{i}].display_name"),
+                    "is empty",
+                    "give the provider a name",
                 ));
             }
             if !seen.insert(idp.id.as_str()) {
-                problems.push(format!(
-                    "identity_providers[{i}].id {:?} is used twice: provider ids must be unique",
-                    idp.id
+                problems.push(Problem::new(
+                    format!("identity_providers[{i}].id"),
+                    format!("{:?} is used twice", idp.id),
+                    "provider ids must be unique",
                 ));
             }
         }
         problems
     }
+}
+
+/// `log.level`: levels, alone or per target; a word that is not a level
+/// would parse as a target name and silently turn logging off.
+fn log_level_problem(filter: &str) -> Option<Problem> {
+    let levels = LOG_LEVELS.join(", ");
+    let fix = format!("use one of {levels} (or per target, e.g. `warn,linkid=debug`)");
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Some(Problem::new("log.level", "is empty", fix));
+    }
+    for directive in directives {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            let fix = match problem::closest(&level.to_ascii_lowercase(), &LOG_LEVELS) {
+                Some(near) => format!("did you mean `{near}`? The levels are {levels}"),
+                None => fix,
+            };
+            return Some(Problem::new(
+                "log.level",
+                format!("`{level}` is not a level"),
+                fix,
+            ));
+        }
+    }
+    if let Err(e) = filter.parse::<tracing_subscriber::EnvFilter>() {
+        return Some(Problem::new(
+            "log.level",
+            format!("`{filter}` is not a level filter ({e})"),
+            fix,
+        ));
+    }
+    None
+}
+
+/// `path` made absolute against the working directory (not resolving links).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// `scheme://host[:port]` with nothing after it.
@@ -325,20 +531,78 @@ fn is_origin(text: &str) -> bool {
         && !text.ends_with('/')
 }
 
+/// Why no file can be created at `path`, if none can: its directory must
+/// exist or be creatable, and take new files. Probed by creating (and
+/// removing) a temporary file in the nearest directory that exists, so a
+/// read-only mount or a pseudo file system such as /proc is caught too.
+pub fn creation_problem(key: &str, path: &Path) -> Option<Problem> {
+    let mut dir = path.parent();
+    while let Some(candidate) = dir {
+        let candidate = if candidate.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            candidate
+        };
+        if candidate.exists() {
+            if !candidate.is_dir() {
+                return Some(Problem::new(
+                    key,
+                    format!(
+                        "{} cannot be created: {} is not a directory",
+                        path.display(),
+                        candidate.display()
+                    ),
+                    "point it at a path in a directory",
+                ));
+            }
+            let probe = candidate.join(format!(
+                ".linkid-check-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos())
+            ));
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe);
+            return match created {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&probe);
+                    None
+                }
+                Err(e) => Some(Problem::new(
+                    key,
+                    format!(
+                        "{} cannot be created: no new file can be made in {} ({e})",
+                        path.display(),
+                        candidate.display()
+                    ),
+                    "point it at a directory the server's user can write",
+                )),
+            };
+        }
+        dir = candidate.parent();
+    }
+    None
+}
+
 /// A file the server reads or creates: if it exists it must be a readable
 /// file; if not, the nearest existing directory above it must be a directory.
-fn file_problems(key: &str, path: &Path) -> Vec<String> {
+fn file_problems(key: &str, path: &Path) -> Vec<Problem> {
     if path.exists() {
         if !path.is_file() {
-            return vec![format!(
-                "{key} {} is not a file: point it at a file path",
-                path.display()
+            return vec![Problem::new(
+                key,
+                format!("{} is not a file", path.display()),
+                "point it at a file path",
             )];
         }
         if let Err(e) = std::fs::File::open(path) {
-            return vec![format!(
-                "{key} {} cannot be read ({e}): fix its permissions or ownership",
-                path.display()
+            return vec![Problem::new(
+                key,
+                format!("{} cannot be read ({e})", path.display()),
+                "fix its permissions or ownership",
             )];
         }
         return vec![];
@@ -352,10 +616,14 @@ fn file_problems(key: &str, path: &Path) -> Vec<String> {
         };
         if dir.exists() {
             if !dir.is_dir() {
-                return vec![format!(
-                    "{key} {} cannot be created: {} is not a directory",
-                    path.display(),
-                    dir.display()
+                return vec![Problem::new(
+                    key,
+                    format!(
+                        "{} cannot be created: {} is not a directory",
+                        path.display(),
+                        dir.display()
+                    ),
+                    "point it at a path in a directory",
                 )];
             }
             return vec![];
@@ -387,7 +655,7 @@ mod tests {
                 error
                     .problems
                     .iter()
-                    .any(|p| p.contains(&format!("server.{key} is 0"))),
+                    .any(|p| p.key == format!("server.{key}") && p.what == "is 0"),
                 "{error}"
             );
         }

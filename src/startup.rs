@@ -5,16 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use tokio::net::TcpListener;
 
 use crate::auth::{Authority, RevocationList, RootKey};
-use crate::config::Config;
+use crate::config::{creation_problem, Config, ConfigError, Problem};
 use crate::http::rate_limit::RateLimits;
 use crate::http::server;
 use crate::http::AppState;
-use crate::store::Store;
+use crate::store::{self, DatabaseCheck, Store};
 
 /// How often the server reads new revocations (a revoked token is refused
 /// within this period, plus one read).
@@ -34,20 +33,74 @@ pub struct Application {
     retention_days: u32,
 }
 
+/// What `check` found: everything start-up needs, short of binding.
+pub struct Checked {
+    /// The root key; `None` when the key file is still to be generated.
+    pub key: Option<RootKey>,
+    pub database: DatabaseCheck,
+}
+
+/// Every check start-up makes short of binding and serving, changing
+/// nothing: `check-config` runs it, and `Application::build` runs it first,
+/// so the two can never disagree. Every problem found is reported at once
+/// (`cli::run` says where each value came from).
+pub fn check(config: &Config) -> Result<Checked, ConfigError> {
+    let mut problems = Vec::new();
+    let key = match RootKey::load(&config.auth) {
+        Ok(Some(key)) => Some(key),
+        Ok(None) => {
+            problems.extend(creation_problem(
+                "auth.private_key_file",
+                &config.auth.private_key_file,
+            ));
+            None
+        }
+        Err(e) => {
+            problems.extend(e.problems);
+            None
+        }
+    };
+    let database = store::check(&config.database)
+        .map_err(|e| problems.extend(e.problems))
+        .ok();
+    match database {
+        Some(database) if problems.is_empty() => Ok(Checked { key, database }),
+        _ => Err(ConfigError {
+            problems,
+            read: Vec::new(),
+        }),
+    }
+}
+
 impl Application {
-    /// Loads the key, opens the database and binds the address.
+    /// Checks the configuration (`check`), loads or generates the key,
+    /// opens the database and binds the address.
     pub async fn build(config: &Config) -> anyhow::Result<Application> {
-        let key = RootKey::load_or_create(&config.auth)?;
+        let checked = check(config)?;
+        if !config.sources.read.is_empty() {
+            tracing::info!(read = %config.sources.read.join(", "), "configuration");
+        }
+        let key = match checked.key {
+            Some(key) => key,
+            None => RootKey::load_or_create(&config.auth)?,
+        };
         if let Some(path) = &key.generated {
             tracing::info!(path = %path.display(), "generated a new root key (mode 0600); mint tokens with `linkid token mint --admin`");
         }
-        tracing::info!(public_key = %key.public, "verifying tokens with this root public key");
-        let store = Store::open(&config.database).await?;
+        match &key.keypair {
+            Some(_) => {
+                tracing::info!(public_key = %key.public, path = %config.auth.private_key_file.display(), "verifying tokens with the root key in this file")
+            }
+            None => {
+                tracing::info!(public_key = %key.public, "verifying tokens with auth.public_key")
+            }
+        }
+        let store = Store::open_serving(&config.database).await?;
         tracing::info!(database = %store.describe(), "database ready");
         let revoked = Arc::new(RevocationList::default());
         let server = server::Settings::from_config(&config.server)?;
-        let listener = server::bind(config.server.addr)
-            .with_context(|| format!("cannot listen on server.addr {}", config.server.addr))?;
+        let addr = config.server.addr.socket_addr();
+        let listener = server::bind(addr).map_err(|e| bind_error(e, config))?;
         let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
         let state = Arc::new(AppState {
             authority: Authority::new(key.public, revoked.clone(), config.auth.token_cache_size),
@@ -158,6 +211,23 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// An address in use is another process's doing (exit 1: retrying may
+/// work); any other refusal is the configuration's (exit 2).
+fn bind_error(error: std::io::Error, config: &Config) -> anyhow::Error {
+    let addr = &config.server.addr;
+    if error.kind() == std::io::ErrorKind::AddrInUse {
+        return anyhow::anyhow!(
+            "cannot listen on server.addr {addr}: another process listens there ({error}) — stop it, or choose another port (e.g. LINKID_SERVER__ADDR=127.0.0.1:9000)"
+        );
+    }
+    ConfigError::one(Problem::new(
+        "server.addr",
+        format!("cannot listen on {addr} ({error})"),
+        "use an address of this machine (0.0.0.0 for every interface), and a port above 1023 unless the server may bind low ports",
+    ))
+    .into()
 }
 
 /// How often events past `events.retention_days` are pruned.

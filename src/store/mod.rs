@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::config::DatabaseConfig;
+use crate::config::{ConfigError, DatabaseConfig};
 use crate::domain::{Actor, Event, LinkRecord, NewLink, ProviderId, UserId};
 
 pub(crate) mod sqlite;
@@ -68,6 +68,28 @@ pub(crate) fn refuse_newer(found: i64, supported: i64, database: &str) -> anyhow
         "the database at {database} has schema version {found}, newer than this linkid's schema version {supported}: run the newer linkid that wrote it (or restore a backup made by this one)"
     );
     Ok(())
+}
+
+/// What start-up will find at the database, checked without changing it.
+#[derive(Debug, Clone)]
+pub struct DatabaseCheck {
+    /// Whether the database exists yet (start-up creates it).
+    pub exists: bool,
+    /// The pid of a server using it now.
+    pub in_use_by: Option<u32>,
+}
+
+/// Checks, changing nothing, that a server could open the configured
+/// database; every problem is a configuration problem.
+pub fn check(config: &DatabaseConfig) -> Result<DatabaseCheck, ConfigError> {
+    let exists = config.path.exists();
+    match sqlite::check(&config.path) {
+        Ok(in_use_by) => Ok(DatabaseCheck { exists, in_use_by }),
+        Err(problems) => Err(ConfigError {
+            problems,
+            read: Vec::new(),
+        }),
+    }
 }
 
 /// Loads `count` synthetic links (users `seed-user-N`, spread over
@@ -149,6 +171,21 @@ impl Store {
     /// Opens the configured database, creating and upgrading its schema.
     pub async fn open(config: &DatabaseConfig) -> anyhow::Result<Store> {
         Ok(Store::Sqlite(sqlite::SqliteStore::open(config)?))
+    }
+
+    /// Opens the database for a server, which holds it until `close`: a
+    /// second server on the same SQLite file refuses to start, naming the
+    /// first one's pid. (CLI commands use `open`, beside a server.)
+    pub async fn open_serving(config: &DatabaseConfig) -> anyhow::Result<Store> {
+        Ok(Store::Sqlite(sqlite::SqliteStore::open_serving(config)?))
+    }
+
+    /// Opens the database if it exists, without creating it.
+    pub async fn open_existing(config: &DatabaseConfig) -> anyhow::Result<Option<Store>> {
+        if !config.path.exists() {
+            return Ok(None);
+        }
+        Self::open(config).await.map(Some)
     }
 
     /// Where the data lives, for people: a file path or a URL without its password.

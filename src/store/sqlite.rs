@@ -26,10 +26,11 @@ use tokio::sync::oneshot;
 use tokio::sync::watch;
 
 use super::{LinkOutcome, SearchPage, SearchQuery, StoreError};
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, Problem};
 use crate::domain::{Actor, Event, EventType, LinkRecord, NewLink, ProviderId, UserId};
 
 pub(crate) mod admin;
+pub(crate) mod lock;
 
 /// Each schema version's upgrade from the one before, in order:
 /// `MIGRATIONS[i]` makes version `i + 1`. Released versions never change.
@@ -89,6 +90,8 @@ pub struct SqliteStore {
     health: Arc<Health>,
     /// The newest committed event's seq (see `Store::newest_event`).
     newest_event: Arc<watch::Sender<i64>>,
+    /// A server's hold on the file (see `lock`); released by `close`.
+    serving: Arc<Mutex<Option<lock::ServingLock>>>,
 }
 
 /// What the writer has learned about the file and its disk; reads and
@@ -226,7 +229,22 @@ impl SqliteStore {
             path: path.to_path_buf(),
             health,
             newest_event,
+            serving: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Opens the database for a server: first takes the file's serving
+    /// lock, so that a second server on it refuses to start.
+    pub fn open_serving(config: &DatabaseConfig) -> anyhow::Result<SqliteStore> {
+        if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("cannot create the database directory {}", dir.display())
+            })?;
+        }
+        let serving = lock::ServingLock::acquire(&config.path)?;
+        let store = Self::open(config)?;
+        *store.serving.lock().unwrap_or_else(|e| e.into_inner()) = Some(serving);
+        Ok(store)
     }
 
     pub fn path(&self) -> &Path {
@@ -463,6 +481,11 @@ impl SqliteStore {
         if self.writer.send(Message::Close(done)).is_ok() {
             let _ = closed.await;
         }
+        // The next server may start as soon as this one has checkpointed.
+        self.serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
@@ -473,6 +496,83 @@ impl SqliteStore {
         answer
             .await
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+    }
+}
+
+/// Checks, changing nothing, that a server could open the database at
+/// `path`: an existing file must be a SQLite database this binary can read
+/// and write, and its directory must take new files (the WAL); a missing
+/// one must be creatable. Returns the pid of a server using it now.
+pub(crate) fn check(path: &Path) -> Result<Option<u32>, Vec<Problem>> {
+    const KEY: &str = "database.path";
+    let shown = path.display();
+    if !path.exists() {
+        return match crate::config::creation_problem(KEY, path) {
+            Some(problem) => Err(vec![problem]),
+            None => Ok(None),
+        };
+    }
+    if !path.is_file() {
+        return Err(vec![Problem::new(
+            KEY,
+            format!("{shown} is not a file"),
+            "point it at a file path",
+        )]);
+    }
+    let mut problems = Vec::new();
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        problems.push(Problem::new(
+            KEY,
+            format!("{shown} cannot be opened for writing ({e})"),
+            "let the server's user read and write it (chown, chmod 600)",
+        ));
+        return Err(problems);
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    problems.extend(crate::config::creation_problem(
+        KEY,
+        &dir.join(".linkid-wal-check"),
+    ));
+    let version = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|conn| {
+            conn.busy_timeout(Duration::from_secs(5))?;
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
+            conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        });
+    match version {
+        // (`migrate` refuses it too, through `refuse_newer`, at start.)
+        Ok(version) if version > SCHEMA_VERSION => problems.push(Problem::new(
+            KEY,
+            format!(
+                "{shown} has schema version {version}, newer than this linkid's schema version {SCHEMA_VERSION}"
+            ),
+            "run the newer linkid that wrote it, or restore a backup made by this one",
+        )),
+        Ok(_) => {}
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::NotADatabase => {
+            problems.push(Problem::new(
+                KEY,
+                format!("{shown} is not a SQLite database"),
+                "point it at linkid's database file, or at a path where none exists yet",
+            ));
+        }
+        Err(e) => problems.push(Problem::new(
+            KEY,
+            format!("{shown} cannot be read as a database ({e})"),
+            "check the file and its permissions",
+        )),
+    }
+    if problems.is_empty() {
+        Ok(lock::ServingLock::holder(path))
+    } else {
+        Err(problems)
     }
 }
 

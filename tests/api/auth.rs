@@ -269,3 +269,16 @@ async fn an_attenuation_to_one_provider_is_honoured_on_link() {
         201
     );
 }
+
+#[tokio::test]
+async fn a_token_signed_by_another_key_is_told_which_public_key_this_server_trusts() {
+    let app = spawn_app().await;
+
+    let response = app.list_providers(&forged_admin()).await;
+
+    let body = assert_problem(response, 401, "INVALID_TOKEN").await;
+    let detail = body["detail"].as_str().unwrap();
+    let trusted = app.keypair.public().to_string();
+    assert!(trusted.starts_with("ed25519/"), "{trusted}");
+    assert!(detail.contains(&trusted), "{detail}");
+}

@@ -118,6 +118,27 @@ pub fn linkid(dir: &Path, args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
+/// Runs a command to its end, or kills it after `limit` (a `serve` that
+/// should have refused its configuration would otherwise run for ever).
+pub fn output_within(
+    mut command: std::process::Command,
+    limit: std::time::Duration,
+) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
 pub fn mint(dir: &Path, args: &[&str]) -> String {
     let mut all = vec!["token", "mint"];
     all.extend_from_slice(args);
@@ -350,4 +371,115 @@ async fn sigterm_exits_zero_and_leaves_a_clean_database() {
         .query_row("SELECT count(*) FROM linked_identities", [], |r| r.get(0))
         .unwrap();
     assert_eq!(count, 1);
+}
+
+/// Runs `linkid` with `input` on its stdin.
+fn linkid_with_stdin(dir: &Path, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .current_dir(dir)
+        .env_remove("LINKID_CONFIG")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn inspect_says_whether_a_token_is_valid_expired_revoked_or_foreign_here() {
+    let dir = TempDir::new().unwrap();
+    let elsewhere = TempDir::new().unwrap();
+    let valid = mint(dir.path(), &["--admin"]);
+    let expiring = mint(dir.path(), &["--admin", "--ttl", "1s"]);
+    let revoked = mint(dir.path(), &["--admin"]);
+    let foreign = mint(elsewhere.path(), &["--admin"]);
+    let revoke = linkid(dir.path(), &["token", "revoke", &revoked]);
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    let key = std::fs::read_to_string(dir.path().join("data/root.key")).unwrap();
+    let private: biscuit_auth::PrivateKey = key.trim().parse().unwrap();
+    let trusted = biscuit_auth::KeyPair::from(&private).public().to_string();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    for (token, verdict) in [
+        (&valid, "verdict: valid\n"),
+        (&expiring, "verdict: expired\n"),
+        (&revoked, "verdict: revoked\n"),
+        (&foreign, "verdict: not signed by this server's root key"),
+    ] {
+        let output = linkid(dir.path(), &["token", "inspect", token]);
+
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{verdict}: inspecting is no failure"
+        );
+        assert!(text.starts_with(verdict), "{verdict}: {text}");
+        assert!(
+            text.contains("block 0:"),
+            "{verdict}: the blocks are shown: {text}"
+        );
+        assert!(
+            text.contains(&trusted),
+            "{verdict}: names the trusted key: {text}"
+        );
+    }
+}
+
+#[test]
+fn inspect_and_revoke_read_the_token_from_stdin_with_a_dash() {
+    let dir = TempDir::new().unwrap();
+    let token = mint(dir.path(), &["--admin", "--subject", "ci"]);
+
+    let inspected = linkid_with_stdin(
+        dir.path(),
+        &["token", "inspect", "-"],
+        &format!("{token}\n"),
+    );
+    let revoked = linkid_with_stdin(dir.path(), &["token", "revoke", "-"], &format!("{token}\n"));
+    let after = linkid_with_stdin(dir.path(), &["token", "inspect", "-"], &token);
+
+    assert!(
+        inspected.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspected.stderr)
+    );
+    assert!(String::from_utf8_lossy(&inspected.stdout).starts_with("verdict: valid"));
+    assert!(String::from_utf8_lossy(&inspected.stdout).contains(r#"subject("ci")"#));
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert!(String::from_utf8_lossy(&revoked.stderr).contains("revoked"));
+    assert!(String::from_utf8_lossy(&after.stdout).starts_with("verdict: revoked"));
+}
+
+#[test]
+fn mint_refuses_a_ttl_of_zero() {
+    let dir = TempDir::new().unwrap();
+
+    for ttl in ["0s", "0", "500ms"] {
+        let output = linkid(dir.path(), &["token", "mint", "--admin", "--ttl", ttl]);
+
+        assert!(!output.status.success(), "--ttl {ttl}");
+        assert!(output.stdout.is_empty(), "--ttl {ttl}: no token");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("--ttl") && stderr.contains("1s"),
+            "--ttl {ttl}: {stderr}"
+        );
+    }
 }

@@ -1,4 +1,4 @@
-use crate::cli::{get, linkid, mint, Server};
+use crate::cli::{get, linkid, mint, output_within, Server};
 use tempfile::TempDir;
 
 #[test]
@@ -168,5 +168,275 @@ fn a_private_key_readable_by_others_stops_start_up_with_the_fix_named() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains("chmod 600"), "{args:?}: {stderr}");
         assert!(output.stdout.is_empty(), "no token is printed");
+    }
+}
+
+/// The lines of a configuration report that name a problem: `origin:key: what — fix`.
+fn problem_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|line| line.contains(" — "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn run_with_env(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_linkid"));
+    command
+        .current_dir(dir)
+        .env_remove("LINKID_CONFIG")
+        .env_remove("RUST_LOG")
+        .env("LINKID_SERVER__ADDR", "127.0.0.1:0")
+        .args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    output_within(command, std::time::Duration::from_secs(30))
+}
+
+#[test]
+fn every_problem_of_a_file_is_listed_at_once_as_file_key_what_and_fix() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("typos.toml");
+    std::fs::write(
+        &file,
+        "[server]\nadress = \"127.0.0.1:9000\"\n\n[database]\npool_sise = 4\nmax_batch = \"lots\"\n\n[auth]\nprivate_key = \"./k\"\n\n[log]\nlevel = \"verbose\"\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+
+    let output = run_with_env(
+        dir.path(),
+        &[
+            ("LINKID_SERVER__ADRR", "127.0.0.1:1"),
+            ("LINKID_EVENTS__RETENTION_DAYS", "3"),
+        ],
+        &["--config", file, "check-config"],
+    );
+
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines = problem_lines(&stderr);
+    for (start, contains) in [
+        (format!("{file}:server.adress: "), "did you mean `addr`?"),
+        (
+            format!("{file}:database.pool_sise: "),
+            "did you mean `pool_size`?",
+        ),
+        (
+            format!("{file}:auth.private_key: "),
+            "did you mean `private_key_file`?",
+        ),
+        (format!("{file}:database.max_batch: "), "\"lots\""),
+        (format!("{file}:log.level: "), "verbose"),
+        (
+            "env LINKID_SERVER__ADRR: ".to_string(),
+            "did you mean `LINKID_SERVER__ADDR`?",
+        ),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&start) && l.contains(contains)),
+            "a line `{start}… {contains}` in:\n{stderr}"
+        );
+    }
+    assert_eq!(lines.len(), 6, "one line per problem:\n{stderr}");
+    for internal in ["default.", "``", "SERVER.ADRR", "for key"] {
+        assert!(
+            !stderr.contains(internal),
+            "no figment internals ({internal}):\n{stderr}"
+        );
+    }
+    let read = stderr
+        .lines()
+        .find(|l| l.starts_with("read: "))
+        .unwrap_or_else(|| panic!("a `read:` line:\n{stderr}"));
+    assert!(read.contains(file), "{read}");
+    assert!(read.contains("LINKID_EVENTS__RETENTION_DAYS"), "{read}");
+    assert!(read.contains("LINKID_SERVER__ADRR"), "{read}");
+}
+
+#[test]
+fn a_mistyped_log_level_is_refused_naming_the_valid_levels() {
+    let dir = TempDir::new().unwrap();
+
+    for args in [&["check-config"][..], &["serve"][..]] {
+        let output = run_with_env(dir.path(), &[("LINKID_LOG__LEVEL", "verbose")], args);
+
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let line = problem_lines(&stderr).join("\n");
+        assert!(line.contains("LINKID_LOG__LEVEL"), "{stderr}");
+        for level in ["error", "warn", "info", "debug", "trace"] {
+            assert!(line.contains(level), "names {level}: {stderr}");
+        }
+    }
+    let fine = run_with_env(
+        dir.path(),
+        &[("LINKID_LOG__LEVEL", "warn,linkid=debug")],
+        &["check-config"],
+    );
+    assert!(
+        fine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fine.stderr)
+    );
+}
+
+/// What a case puts in its directory before the config is read.
+type Prepare = fn(&std::path::Path);
+
+/// Each case: what to write into the config (with `{dir}` for the case's
+/// directory), what to prepare there, and the key its problem names.
+#[test]
+fn check_config_catches_what_serve_catches_and_both_exit_2() {
+    use std::os::unix::fs::PermissionsExt;
+    let cases: [(&str, &str, Prepare); 6] = [
+        (
+            "[auth]\nprivate_key_file = \"/etc/passwd\"\n",
+            "auth.private_key_file",
+            |_| {},
+        ),
+        (
+            "[database]\npath = \"/proc/x/y.db\"\n",
+            "database.path",
+            |_| {},
+        ),
+        (
+            "[auth]\nprivate_key_file = \"{dir}/shared.key\"\n",
+            "auth.private_key_file",
+            |dir| {
+                let key = biscuit_auth::KeyPair::new().private().to_prefixed_string();
+                std::fs::write(dir.join("shared.key"), key).unwrap();
+                std::fs::set_permissions(
+                    dir.join("shared.key"),
+                    std::fs::Permissions::from_mode(0o644),
+                )
+                .unwrap();
+            },
+        ),
+        (
+            "[auth]\nprivate_key_file = \"{dir}/key-dir\"\n",
+            "auth.private_key_file",
+            |dir| {
+                std::fs::create_dir(dir.join("key-dir")).unwrap();
+            },
+        ),
+        (
+            "[database]\npath = \"{dir}/notes.txt\"\n",
+            "database.path",
+            |dir| {
+                std::fs::write(
+                    dir.join("notes.txt"),
+                    "not a database, just notes\n".repeat(200),
+                )
+                .unwrap();
+            },
+        ),
+        ("[log]\nlevel = \"verbose\"\n", "log.level", |_| {}),
+    ];
+    for (text, key, prepare) in cases {
+        let dir = TempDir::new().unwrap();
+        prepare(dir.path());
+        let file = dir.path().join("linkid.toml");
+        std::fs::write(&file, text.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
+        let file = file.to_str().unwrap();
+
+        let checked = run_with_env(dir.path(), &[], &["--config", file, "check-config"]);
+        let served = run_with_env(dir.path(), &[], &["--config", file, "serve"]);
+
+        let checked_text = String::from_utf8_lossy(&checked.stderr);
+        let served_text = String::from_utf8_lossy(&served.stderr);
+        assert_eq!(
+            checked.status.code(),
+            Some(2),
+            "check-config, {text}: {checked_text}"
+        );
+        assert_eq!(
+            served.status.code(),
+            Some(2),
+            "serve, {text}: {served_text}"
+        );
+        let problems = problem_lines(&checked_text);
+        assert!(
+            problems
+                .iter()
+                .any(|l| l.starts_with(&format!("{file}:{key}: "))),
+            "{text}: {checked_text}"
+        );
+        assert_eq!(
+            problems,
+            problem_lines(&served_text),
+            "{text}: the same report"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_host_name_in_server_addr_is_resolved_at_start() {
+    let dir = TempDir::new().unwrap();
+
+    let checked = run_with_env(
+        dir.path(),
+        &[("LINKID_SERVER__ADDR", "localhost:0")],
+        &["check-config"],
+    );
+    let server = Server::start(dir.path(), &[("LINKID_SERVER__ADDR", "localhost:0")]);
+    let unknown = run_with_env(
+        dir.path(),
+        &[("LINKID_SERVER__ADDR", "no-such-host.invalid:8080")],
+        &["check-config"],
+    );
+
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        text.contains("localhost:0 (resolves to 127.0.0.1:0)"),
+        "{text}"
+    );
+    let token = mint(dir.path(), &["--admin"]);
+    let response = get(
+        &server,
+        "/api/admin/users/v4/users/identity-providers",
+        &token,
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(unknown.status.code(), Some(2));
+    let problems = problem_lines(&String::from_utf8_lossy(&unknown.stderr)).join("\n");
+    assert!(
+        problems.starts_with("env LINKID_SERVER__ADDR: "),
+        "{problems}"
+    );
+    assert!(problems.contains("no-such-host.invalid"), "{problems}");
+    assert!(problems.contains("IP address"), "{problems}");
+}
+
+#[tokio::test]
+async fn the_config_key_and_database_paths_are_shown_absolute_at_start_and_in_check_config() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(dir.path().join("config.toml"), "[log]\nlevel = \"info\"\n").unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let config = root.join("config.toml");
+    let key = root.join("data/root.key");
+    let database = root.join("data/linkid.db");
+
+    let checked = run_with_env(dir.path(), &[], &["check-config"]);
+    let server = Server::start(dir.path(), &[]);
+
+    let text = String::from_utf8_lossy(&checked.stdout);
+    let log = server.log();
+    for path in [&config, &key, &database] {
+        let path = path.to_str().unwrap();
+        assert!(text.contains(path), "check-config shows {path}: {text}");
+        assert!(log.contains(path), "the start-up log shows {path}: {log}");
     }
 }

@@ -13,6 +13,7 @@ mod delete;
 mod errors;
 mod faults;
 mod feed;
+mod first_start;
 mod hostile;
 mod identity_providers;
 mod link;
