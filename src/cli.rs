@@ -1,4 +1,4 @@
-//! Command-line interface: `serve` (the default), `token ...`, the
+//! Command-line interface: `serve` (the default), `dev`, `token ...`, the
 //! admin commands (`check-config`, `backup`, `export`, `import`, `seed`) and
 //! `openapi`.
 
@@ -13,6 +13,8 @@ use crate::auth::{self, MintRequest, Right, RootKey};
 use crate::config::{Config, ConfigError};
 use crate::startup::{self, Application};
 use crate::store::Store;
+
+mod dev;
 
 /// linkid: a small, fast server for the Linked Identities admin API.
 #[derive(Debug, Parser)]
@@ -85,6 +87,25 @@ pub enum Command {
         /// How many links to load.
         #[arg(long, value_name = "N")]
         links: u64,
+    },
+    /// Run a throwaway server for local development: a temporary database
+    /// and key (removed when it stops), optional fixtures, and an admin
+    /// token printed once to the terminal.
+    #[command(
+        after_help = "Examples:\n  linkid dev\n  linkid dev --fixtures links.jsonl        (the `linkid export` format)\n  linkid dev --data ./dev-data             (keep the database and key for the next run)\n  LINKID_SERVER__ADDR=127.0.0.1:9000 linkid dev\n\nIt reads the same configuration as `serve` (address, providers, environment),\nexcept where the data lives: database.path and auth.* are its own. The admin\ntoken is printed on stdout only when it is a terminal or with --print-token,\nnever in the log. Ctrl-C (or SIGTERM) stops it, removes the temporary data\nand exits 0."
+    )]
+    Dev {
+        /// Keep the database and key in DIR (created if missing) instead of
+        /// a temporary directory; a later run with the same DIR finds them.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Load links from FILE at start (JSON Lines, as `linkid export`
+        /// writes and `linkid import` reads; all or nothing).
+        #[arg(long, value_name = "FILE")]
+        fixtures: Option<PathBuf>,
+        /// Print the admin token on stdout even when it is not a terminal.
+        #[arg(long)]
+        print_token: bool,
     },
     /// Print the OpenAPI document (JSON) on stdout.
     #[command(after_help = "Example:\n  linkid openapi > openapi/openapi.json")]
@@ -273,6 +294,21 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
                 println!("{}", report.summary());
             }
             Ok(())
+        }
+        Command::Dev {
+            data,
+            fixtures,
+            print_token,
+        } => {
+            dev::run(
+                config,
+                dev::Options {
+                    data,
+                    fixtures,
+                    print_token,
+                },
+            )
+            .await
         }
         Command::Seed { links } => {
             let providers: Vec<String> = config

@@ -10,6 +10,7 @@ mod config;
 mod connections;
 mod crash;
 mod delete;
+mod dev;
 mod errors;
 mod faults;
 mod feed;

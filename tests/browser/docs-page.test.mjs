@@ -122,6 +122,46 @@ function startServer(workDir, log) {
   return { child, ready };
 }
 
+/**
+ * Starts `linkid dev --print-token ARGS` on 127.0.0.1 port 0 in `workDir`,
+ * its temporary directory under `tmpDir`, and resolves with what it printed
+ * on stdout: the API's base URL, the admin token and the data directory.
+ */
+function startDev(workDir, tmpDir, args, log) {
+  const child = spawn(linkidBin, ['dev', '--print-token', ...args], {
+    cwd: workDir,
+    env: linkidEnv({ LINKID_SERVER__ADDR: '127.0.0.1:0', TMPDIR: tmpDir }),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const ready = new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`linkid dev did not print its token within 30 s:\n${log.join('')}`)),
+      30_000,
+    );
+    let stdout = '';
+    child.stdout.on('data', (chunk) => {
+      stdout += chunk.toString();
+      const api = stdout.match(/^API=(\S+)$/m);
+      const token = stdout.match(/^TOKEN=(\S+)$/m);
+      const data = stdout.match(/^data: (\S+) \(/m);
+      if (api && token && data) {
+        clearTimeout(timer);
+        resolve({ api: api[1], token: token[1], data: data[1], stdout });
+      }
+    });
+    child.stderr.on('data', (chunk) => log.push(chunk.toString()));
+    child.on('error', (error) => {
+      clearTimeout(timer);
+      reject(new Error(`cannot start ${linkidBin}: ${error.message} (build it with cargo build)`));
+    });
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      reject(new Error(`linkid dev exited early (code ${code}, signal ${signal}):\n${stdout}${log.join('')}`));
+    });
+  });
+  return { child, ready };
+}
+
 /** SIGTERM, then SIGKILL if it has not exited after 10 s. */
 async function stopServer(child) {
   if (!child || child.exitCode !== null || child.signalCode !== null) return;
@@ -221,7 +261,10 @@ describe('the /docs page in headless Chromium', { timeout: 120_000 }, () => {
         `${op.id}: summary`,
       );
     }
-    assert.equal(await page.locator('.opblock').count(), OPERATIONS.length, 'exactly four operations');
+    // Every operation of the served document, and nothing else.
+    const documented = await (await fetch(`${baseUrl}/openapi.json`)).json();
+    const operations = Object.values(documented.paths).flatMap((item) => Object.keys(item));
+    assert.equal(await page.locator('.opblock').count(), operations.length, 'one block per operation');
   });
 
   it('authorizes with a bearer token and lists the identity providers: 200', async () => {
@@ -284,5 +327,116 @@ describe('the /docs page in headless Chromium', { timeout: 120_000 }, () => {
     const external = requests.filter((url) => !isLocal(url));
     assert.deepEqual(external, [], 'requests that left the machine');
     assert.deepEqual(pageErrors, [], 'uncaught errors on the page');
+  });
+});
+
+describe('linkid dev on the /docs page', { timeout: 120_000 }, () => {
+  let workDir;
+  let tmpDir;
+  let dev;
+  let started;
+  const devLog = [];
+  let browser;
+  let page;
+  const requests = [];
+  const pageErrors = [];
+
+  const killOnExit = () => dev?.child.kill('SIGKILL');
+  process.on('exit', killOnExit);
+
+  before(async () => {
+    assert.ok(fs.existsSync(linkidBin), `${linkidBin} does not exist: run cargo build (or set LINKID_BIN)`);
+    assert.ok(fs.existsSync(chromiumBin), `${chromiumBin} does not exist: apt-get install chromium`);
+
+    workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'linkid-browser-dev-'));
+    tmpDir = path.join(workDir, 'tmp');
+    fs.mkdirSync(tmpDir);
+    // One link, in the format `linkid export` writes, loaded at start.
+    fs.writeFileSync(
+      path.join(workDir, 'links.jsonl'),
+      `${JSON.stringify({
+        user_id: 'u-42',
+        provider_id: 'okta',
+        linked_user_id: '00u1a2b3c4',
+        linked_username: 'ada@example.com',
+        created_at: '2026-01-02T03:04:05Z',
+        updated_at: '2026-01-02T03:04:05Z',
+      })}\n`,
+    );
+    dev = startDev(workDir, tmpDir, ['--fixtures', 'links.jsonl'], devLog);
+    started = await dev.ready;
+    assert.match(started.token, /^[A-Za-z0-9_=-]+$/, 'the printed token is one base64 word');
+
+    browser = await chromium.launch({
+      executablePath: chromiumBin,
+      headless: true,
+      args: CHROMIUM_ARGS,
+      timeout: 60_000,
+    });
+    const context = await browser.newContext({ viewport: { width: 1280, height: 1600 } });
+    context.setDefaultTimeout(20_000);
+    context.on('request', (request) => requests.push(request.url()));
+    page = await context.newPage();
+    page.on('pageerror', (error) => pageErrors.push(String(error)));
+  });
+
+  after(async () => {
+    process.off('exit', killOnExit);
+    await browser?.close().catch(() => {});
+    await stopServer(dev?.child);
+    if (workDir) fs.rmSync(workDir, { recursive: true, force: true });
+  });
+
+  it("shows `linkid dev`'s token working on /docs (authorize, try list)", async () => {
+    const baseUrl = new URL(started.api).origin;
+    const response = await page.goto(`${baseUrl}/docs/`);
+    assert.equal(response.status(), 200);
+
+    await page.locator('.swagger-ui .auth-wrapper button.authorize').click();
+    const modal = page.locator('.swagger-ui .dialog-ux .modal-ux');
+    await modal.waitFor({ state: 'visible' });
+    await modal.locator('input').first().fill(started.token);
+    await modal.locator('.auth-btn-wrapper button.authorize').click();
+    await modal.locator('.auth-btn-wrapper button', { hasText: 'Logout' }).waitFor();
+    await modal.locator('.auth-btn-wrapper button.btn-done', { hasText: 'Close' }).click();
+    await modal.waitFor({ state: 'detached' });
+
+    // "List linked identities for user." for the user the fixtures linked.
+    const block = page.locator('.opblock[id$="-listLinkedIdentities"]');
+    await block.locator('.opblock-summary').first().click();
+    const tryItOut = block.locator('button.try-out__btn', { hasText: 'Try it out' });
+    if (await tryItOut.isVisible()) await tryItOut.click();
+    await block.locator('tr[data-param-name="user_id"] input').fill('u-42');
+
+    const apiUrl = `${started.api}/users/u-42/linked-identities`;
+    const [apiResponse] = await Promise.all([
+      page.waitForResponse((r) => r.url() === apiUrl && r.request().method() === 'GET'),
+      block.locator('button.execute').click(),
+    ]);
+    assert.equal(apiResponse.status(), 200, 'the API answered 200');
+    assert.equal(apiResponse.request().headers().authorization, `Bearer ${started.token}`);
+
+    const live = block.locator('.live-responses-table .response');
+    await live.first().waitFor({ state: 'visible' });
+    assert.equal((await live.locator('.response-col_status').first().innerText()).trim(), '200');
+    const body = JSON.parse(await live.locator('.response-col_description pre').first().innerText());
+    assert.deepEqual(
+      body.linked_identities.map((l) => [l.provider_id, l.linked_user_id]),
+      [['okta', '00u1a2b3c4']],
+      'the page shows the link the fixtures loaded',
+    );
+    assert.deepEqual(requests.filter((url) => !isLocal(url)), [], 'requests that left the machine');
+    assert.deepEqual(pageErrors, [], 'uncaught errors on the page');
+  });
+
+  it('stops on Ctrl-C, exits 0 and removes its temporary data, never logging the token', async () => {
+    assert.ok(started.data.startsWith(tmpDir), `${started.data} is under TMPDIR`);
+    assert.ok(fs.existsSync(started.data), 'the data exists while it runs');
+    const exited = new Promise((resolve) => dev.child.once('exit', (code, signal) => resolve({ code, signal })));
+    dev.child.kill('SIGINT');
+    const { code, signal } = await exited;
+    assert.equal(code, 0, `exit code (signal ${signal}):\n${devLog.join('')}`);
+    assert.ok(!fs.existsSync(started.data), 'the temporary data is removed');
+    assert.ok(!devLog.join('').includes(started.token), 'the token is not in the log');
   });
 });

@@ -1,0 +1,133 @@
+//! `linkid dev`: the Linked Identities API on a laptop in one command. A
+//! throwaway server with a database and key in a new temporary directory
+//! (or `--data DIR`, kept), optional fixtures in the export format, and an
+//! admin token printed once to the terminal. Ctrl-C or SIGTERM stops it,
+//! removes the temporary directory and exits 0.
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::auth::{self, MintRequest, RootKey};
+use crate::config::Config;
+use crate::startup::{self, Application};
+
+/// `linkid dev`'s options.
+pub(super) struct Options {
+    /// Keep the data here instead of in a temporary directory.
+    pub data: Option<PathBuf>,
+    /// Links to load at start (JSON Lines, the export format).
+    pub fixtures: Option<PathBuf>,
+    /// Print the token even when stdout is not a terminal.
+    pub print_token: bool,
+}
+
+/// The database and key file names inside the data directory.
+const DATABASE: &str = "linkid.db";
+const KEY: &str = "root.key";
+
+pub(super) async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
+    // Dropped on every way out, removing the directory and all in it.
+    let (dir, temporary) = match &options.data {
+        Some(dir) => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create --data {}", dir.display()))?;
+            (std::path::absolute(dir)?, None)
+        }
+        None => {
+            let temporary = tempfile::Builder::new()
+                .prefix("linkid-dev-")
+                .tempdir()
+                .context("cannot create a temporary directory (set TMPDIR to a writable one)")?;
+            (temporary.path().to_path_buf(), Some(temporary))
+        }
+    };
+    crate::telemetry::init_tracing(&config.log);
+    if config.auth.public_key.take().is_some() {
+        tracing::warn!("linkid dev ignores auth.public_key: it signs its own tokens");
+    }
+    config.database.path = dir.join(DATABASE);
+    config.auth.private_key_file = dir.join(KEY);
+    tracing::info!(
+        data = %dir.display(),
+        "linkid dev: {}",
+        if temporary.is_some() { "temporary data, removed when it stops" } else { "data kept in --data" }
+    );
+
+    let app = Application::build(&config).await?;
+    if let Some(file) = &options.fixtures {
+        let report = super::import_file(&config, file, false)
+            .await
+            .with_context(|| format!("cannot load --fixtures {}", file.display()))?;
+        tracing::info!(fixtures = %file.display(), "loaded: {}", report.summary());
+    }
+    let key = RootKey::load(&config.auth)?.context("the root key vanished after start")?;
+    let base = format!("http://{}", reachable(app.local_addr()));
+    tracing::info!(addr = %app.local_addr(), "listening; docs at /docs");
+
+    // stdout, not the log: the terminal is the one place a token belongs.
+    println!("linkid dev: serving {base} — docs at {base}/docs");
+    println!(
+        "data: {} ({})",
+        dir.display(),
+        if temporary.is_some() {
+            "temporary: removed when linkid dev stops"
+        } else {
+            "kept"
+        }
+    );
+    println!("API={base}{}", crate::domain::API_PREFIX);
+    if options.print_token || std::io::stdout().is_terminal() {
+        let admin = MintRequest {
+            admin: true,
+            subject: Some("linkid dev".to_string()),
+            ..MintRequest::default()
+        };
+        println!("TOKEN={}", auth::mint(key.signing_key()?, &admin)?);
+        println!("try: curl -H \"Authorization: Bearer $TOKEN\" $API/users/identity-providers");
+    } else {
+        println!(
+            "no token printed: stdout is not a terminal (pass --print-token to print one here), or mint one with:"
+        );
+        println!("  {}", mint_command(&dir.join(KEY)));
+    }
+    println!("Ctrl-C stops it.");
+
+    app.run_until_stopped(startup::shutdown_signal()).await?;
+    if let Some(temporary) = temporary {
+        let path = temporary.path().to_path_buf();
+        temporary
+            .close()
+            .with_context(|| format!("cannot remove {}", path.display()))?;
+        tracing::info!(data = %path.display(), "removed the temporary data");
+    }
+    Ok(())
+}
+
+/// The command that mints an admin token for this data directory.
+fn mint_command(key: &Path) -> String {
+    format!(
+        "LINKID_AUTH__PRIVATE_KEY_FILE={} linkid token mint --admin",
+        key.display()
+    )
+}
+
+/// An address a browser on this machine can open: the loopback address
+/// when the server listens on every interface.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
+        }
+        _ => addr,
+    }
+}
