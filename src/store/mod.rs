@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, PostgresUrl};
 use crate::domain::{LinkRecord, NewLink, ProviderId, UserId};
 
+pub(crate) mod postgres;
 pub(crate) mod sqlite;
 
 /// Every way a store operation can fail, in the store's own words; the HTTP
@@ -66,24 +67,50 @@ pub(crate) fn refuse_newer(found: i64, supported: i64, database: &str) -> anyhow
     Ok(())
 }
 
+/// The parsed `database.url`, when PostgreSQL is configured.
+fn postgres_url(config: &DatabaseConfig) -> anyhow::Result<Option<PostgresUrl>> {
+    config
+        .postgres_url()
+        .map(|url| {
+            url.parse()
+                .map_err(|why| anyhow::anyhow!("database.url is not a PostgreSQL URL: {why}"))
+        })
+        .transpose()
+}
+
 /// Loads `count` synthetic links (users `seed-user-N`, spread over
 /// `providers`), for benchmarks and demos; returns how many were added.
-pub fn seed(
+pub async fn seed(
     config: &DatabaseConfig,
     count: u64,
-    providers: &[String],
-    progress: impl Fn(u64),
+    providers: Vec<String>,
+    progress: impl Fn(u64) + Send + 'static,
 ) -> anyhow::Result<u64> {
-    sqlite::admin::seed(&config.path, count, providers, progress)
+    match postgres_url(config)? {
+        Some(url) => postgres::admin::seed(config, &url, count, &providers, progress).await,
+        None => {
+            let path = config.path.clone();
+            tokio::task::spawn_blocking(move || {
+                sqlite::admin::seed(&path, count, &providers, progress)
+            })
+            .await?
+        }
+    }
 }
 
 /// Copies the database to a new file `destination` from one consistent
-/// snapshot while servers write. `progress` gets (done, total).
+/// snapshot while servers write. `progress` gets (done, total). SQLite
+/// only: PostgreSQL has pg_dump.
 pub fn backup(
     config: &DatabaseConfig,
     destination: &std::path::Path,
     progress: impl Fn(u64, u64),
 ) -> anyhow::Result<()> {
+    if let Some(url) = postgres_url(config)? {
+        anyhow::bail!(
+            "the database is PostgreSQL ({url}): `linkid backup` copies a SQLite file; back PostgreSQL up with pg_dump instead, e.g. pg_dump --format=custom --file=linkid.dump \"$LINKID_DATABASE__URL\" (restore into an empty database with pg_restore)"
+        );
+    }
     sqlite::admin::backup(&config.path, destination, progress)
 }
 
@@ -91,6 +118,7 @@ pub fn backup(
 #[derive(Clone)]
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
 }
 
 /// Calls the same method on whichever backend this is.
@@ -98,20 +126,26 @@ macro_rules! dispatch {
     ($self:ident . $method:ident ( $($arg:expr),* )) => {
         match $self {
             Store::Sqlite(store) => store.$method($($arg),*).await,
+            Store::Postgres(store) => store.$method($($arg),*).await,
         }
     };
 }
 
 impl Store {
-    /// Opens the configured database, creating and upgrading its schema.
+    /// Opens the configured database (PostgreSQL when `database.url` is
+    /// set, else the SQLite file), creating and upgrading its schema.
     pub async fn open(config: &DatabaseConfig) -> anyhow::Result<Store> {
-        Ok(Store::Sqlite(sqlite::SqliteStore::open(config)?))
+        Ok(match postgres_url(config)? {
+            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, &url).await?),
+            None => Store::Sqlite(sqlite::SqliteStore::open(config)?),
+        })
     }
 
     /// Where the data lives, for people: a file path or a URL without its password.
     pub fn describe(&self) -> String {
         match self {
             Store::Sqlite(store) => store.path().display().to_string(),
+            Store::Postgres(store) => store.url().to_string(),
         }
     }
 
@@ -158,6 +192,7 @@ impl Store {
     pub fn pool_state(&self) -> (u32, u32) {
         match self {
             Store::Sqlite(store) => store.pool_state(),
+            Store::Postgres(store) => store.pool_state(),
         }
     }
 

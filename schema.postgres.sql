@@ -1,0 +1,66 @@
+-- linkid's current schema on PostgreSQL (version 1, recorded in
+-- linkid_schema_version). A database is created and upgraded by the
+-- migrations in src/store/postgres/migrations.rs, in order, in one
+-- transaction under an advisory lock; a test holds them to this file.
+
+-- The schema version: one row.
+CREATE TABLE linkid_schema_version (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version   integer NOT NULL
+);
+
+-- Which account at a remote identity provider belongs to which local user.
+CREATE TABLE linked_identities (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id         text NOT NULL,
+    provider_id     text NOT NULL,
+    linked_user_id  text NOT NULL,
+    linked_username text NOT NULL,
+    created_at      timestamptz NOT NULL,
+    updated_at      timestamptz NOT NULL,
+    -- A user may be linked to one identity provider at a time
+    -- (violations are USER_ALREADY_LINKED).
+    CONSTRAINT one_link_per_user UNIQUE (user_id),
+    -- A remote identity belongs to at most one local user, which stops
+    -- account take-over (violations are IDENTITY_ALREADY_LINKED).
+    CONSTRAINT one_user_per_remote_identity UNIQUE (provider_id, linked_user_id)
+);
+
+-- The next value of `sequence`, for a log that pollers read with
+-- `seq > last_seen`. PostgreSQL hands out sequence values before commit,
+-- so a transaction that took a smaller value could commit after one that
+-- took a larger value, and a poller would skip it. The transaction-scoped
+-- advisory lock (one per sequence) is held from taking the value until
+-- commit, so values become visible in order. Every writer of such a log
+-- goes through this function.
+CREATE FUNCTION linkid_next_seq(sequence regclass) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(1818848875, sequence::oid::integer);
+    RETURN nextval(sequence);
+END
+$$;
+
+-- Revocation ids of refused tokens; every instance polls this table.
+CREATE TABLE revoked_tokens (
+    seq           bigint PRIMARY KEY,
+    revocation_id text NOT NULL UNIQUE,
+    revoked_at    timestamptz NOT NULL
+);
+
+-- No default: a row gets its seq from linkid_next_seq only.
+CREATE SEQUENCE revoked_tokens_seq AS bigint OWNED BY revoked_tokens.seq;
+
+-- Records a revocation id; true when it is new.
+CREATE FUNCTION linkid_revoke(revocation text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM revoked_tokens WHERE revocation_id = revocation) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO revoked_tokens (seq, revocation_id, revoked_at)
+    VALUES (linkid_next_seq('revoked_tokens_seq'), revocation, now())
+    ON CONFLICT (revocation_id) DO NOTHING;
+    RETURN FOUND;
+END
+$$;
