@@ -834,19 +834,25 @@ async fn a_stuck_statement_becomes_503_within_the_statement_timeout() {
 }
 
 /// What happened when a transaction of the test's own took a revocation's
-/// `seq` and committed only after `linkid token revoke` of another token.
+/// `seq` and committed only after `linkid token revoke` of another token
+/// had taken the next one.
 struct LateCommit {
-    /// How long `linkid token revoke` took (it waits for the append lock).
-    revoke_took: Duration,
+    /// How long after the commit `linkid token revoke` finished (None: it
+    /// finished before: nothing made it wait).
+    revoke_finished_after_commit: Option<Duration>,
     /// Per server: when the early token was refused, after the commit.
     early_refused: Vec<Option<Duration>>,
     /// Per server: when the late token was refused, after the commit.
     late_refused: Vec<Option<Duration>>,
 }
 
+/// With `lock_expected`, the test commits after about a second (the
+/// revocation waits for it meanwhile); without, it commits only once every
+/// server refuses the late token, i.e. once the pollers have passed its seq.
 async fn revoke_around_a_late_commit(
     dir: &Path,
     servers: &[&Server],
+    lock_expected: bool,
     patience: Duration,
 ) -> LateCommit {
     let (early, late) = (mint(dir, &["--admin"]), mint(dir, &["--admin"]));
@@ -872,28 +878,36 @@ async fn revoke_around_a_late_commit(
     let revoking = tokio::task::spawn_blocking({
         let (dir, late) = (dir.to_path_buf(), late.clone());
         move || {
-            let started = Instant::now();
             let output = linkid(&dir, &["token", "revoke", &late]);
             assert!(
                 output.status.success(),
                 "{}",
                 String::from_utf8_lossy(&output.stderr)
             );
-            started.elapsed()
+            Instant::now()
         }
     });
-    // Pollers run meanwhile: with a naive append they would see the later
-    // seq now and move past the earlier one.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    tx.commit().await.unwrap();
-    let committed = Instant::now();
-    let revoke_took = revoking.await.unwrap();
+    // Pollers run meanwhile: had the late revocation committed, they would
+    // see its seq and move past the early one's.
+    let finished = if lock_expected {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tx.commit().await.unwrap();
+        let committed = Instant::now();
+        (committed, revoking.await.unwrap())
+    } else {
+        let finished = revoking.await.unwrap();
+        let refused = refused_after(servers, &late, finished, Duration::from_secs(5)).await;
+        assert!(refused.iter().all(Option::is_some), "{refused:?}");
+        tx.commit().await.unwrap();
+        (Instant::now(), finished)
+    };
+    let (committed, finished) = finished;
     let (early_refused, late_refused) = tokio::join!(
         refused_after(servers, &early, committed, patience),
         refused_after(servers, &late, committed, patience)
     );
     LateCommit {
-        revoke_took,
+        revoke_finished_after_commit: finished.checked_duration_since(committed),
         early_refused,
         late_refused,
     }
@@ -907,13 +921,12 @@ async fn a_revocation_committed_late_is_still_refused_by_every_instance_within_a
     let cluster = Instances::start(3);
     let servers: Vec<&Server> = cluster.servers.iter().collect();
 
-    let seen = revoke_around_a_late_commit(cluster.path(), &servers, Duration::from_secs(2)).await;
+    let seen =
+        revoke_around_a_late_commit(cluster.path(), &servers, true, Duration::from_secs(2)).await;
 
-    assert!(
-        seen.revoke_took >= Duration::from_millis(900),
-        "the second revocation waited for the first one's commit: {:?}",
-        seen.revoke_took
-    );
+    let waited = seen
+        .revoke_finished_after_commit
+        .expect("the second revocation waited for the first one's commit");
     for (token, delays) in [("early", &seen.early_refused), ("late", &seen.late_refused)] {
         for (i, delay) in delays.iter().enumerate() {
             let delay =
@@ -937,17 +950,18 @@ async fn a_revocation_committed_late_is_still_refused_by_every_instance_within_a
          LANGUAGE sql AS 'SELECT nextval(sequence)'",
     );
     let gap =
-        revoke_around_a_late_commit(naive.path(), &[&server], Duration::from_millis(1500)).await;
+        revoke_around_a_late_commit(naive.path(), &[&server], false, Duration::from_millis(1500))
+            .await;
     assert!(gap.late_refused[0].is_some());
     assert_eq!(
         gap.early_refused[0], None,
         "without the lock the poller skips the late commit"
     );
     eprintln!(
-        "late commit: the second revoke waited {:.2?} for the first's commit; after the commit the early token was \
-         refused after {:?} and the late one after {:?} (3 instances). With a naive append the early token was still \
-         accepted 1.5 s after its commit.",
-        seen.revoke_took, seen.early_refused, seen.late_refused
+        "late commit: the second revoke finished {waited:.2?} after the first's commit (it waited for the lock); after \
+         the commit the early token was refused after {:?} and the late one after {:?} (3 instances). With a naive \
+         append the early token was still accepted 1.5 s after its commit.",
+        seen.early_refused, seen.late_refused
     );
 }
 
