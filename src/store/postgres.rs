@@ -3,10 +3,11 @@
 //! hop). Everything shared lives in the database — links, revocations, the
 //! schema version — so every rule holds across instances:
 //!
-//! - Both uniqueness rules are UNIQUE constraints; a violation is told
-//!   apart by SQLSTATE 23505 and the constraint's name, and a lost race is
-//!   re-read, so exactly one request wins and the others get the answer
-//!   the state gives them.
+//! - Both uniqueness rules are UNIQUE constraints, so the insert decides
+//!   who wins: exactly one request. A loser (no row inserted, or SQLSTATE
+//!   23505 on one of the two constraints, known by name) reads the
+//!   committed state in SQLite's order and answers from it; which
+//!   constraint PostgreSQL names under a race is not the answer.
 //! - Revocations get their `seq` from `linkid_next_seq`, which holds an
 //!   advisory lock from taking the value until commit: values become
 //!   visible in `seq` order, so polling `seq > last_seen` never skips one.
@@ -318,6 +319,12 @@ impl PostgresStore {
     fn postgres_error(&self, error: tokio_postgres::Error, what: &'static str) -> StoreError {
         let hosts = self.hosts();
         let Some(db) = error.as_db_error() else {
+            let broken = error.is_closed()
+                || std::error::Error::source(&error).is_some_and(|s| s.is::<std::io::Error>());
+            if !broken {
+                // (A value the driver cannot convert: a bug, not an outage.)
+                return anyhow::Error::new(error).context(what).into();
+            }
             return StoreError::Unavailable(format!(
                 "the connection to PostgreSQL at {hosts} was lost: {}",
                 describe(&error)
@@ -435,34 +442,37 @@ impl<T> OrFault<T> for Result<T, tokio_postgres::Error> {
     }
 }
 
-/// Which uniqueness rule a unique violation broke, by SQLSTATE and
-/// constraint name (never by message text).
-#[derive(Debug, PartialEq, Eq)]
-enum Broken {
-    OneLinkPerUser,
-    OneUserPerRemoteIdentity,
+/// The uniqueness rules of schema.sql, by constraint name.
+const LINK_RULES: [&str; 2] = ["one_link_per_user", "one_user_per_remote_identity"];
+
+/// Whether the fault is a violation of one of the link rules: SQLSTATE
+/// 23505 on one of their constraints (never judged by message text). Any
+/// other unique violation is a bug.
+fn breaks_a_link_rule(fault: &Fault) -> bool {
+    let Fault::Postgres { error, .. } = fault else {
+        return false;
+    };
+    error.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION
+            && db
+                .constraint()
+                .is_some_and(|name| LINK_RULES.contains(&name))
+    })
 }
 
-fn broken_rule(fault: &Fault) -> Option<Broken> {
-    let Fault::Postgres { error, .. } = fault else {
-        return None;
-    };
-    let db = error.as_db_error()?;
-    if *db.code() != SqlState::UNIQUE_VIOLATION {
-        return None;
-    }
-    match db.constraint()? {
-        "one_link_per_user" => Some(Broken::OneLinkPerUser),
-        "one_user_per_remote_identity" => Some(Broken::OneUserPerRemoteIdentity),
-        _ => None,
-    }
+fn is_deadlock(fault: &Fault) -> bool {
+    matches!(fault, Fault::Postgres { error, .. }
+        if error.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
 }
 
 /// SQLite's rules in SQLite's order: the user's own link decides first
 /// (the same link is `Existing`, another is `UserAlreadyLinked`), then the
 /// remote identity's owner (`IdentityAlreadyLinked`). The insert decides
-/// atomically; when it loses to a row that another request changes at the
-/// same moment, the state is read again.
+/// atomically whether this request makes the link; when it does not, the
+/// committed state is read again in that order, because which constraint
+/// PostgreSQL reports under a race is not the answer: the same link sent
+/// twice at once can fail on one_user_per_remote_identity while the right
+/// answer for the second is the first's link, `Existing`.
 async fn link_in(client: &Object, user: &UserId, link: &NewLink) -> Result<LinkOutcome, Fault> {
     let (provider, remote, username) = (
         link.provider_id.as_str(),
@@ -480,7 +490,7 @@ async fn link_in(client: &Object, user: &UserId, link: &NewLink) -> Result<LinkO
     for _ in 0..LINK_ATTEMPTS {
         // A user who has a link (committed, or committing now: PostgreSQL
         // waits for it) makes this insert do nothing; a remote identity
-        // that another user holds makes it fail with 23505 on
+        // that another row holds makes it fail with 23505 on
         // one_user_per_remote_identity.
         let insert = client
             .prepare_cached(
@@ -502,18 +512,12 @@ async fn link_in(client: &Object, user: &UserId, link: &NewLink) -> Result<LinkO
                 return Ok(LinkOutcome::Created(record(stamp.clone(), stamp)));
             }
             Ok(None) => {}
-            Err(fault) => match broken_rule(&fault) {
-                Some(Broken::OneUserPerRemoteIdentity) => {
-                    return Err(StoreError::IdentityAlreadyLinked {
-                        provider_id: provider.to_owned(),
-                        linked_user_id: remote.to_owned(),
-                    }
-                    .into())
-                }
-                // (ON CONFLICT absorbs it; should it surface, read again.)
-                Some(Broken::OneLinkPerUser) => continue,
-                None => return Err(fault),
-            },
+            // Either rule: the state decides below.
+            Err(fault) if breaks_a_link_rule(&fault) => {}
+            // Chosen to break a deadlock with another writer (one that
+            // does not insert as this one does): nothing was written.
+            Err(fault) if is_deadlock(&fault) => continue,
+            Err(fault) => return Err(fault),
         }
 
         let current = client
@@ -522,41 +526,60 @@ async fn link_in(client: &Object, user: &UserId, link: &NewLink) -> Result<LinkO
             ))
             .await
             .or_fault("cannot prepare the link query")?;
-        let Some(row) = client
+        if let Some(row) = client
             .query_opt(&current, &[&user.as_str()])
             .await
             .or_fault("cannot read the user's link")?
-        else {
-            continue; // deleted since the insert: try again
-        };
-        let current = record_from_row(&row);
-        if current.provider_id != provider || current.linked_user_id != remote {
-            return Err(StoreError::UserAlreadyLinked {
-                current: Box::new(current),
+        {
+            let current = record_from_row(&row);
+            if current.provider_id != provider || current.linked_user_id != remote {
+                return Err(StoreError::UserAlreadyLinked {
+                    current: Box::new(current),
+                }
+                .into());
+            }
+            if current.linked_username == username {
+                return Ok(LinkOutcome::Existing(current));
+            }
+            let update = client
+                .prepare_cached(
+                    "UPDATE linked_identities SET linked_username = $4, updated_at = now() \
+                     WHERE user_id = $1 AND provider_id = $2 AND linked_user_id = $3 \
+                     RETURNING created_at, updated_at",
+                )
+                .await
+                .or_fault("cannot prepare the username update")?;
+            if let Some(row) = client
+                .query_opt(&update, &[&user.as_str(), &provider, &remote, &username])
+                .await
+                .or_fault("cannot update the linked username")?
+            {
+                return Ok(LinkOutcome::Existing(record(
+                    rfc3339(row.get(0)),
+                    rfc3339(row.get(1)),
+                )));
+            }
+            continue; // deleted since it was read: try again
+        }
+        let owner = client
+            .prepare_cached(
+                "SELECT 1 FROM linked_identities WHERE provider_id = $1 AND linked_user_id = $2",
+            )
+            .await
+            .or_fault("cannot prepare the owner query")?;
+        if client
+            .query_opt(&owner, &[&provider, &remote])
+            .await
+            .or_fault("cannot read the remote identity's owner")?
+            .is_some()
+        {
+            return Err(StoreError::IdentityAlreadyLinked {
+                provider_id: provider.to_owned(),
+                linked_user_id: remote.to_owned(),
             }
             .into());
         }
-        if current.linked_username == username {
-            return Ok(LinkOutcome::Existing(current));
-        }
-        let update = client
-            .prepare_cached(
-                "UPDATE linked_identities SET linked_username = $4, updated_at = now() \
-                 WHERE user_id = $1 AND provider_id = $2 AND linked_user_id = $3 \
-                 RETURNING created_at, updated_at",
-            )
-            .await
-            .or_fault("cannot prepare the username update")?;
-        if let Some(row) = client
-            .query_opt(&update, &[&user.as_str(), &provider, &remote, &username])
-            .await
-            .or_fault("cannot update the linked username")?
-        {
-            return Ok(LinkOutcome::Existing(record(
-                rfc3339(row.get(0)),
-                rfc3339(row.get(1)),
-            )));
-        }
+        // The row that stood in the way is gone: try again.
     }
     Err(StoreError::Unavailable(
         "the link changed under concurrent requests too many times; retry".into(),

@@ -1054,3 +1054,46 @@ async fn the_store_names_its_database_without_the_password() {
     assert!(store_says.ends_with(&format!("/{name}")), "{store_says}");
     assert!(!store_says.contains(&server_password()), "{store_says}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_caught_in_a_deadlock_with_another_writer_is_retried_not_a_503() {
+    if skipped() {
+        return;
+    }
+    // Another writer (say, an import in one transaction) holds a row with
+    // the remote identity; this link waits for it, holding its own row for
+    // the user; the writer then gives the user the very link asked for.
+    // Each waits for the other: PostgreSQL breaks the cycle by failing the
+    // link's statement, which is retried and finds the link made: a 200.
+    let app = Arc::new(spawn_app().await);
+    let url = app.database.as_ref().unwrap().url.clone();
+    let (other, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    other
+        .batch_execute(
+            "BEGIN; INSERT INTO linked_identities \
+             (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
+             VALUES ('someone-else', 'okta', 'r-1', 'n', now(), now())",
+        )
+        .await
+        .unwrap();
+
+    let request = tokio::spawn({
+        let app = app.clone();
+        async move { app.link_as_admin("u-1", "okta", "r-1").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    other
+        .batch_execute(
+            "UPDATE linked_identities SET user_id = 'u-1', linked_username = 'r-1@example.com' \
+             WHERE user_id = 'someone-else'; COMMIT",
+        )
+        .await
+        .unwrap();
+    let (status, body) = status_and_body(request.await.unwrap()).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["linked_user_id"], "r-1");
+}
