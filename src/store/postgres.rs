@@ -17,7 +17,8 @@
 //!   database that cannot be reached, is shutting down or times out is
 //!   `Unavailable`: a 503, and service resumes by itself when it is back.
 //!
-//! Every reason given names hosts and the database, never the password.
+//! Every reason given names the hosts (the URL without its password where
+//! a whole URL is shown), never the password.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -42,11 +43,17 @@ mod tls;
 /// `linkid_next_seq` in the migrations, which spells the same number).
 const LOCK_NAMESPACE: i32 = 0x6c69_6e6b; // "link"
 
-/// How many times a link re-reads after losing a race before giving up.
+/// How many times a link tries again (after losing a race to a row that
+/// then went away, or a deadlock) before giving up with a 503.
 const LINK_ATTEMPTS: usize = 16;
 
-const RECORD_COLUMNS: &str =
-    "user_id, provider_id, linked_user_id, linked_username, created_at, updated_at";
+/// A `LinkRecord`'s columns, in `record_from_row`'s order (a macro, so
+/// that queries are `concat!`ed once, at compile time).
+macro_rules! record_columns {
+    () => {
+        "user_id, provider_id, linked_user_id, linked_username, created_at, updated_at"
+    };
+}
 
 /// The PostgreSQL store: a pool of connections to one database.
 #[derive(Clone)]
@@ -103,8 +110,10 @@ impl PostgresStore {
         let client = self.client().await?;
         let listed = async {
             let statement = client
-                .prepare_cached(&format!(
-                    "SELECT {RECORD_COLUMNS} FROM linked_identities WHERE user_id = $1 ORDER BY id"
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    record_columns!(),
+                    " FROM linked_identities WHERE user_id = $1 ORDER BY id"
                 ))
                 .await
                 .or_fault("cannot prepare the list query")?;
@@ -135,9 +144,10 @@ impl PostgresStore {
         let client = self.client().await?;
         let deleted = async {
             let statement = client
-                .prepare_cached(&format!(
+                .prepare_cached(concat!(
                     "DELETE FROM linked_identities WHERE user_id = $1 AND provider_id = $2 \
-                     RETURNING {RECORD_COLUMNS}"
+                     RETURNING ",
+                    record_columns!()
                 ))
                 .await
                 .or_fault("cannot prepare the delete")?;
@@ -521,8 +531,10 @@ async fn link_in(client: &Object, user: &UserId, link: &NewLink) -> Result<LinkO
         }
 
         let current = client
-            .prepare_cached(&format!(
-                "SELECT {RECORD_COLUMNS} FROM linked_identities WHERE user_id = $1"
+            .prepare_cached(concat!(
+                "SELECT ",
+                record_columns!(),
+                " FROM linked_identities WHERE user_id = $1"
             ))
             .await
             .or_fault("cannot prepare the link query")?;
