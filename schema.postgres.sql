@@ -1,7 +1,9 @@
 -- linkid's current schema on PostgreSQL (version 1, recorded in
--- linkid_schema_version). A database is created and upgraded by the
--- migrations in src/store/postgres/migrations.rs, in order, in one
--- transaction under an advisory lock; a test holds them to this file.
+-- linkid_schema_version). linkid creates and upgrades it by itself: the
+-- migrations in src/store/postgres/migrations.rs run at start-up, in order,
+-- in one transaction under an advisory lock; a test holds them to this
+-- file. Applied by hand (say by a DBA, so that linkid's own role needs no
+-- CREATE privilege), it makes a database linkid accepts as current.
 
 -- The schema version: one row.
 CREATE TABLE linkid_schema_version (
@@ -64,3 +66,6 @@ BEGIN
     RETURN FOUND;
 END
 $$;
+
+-- This file is the whole of version 1.
+INSERT INTO linkid_schema_version (version) VALUES (1);

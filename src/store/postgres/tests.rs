@@ -125,8 +125,16 @@ async fn the_migrations_make_exactly_schema_postgres_sql() {
         .await
         .unwrap();
 
+    // ... and a database made from it by hand is one linkid takes as current.
+    let by_hand = DatabaseConfig {
+        url: Some(DatabaseUrl::new(with_dbname(&server, &fresh_db))),
+        ..config.clone()
+    };
+    Store::open(&by_hand).await.unwrap().close().await;
+
     let (want, got) = (shape_of(&fresh).await, shape_of(&migrated).await);
     let version = rows(&migrated, "SELECT version FROM linkid_schema_version").await;
+    let written = rows(&fresh, "SELECT version FROM linkid_schema_version").await;
     drop((migrated, fresh));
     for name in [&migrated_db, &fresh_db] {
         admin
@@ -137,6 +145,7 @@ async fn the_migrations_make_exactly_schema_postgres_sql() {
     assert_eq!(got, want);
     assert!(want.len() > 20, "the shape covers the schema: {want:#?}");
     assert_eq!(version, [SCHEMA_VERSION.to_string()]);
+    assert_eq!(written, version, "schema.postgres.sql records its version");
 }
 
 #[test]
