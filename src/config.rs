@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Protocol;
 
+mod database_url;
+
+pub use database_url::{DatabaseUrl, Host, Password, PostgresUrl, SslMode};
+
 /// The shipped `config.toml`, which is also the built-in defaults layer.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
 
@@ -100,9 +104,81 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
+    /// The SQLite file, used when `url` is unset.
     pub path: PathBuf,
+    /// A PostgreSQL URL: when set, everything lives in that database instead.
+    #[serde(default)]
+    pub url: Option<DatabaseUrl>,
     pub pool_size: u32,
+    /// SQLite's group commit: most writes in one transaction.
     pub max_batch: usize,
+    /// PostgreSQL: the longest a statement, a wait for a pooled connection
+    /// or a new connection may take before the request fails with a 503.
+    pub statement_timeout_secs: u64,
+}
+
+impl DatabaseConfig {
+    /// The PostgreSQL URL, when one is set (an empty one is unset).
+    pub fn postgres_url(&self) -> Option<&DatabaseUrl> {
+        self.url.as_ref().filter(|url| !url.is_empty())
+    }
+
+    /// The statement timeout, as a duration.
+    pub fn statement_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.statement_timeout_secs)
+    }
+
+    /// Problems with the `[database]` keys, each naming its key.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.pool_size == 0 {
+            problems.push("database.pool_size is 0: set it to 1 or more".to_string());
+        }
+        if self.max_batch == 0 {
+            problems.push("database.max_batch is 0: set it to 1 or more".to_string());
+        }
+        if !(1..=3600).contains(&self.statement_timeout_secs) {
+            problems.push(format!(
+                "database.statement_timeout_secs is {}: set it to 1-3600 seconds (a few seconds suits most installs)",
+                self.statement_timeout_secs
+            ));
+        }
+        let Some(url) = self.postgres_url() else {
+            if self.path.as_os_str().is_empty() {
+                problems.push("database.path is empty: set it to a file path".to_string());
+            }
+            problems.extend(file_problems("database.path", &self.path));
+            return problems;
+        };
+        match url.parse() {
+            Err(why) => problems.push(format!(
+                "database.url is not a PostgreSQL URL: {why} (e.g. postgres://linkid:PASSWORD@db.example.com:5432/linkid?sslmode=verify-full&sslrootcert=/etc/linkid/db-ca.pem)"
+            )),
+            Ok(parsed) => {
+                let verifies = matches!(parsed.ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull);
+                match &parsed.ssl_root_cert {
+                    None if verifies => problems.push(format!(
+                        "database.url has sslmode={} but no sslrootcert: add sslrootcert=/path/to/ca.pem (the CA that signed the server's certificate)",
+                        parsed.ssl_mode.as_str()
+                    )),
+                    Some(file) if !file.is_file() => problems.push(format!(
+                        "database.url sslrootcert {} is not a file: point it at the PEM file of the CA that signed the server's certificate",
+                        file.display()
+                    )),
+                    Some(file) => {
+                        if let Err(e) = std::fs::File::open(file) {
+                            problems.push(format!(
+                                "database.url sslrootcert {} cannot be read ({e}): fix its permissions",
+                                file.display()
+                            ));
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        problems
+    }
 }
 
 /// `[auth]`
@@ -212,7 +288,7 @@ impl Config {
 
     /// Checks that types alone cannot express.
     fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.database.problems();
         for (key, value) in [
             (
                 "server.header_read_timeout_secs",
@@ -228,15 +304,6 @@ impl Config {
             if value == 0 {
                 problems.push(format!("{key} is 0: set it to 1 or more"));
             }
-        }
-        if self.database.path.as_os_str().is_empty() {
-            problems.push("database.path is empty: set it to a file path".to_string());
-        }
-        if self.database.pool_size == 0 {
-            problems.push("database.pool_size is 0: set it to 1 or more".to_string());
-        }
-        if self.database.max_batch == 0 {
-            problems.push("database.max_batch is 0: set it to 1 or more".to_string());
         }
         if let Some(key) = &self.auth.public_key {
             if let Err(e) = key.parse::<biscuit_auth::PublicKey>() {
@@ -281,7 +348,6 @@ impl Config {
                 ));
             }
         }
-        problems.extend(file_problems("database.path", &self.database.path));
         if !self.auth.private_key_file.as_os_str().is_empty() {
             problems.extend(file_problems(
                 "auth.private_key_file",
@@ -391,5 +457,59 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    fn problems_with(database: &str) -> Vec<String> {
+        let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+            .merge(Toml::string(&format!("[database]\n{database}")));
+        match Config::from_figment(figment) {
+            Ok(_) => vec![],
+            Err(e) => e.problems,
+        }
+    }
+
+    #[test]
+    fn a_postgres_url_replaces_the_sqlite_path_and_is_checked() {
+        assert!(problems_with("url = \"postgres://u:pw@db:5432/linkid\"\npath = \"\"").is_empty());
+        assert!(
+            problems_with("url = \"\"").is_empty(),
+            "an empty url is unset"
+        );
+
+        let cases = [
+            ("url = \"mysql://u:pw-7q@db/linkid\"", "database.url"),
+            (
+                "url = \"postgres://u:pw-7q@db/l?sslmode=verify-full\"",
+                "sslrootcert",
+            ),
+            (
+                "url = \"postgres://u:pw-7q@db/l?sslmode=verify-ca&sslrootcert=/nonexistent.pem\"",
+                "/nonexistent.pem",
+            ),
+            (
+                "statement_timeout_secs = 0",
+                "database.statement_timeout_secs",
+            ),
+        ];
+        for (database, names) in cases {
+            let problems = problems_with(database).join("\n");
+
+            assert!(problems.contains(names), "{database}: {problems}");
+            assert!(!problems.contains("pw-7q"), "{database}: {problems}");
+        }
+    }
+
+    #[test]
+    fn the_config_shows_its_url_without_the_password() {
+        let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+            .merge(("database.url", "postgres://u:pw-7q@db/linkid"));
+        let config = Config::from_figment(figment).unwrap();
+
+        assert!(!format!("{config:?}").contains("pw-7q"));
+        assert!(!serde_json::to_string(&config).unwrap().contains("pw-7q"));
+        assert_eq!(
+            config.database.postgres_url().unwrap().to_string(),
+            "postgres://u@db:5432/linkid"
+        );
     }
 }

@@ -825,37 +825,49 @@ async fn stream_events(state: Arc<AppState>, after: i64) -> Result<Response, Rej
         .await
         .map_err(ApiError::from)?;
     let heartbeat = std::time::Duration::from_secs(state.events.heartbeat_secs);
-    let pending: std::collections::VecDeque<Event> = first.into();
-    let events = futures_util::stream::unfold(
-        (state, after, pending, permit),
-        |(state, mut after, mut pending, permit)| async move {
-            while pending.is_empty() {
-                if *state.stopping.borrow() {
-                    return None;
-                }
-                if !wait_for_event(&state, after, std::time::Duration::from_secs(3600)).await {
-                    continue;
-                }
-                match state.store.events(after, MAX_LIMIT).await {
-                    Ok(batch) => pending.extend(batch),
-                    Err(error) => {
-                        tracing::warn!(error = %error, "an event stream ended: the store failed");
-                        return None;
-                    }
+    // A task reads the store and hands events over, so the response's
+    // stream holds only the channel; the task (and its stream slot) ends
+    // when the client goes away, the store fails or the server stops.
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Event>(MAX_LIMIT as usize);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut after = after;
+        let mut batch = first;
+        loop {
+            for event in batch.drain(..) {
+                after = event.seq;
+                if sender.send(event).await.is_err() {
+                    return;
                 }
             }
-            let event = pending.pop_front()?;
-            after = event.seq;
-            let sse = warp::sse::Event::default()
-                .id(event.seq.to_string())
-                .event(event.event_type.as_str())
-                .data(serde_json::to_string(&event).unwrap_or_default());
-            Some((
-                Ok::<_, std::convert::Infallible>(sse),
-                (state, after, pending, permit),
-            ))
-        },
-    );
+            loop {
+                if *state.stopping.borrow() {
+                    return;
+                }
+                tokio::select! {
+                    woke = wait_for_event(&state, after, std::time::Duration::from_secs(3600)) => {
+                        if woke { break }
+                    }
+                    () = sender.closed() => return,
+                }
+            }
+            batch = match state.store.events(after, MAX_LIMIT).await {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(error = %error, "an event stream ended: the store failed");
+                    return;
+                }
+            };
+        }
+    });
+    let events = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let event = receiver.recv().await?;
+        let sse = warp::sse::Event::default()
+            .id(event.seq.to_string())
+            .event(event.event_type.as_str())
+            .data(serde_json::to_string(&event).unwrap_or_default());
+        Some((Ok::<_, std::convert::Infallible>(sse), receiver))
+    });
     let stream = warp::sse::keep_alive()
         .interval(heartbeat)
         .text("heartbeat")
