@@ -178,10 +178,10 @@ struct VerifiedToken {
 }
 
 impl Bearer {
-    /// This token's own revocation id (its last block's): the key for
-    /// per-token limits.
+    /// The root token's revocation id (its first block's), shared by every
+    /// attenuation of it: the key for per-token limits.
     pub fn id(&self) -> &str {
-        self.0.revocation_ids.last().map_or("", String::as_str)
+        self.0.revocation_ids.first().map_or("", String::as_str)
     }
 
     /// A short, non-secret name for the token in logs: its last revocation id's prefix.

@@ -10,6 +10,7 @@ mod crash;
 mod delete;
 mod errors;
 mod hostile;
+mod hostile_tokens;
 mod identity_providers;
 mod link;
 mod list;
