@@ -90,7 +90,16 @@ pub struct AuthConfig {
     pub private_key_file: PathBuf,
     #[serde(default)]
     pub public_key: Option<String>,
+    /// Verified tokens kept in memory, at most.
     pub token_cache_size: usize,
+    /// The longest token accepted, in bytes of its base64 text.
+    pub max_token_bytes: usize,
+    /// The most blocks a token may have (the authority block and attenuations).
+    pub max_blocks: usize,
+    /// The most facts a token may hold, over all its blocks.
+    pub max_facts: usize,
+    /// The most rules and check queries a token may hold, over all its blocks.
+    pub max_rules: usize,
 }
 
 /// `[log]`
@@ -207,6 +216,18 @@ impl Config {
                 ));
             }
         }
+        for (key, value) in [
+            ("max_token_bytes", self.auth.max_token_bytes),
+            ("max_blocks", self.auth.max_blocks),
+            ("max_facts", self.auth.max_facts),
+            ("max_rules", self.auth.max_rules),
+        ] {
+            if value == 0 {
+                problems.push(format!(
+                    "auth.{key} is 0, which would refuse every token: set it to 1 or more (see config.toml for the default)"
+                ));
+            }
+        }
         if self.auth.public_key.is_none() && self.auth.private_key_file.as_os_str().is_empty() {
             problems.push(
                 "auth.private_key_file is empty and auth.public_key is unset: set one of them"
@@ -313,4 +334,39 @@ fn file_problems(key: &str, path: &Path) -> Vec<String> {
         ancestor = dir.parent();
     }
     vec![]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped defaults with one key changed.
+    fn with(key: &str, value: u64) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+            .merge(("database.path", dir.path().join("linkid.db")))
+            .merge(("auth.private_key_file", dir.path().join("root.key")))
+            .merge((key, value));
+        Config::from_figment(figment)
+    }
+
+    #[test]
+    fn the_token_caps_refuse_zero_naming_the_key() {
+        for key in ["max_token_bytes", "max_blocks", "max_facts", "max_rules"] {
+            let error = with(&format!("auth.{key}"), 0).unwrap_err();
+            assert!(
+                error
+                    .problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("auth.{key} is 0"))),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_cap_of_one_is_allowed() {
+        let config = with("auth.max_blocks", 1).unwrap();
+        assert_eq!(config.auth.max_blocks, 1);
+    }
 }

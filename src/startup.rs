@@ -45,7 +45,7 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on server.addr {}", config.server.addr))?;
         let state = Arc::new(AppState {
-            authority: Authority::new(key.public, revoked.clone(), config.auth.token_cache_size),
+            authority: Authority::new(key.public, revoked.clone(), &config.auth),
             store,
             limits: RateLimits::new(&config.rate_limit),
             providers: config.identity_providers.clone(),

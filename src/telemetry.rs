@@ -81,6 +81,10 @@ fn describe() {
         "Verified tokens in the cache."
     );
     metrics::describe_counter!(
+        "linkid_authorizations_offloaded_total",
+        "Authorizations run on the blocking pool because their datalog is not trivially cheap."
+    );
+    metrics::describe_counter!(
         "linkid_rate_limited_total",
         "Requests answered 429, by limit."
     );

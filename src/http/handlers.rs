@@ -52,6 +52,7 @@ pub async fn list_identity_providers(
                 provider: None,
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let list = IdentityProviderList {
         identity_providers: state
@@ -110,6 +111,7 @@ pub async fn list_linked_identities(
                 provider: None,
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let mut identities: Vec<LinkedIdentity> = state
         .store
@@ -122,19 +124,22 @@ pub async fn list_linked_identities(
     let mut list_actions = None;
     if embed {
         for identity in &mut identities {
-            identity.actions = Some(identity_actions(&state, &bearer, &user, identity));
+            identity.actions = Some(identity_actions(&state, &bearer, &user, identity).await);
         }
-        let may_create = identities.is_empty()
-            && state.linkable_providers().any(|p| {
-                state.authority.allows(
-                    &bearer,
-                    Access {
-                        right: Right::LinkedIdentitiesCreate,
-                        user: Some(user.as_str()),
-                        provider: Some(&p.id),
-                    },
-                )
-            });
+        let mut may_create = false;
+        if identities.is_empty() {
+            for provider in state.linkable_providers() {
+                let access = Access {
+                    right: Right::LinkedIdentitiesCreate,
+                    user: Some(user.as_str()),
+                    provider: Some(&provider.id),
+                };
+                if state.authority.allows(&bearer, access).await {
+                    may_create = true;
+                    break;
+                }
+            }
+        }
         list_actions = Some(if may_create {
             vec![ListAction::Create]
         } else {
@@ -201,6 +206,7 @@ pub async fn link_identity(
                 provider: Some(&fields.provider_id),
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let provider = state
         .linkable_providers()
@@ -223,7 +229,7 @@ pub async fn link_identity(
     };
     let mut identity = record.into_identity();
     if embed {
-        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity));
+        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity).await);
     }
     let mut response = json_response(status, &identity);
     if status == StatusCode::CREATED {
@@ -280,6 +286,7 @@ pub async fn delete_linked_identity(
                 provider: Some(provider.as_str()),
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let identity = state
         .store
@@ -291,20 +298,23 @@ pub async fn delete_linked_identity(
 }
 
 /// The actions the bearer may perform on one identity now.
-fn identity_actions(
+async fn identity_actions(
     state: &AppState,
     bearer: &Bearer,
     user: &UserId,
     identity: &LinkedIdentity,
 ) -> Vec<IdentityAction> {
-    let may_delete = state.authority.allows(
-        bearer,
-        Access {
-            right: Right::LinkedIdentitiesDelete,
-            user: Some(user.as_str()),
-            provider: Some(&identity.provider_id),
-        },
-    );
+    let may_delete = state
+        .authority
+        .allows(
+            bearer,
+            Access {
+                right: Right::LinkedIdentitiesDelete,
+                user: Some(user.as_str()),
+                provider: Some(&identity.provider_id),
+            },
+        )
+        .await;
     if may_delete {
         vec![IdentityAction::Delete]
     } else {
