@@ -6,6 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -196,6 +197,8 @@ impl RevocationList {
 pub struct Bearer(Arc<VerifiedToken>);
 
 struct VerifiedToken {
+    /// The token as sent: its key in the cache.
+    text: Arc<str>,
     token: Biscuit,
     revocation_ids: Vec<String>,
     /// Its time-only checks, ready to run against `time(now)` alone; `None`
@@ -203,6 +206,10 @@ struct VerifiedToken {
     expiry: Option<AuthorizerBuilder>,
     /// The most steps one authorization of it can take.
     work: u64,
+    /// Roughly what it holds in memory: its weight in the cache.
+    heap_bytes: u64,
+    /// Set once it is in the cache, so a hit does not insert it again.
+    cached: AtomicBool,
 }
 
 impl Bearer {
@@ -231,6 +238,22 @@ struct Caps {
     max_rules: usize,
 }
 
+/// Verified tokens, weighed in bytes.
+type TokenCache = quick_cache::sync::Cache<Arc<str>, Bearer, TokenWeight>;
+
+/// A cached token's weight: its estimated bytes, and at least the cache's
+/// byte bound divided by its entry bound, so that both bounds hold.
+#[derive(Clone)]
+struct TokenWeight {
+    floor: u64,
+}
+
+impl quick_cache::Weighter<Arc<str>, Bearer> for TokenWeight {
+    fn weight(&self, _text: &Arc<str>, bearer: &Bearer) -> u64 {
+        bearer.0.heap_bytes.max(self.floor)
+    }
+}
+
 /// Verifies bearer tokens and runs the authorizer.
 pub struct Authority {
     root: PublicKey,
@@ -241,8 +264,9 @@ pub struct Authority {
     policies: AuthorizerBuilder,
     /// What the server's authorizer adds to a token, for pricing tokens.
     server: ServerSide,
-    /// Verified tokens by their text: the signature is checked once per token.
-    verified: quick_cache::sync::Cache<String, Bearer>,
+    /// Verified tokens that passed an authorization, by their text: the
+    /// signature is checked once per token.
+    verified: TokenCache,
     /// Authorizations running on the blocking pool: one per core, so
     /// expensive tokens cannot take every thread.
     heavy: Arc<Semaphore>,
@@ -314,7 +338,7 @@ impl Authority {
             limits,
             policies: builder,
             server,
-            verified: quick_cache::sync::Cache::new(config.token_cache_size.max(1)),
+            verified: token_cache(config, cores),
             heavy: Arc::new(Semaphore::new(cores)),
         }
     }
@@ -355,7 +379,6 @@ impl Authority {
             tracing::warn!(token = %bearer.log_id(), work = bearer.0.work, "refused a token too complex to authorize");
             return Err(AuthError::too_complex(bearer.0.work));
         }
-        self.verified.insert(token.to_owned(), bearer.clone());
         Ok(bearer)
     }
 
@@ -401,7 +424,14 @@ impl Authority {
             ));
         }
         let time_only: Vec<&Check> = checks.iter().filter(|c| check_is_time_only(c)).collect();
-        let estimate = Estimate::of(&facts, &rules, &checks, &time_only, &self.server);
+        let estimate = Estimate::of(
+            &facts,
+            &rules,
+            &checks,
+            &time_only,
+            text.len(),
+            &self.server,
+        );
         if estimate.expiry_work > WORK_BUDGET {
             return Err(AuthError::too_complex(estimate.expiry_work));
         }
@@ -416,9 +446,12 @@ impl Authority {
             Some(builder.set_limits(self.limits.clone()))
         };
         Ok(Bearer(Arc::new(VerifiedToken {
+            text: Arc::from(text),
             revocation_ids: token.revocation_identifiers().iter().map(hex).collect(),
             expiry,
             work: estimate.work,
+            heap_bytes: estimate.heap_bytes,
+            cached: AtomicBool::new(false),
             token,
         })))
     }
@@ -448,7 +481,7 @@ impl Authority {
 
     /// Runs the authorizer for one access: `Forbidden` unless a policy
     /// allows it. Tokens that are not trivially cheap run on the blocking
-    /// pool, a bounded number at once.
+    /// pool, a bounded number at once. A token that passes enters the cache.
     pub async fn authorize(&self, bearer: &Bearer, access: Access<'_>) -> Result<(), AuthError> {
         let outcome = match self.authorizer_for(access) {
             Ok(builder) if bearer.0.work <= INLINE_WORK => run(builder, bearer),
@@ -456,7 +489,10 @@ impl Authority {
             Err(e) => Err(e),
         };
         match outcome {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.remember(bearer);
+                Ok(())
+            }
             Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. }))
                 if checks.iter().any(is_time_only) =>
             {
@@ -499,9 +535,20 @@ impl Authority {
         }
     }
 
+    fn remember(&self, bearer: &Bearer) {
+        if !bearer.0.cached.swap(true, Ordering::Relaxed) {
+            self.verified.insert(bearer.0.text.clone(), bearer.clone());
+        }
+    }
+
     /// How many verified tokens the cache holds.
     pub fn cached_tokens(&self) -> usize {
         self.verified.len()
+    }
+
+    /// How many bytes the cache holds, as it weighs them.
+    pub fn cached_token_bytes(&self) -> u64 {
+        self.verified.weight()
     }
 
     /// Whether the bearer may perform this access now (for `embed=ACTIONS`).
@@ -529,6 +576,29 @@ fn run(builder: AuthorizerBuilder, bearer: &Bearer) -> Result<usize, TokenError>
     builder
         .build(&bearer.0.token)
         .and_then(|mut a| a.authorize())
+}
+
+/// The token cache: `auth.token_cache_bytes` by weight, split in shards
+/// that each hold at least one token of the largest size.
+fn token_cache(config: &AuthConfig, cores: usize) -> TokenCache {
+    let entries = config.token_cache_size.max(1);
+    let bytes = config.token_cache_bytes.max(1);
+    let largest = 6 * 1024 + 64 * config.max_token_bytes as u64;
+    let shards = (bytes / largest).clamp(1, 4 * cores as u64) as usize;
+    let options = quick_cache::OptionsBuilder::new()
+        .estimated_items_capacity(entries)
+        .weight_capacity(bytes)
+        .shards(shards)
+        .build()
+        .expect("the cache options are complete");
+    quick_cache::sync::Cache::with_options(
+        options,
+        TokenWeight {
+            floor: bytes / entries as u64,
+        },
+        Default::default(),
+        Default::default(),
+    )
 }
 
 fn hex(bytes: impl AsRef<[u8]>) -> String {

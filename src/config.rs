@@ -92,6 +92,8 @@ pub struct AuthConfig {
     pub public_key: Option<String>,
     /// Verified tokens kept in memory, at most.
     pub token_cache_size: usize,
+    /// Bytes those tokens may take in memory (estimated), at most.
+    pub token_cache_bytes: u64,
     /// The longest token accepted, in bytes of its base64 text.
     pub max_token_bytes: usize,
     /// The most blocks a token may have (the authority block and attenuations).
@@ -101,6 +103,9 @@ pub struct AuthConfig {
     /// The most rules and check queries a token may hold, over all its blocks.
     pub max_rules: usize,
 }
+
+/// The smallest `auth.token_cache_bytes`: room for a few dozen tokens.
+const MIN_TOKEN_CACHE_BYTES: u64 = 1024 * 1024;
 
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -227,6 +232,12 @@ impl Config {
                     "auth.{key} is 0, which would refuse every token: set it to 1 or more (see config.toml for the default)"
                 ));
             }
+        }
+        if self.auth.token_cache_bytes < MIN_TOKEN_CACHE_BYTES {
+            problems.push(format!(
+                "auth.token_cache_bytes is {}: set it to {MIN_TOKEN_CACHE_BYTES} (1 MiB) or more",
+                self.auth.token_cache_bytes
+            ));
         }
         if self.auth.public_key.is_none() && self.auth.private_key_file.as_os_str().is_empty() {
             problems.push(
@@ -362,6 +373,16 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn a_token_cache_under_one_mebibyte_is_refused() {
+        let error = with("auth.token_cache_bytes", 4096).unwrap_err();
+        assert!(
+            error.to_string().contains("auth.token_cache_bytes"),
+            "{error}"
+        );
+        assert!(with("auth.token_cache_bytes", 1024 * 1024).is_ok());
     }
 
     #[test]

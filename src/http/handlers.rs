@@ -512,6 +512,7 @@ pub async fn metrics(
     metrics::gauge!("linkid_db_pool_connections").set(connections);
     metrics::gauge!("linkid_db_pool_idle_connections").set(idle);
     metrics::gauge!("linkid_token_cache_entries").set(state.authority.cached_tokens() as f64);
+    metrics::gauge!("linkid_token_cache_bytes").set(state.authority.cached_token_bytes() as f64);
     let mut response = Response::new(crate::telemetry::prometheus().render().into());
     response.headers_mut().insert(
         warp::http::header::CONTENT_TYPE,

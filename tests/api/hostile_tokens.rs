@@ -74,6 +74,25 @@ fn padded_copies(app: &TestApp, token: &str, count: usize, len: usize) -> Vec<St
         .collect()
 }
 
+/// The value of one unlabelled metric on `/metrics`.
+async fn metric(app: &TestApp, name: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} is not on /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 async fn detail_of(response: reqwest::Response) -> String {
     let body: Value = assert_problem(response, 401, "INVALID_TOKEN").await;
     body["detail"].as_str().unwrap().to_owned()
@@ -254,6 +273,41 @@ async fn a_minted_token_with_honest_attenuations_and_a_third_party_block_still_w
     let response = app.list(&token, "u-42", "?embed=ACTIONS").await;
 
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn distinct_large_tokens_answered_403_never_enter_the_token_cache() {
+    let app = spawn_app().await;
+    let base = user_token(&app);
+
+    for token in padded_copies(&app, &base, 25, 10_000) {
+        // The token is for u-42 only.
+        assert_problem(app.list(&token, "u-7", "").await, 403, "FORBIDDEN").await;
+    }
+
+    assert_eq!(metric(&app, "linkid_token_cache_entries").await, 0.0);
+    assert_eq!(metric(&app, "linkid_token_cache_bytes").await, 0.0);
+}
+
+#[tokio::test]
+async fn allowed_tokens_are_cached_up_to_the_byte_bound() {
+    let bound = 1024 * 1024;
+    let app = spawn_app_with(|config| config.auth.token_cache_bytes = bound).await;
+    let base = user_token(&app);
+
+    // About 14 KB each as text, 45 KB parsed: 40 of them are over the bound.
+    for token in padded_copies(&app, &base, 40, 10_000) {
+        assert_eq!(app.list(&token, "u-42", "").await.status(), 200);
+    }
+
+    let entries = metric(&app, "linkid_token_cache_entries").await;
+    let bytes = metric(&app, "linkid_token_cache_bytes").await;
+    assert!((5.0..40.0).contains(&entries), "{entries} entries");
+    assert!(bytes <= bound as f64, "{bytes} bytes");
+    assert!(
+        bytes > bound as f64 / 2.0,
+        "{bytes} bytes: the cache filled up"
+    );
 }
 
 #[tokio::test]
