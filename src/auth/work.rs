@@ -111,10 +111,14 @@ impl Estimate {
         let mut size = Size::default();
         facts.iter().for_each(|f| size.predicate(&f.predicate));
         rules.iter().chain(queries).for_each(|r| size.rule(r));
+        // Every run first loads the token into a fresh authorizer.
+        let load_work = size.predicates + size.terms + size.ops;
         Estimate {
             facts: facts.len(),
             rules: rule_count,
-            work: rule_work.saturating_add(query_work),
+            work: load_work
+                .saturating_add(rule_work)
+                .saturating_add(query_work),
             expiry_work,
             heap_bytes: size.heap_bytes(text_bytes, facts.len(), rule_count),
         }
@@ -258,6 +262,11 @@ impl<'a> World<'a> {
     /// fact once per partial match of the predicates before, and each
     /// complete match evaluates the expressions and builds the head.
     fn query_work(&self, rule: &Rule) -> u64 {
+        // Each fact visited copies the partial match (a map of every
+        // variable of the body) and compares the predicate's terms, and so
+        // does each closure call: wide rules cost more per step.
+        let widest = rule.body.iter().map(|p| p.terms.len()).max().unwrap_or(0);
+        let breadth = 1 + (body_variables(rule) + widest) as u64 / 8;
         let mut scanned = 0u64;
         let mut partial = 1u64;
         for predicate in &rule.body {
@@ -267,25 +276,27 @@ impl<'a> World<'a> {
         let per_match = rule
             .expressions
             .iter()
-            .map(|e| self.expression_work(&e.ops))
+            .map(|e| self.expression_work(&e.ops, breadth))
             .fold(
-                1 + rule.head.terms.len() as u64 * (1 + self.largest_collection),
+                breadth + rule.head.terms.len() as u64 * (1 + self.largest_collection),
                 u64::saturating_add,
             );
-        scanned.saturating_add(partial.saturating_mul(per_match))
+        scanned
+            .saturating_mul(breadth)
+            .saturating_add(partial.saturating_mul(per_match))
     }
 
-    /// One evaluation of an expression.
-    fn expression_work(&self, ops: &[Op]) -> u64 {
+    /// One evaluation of an expression in a rule of this breadth.
+    fn expression_work(&self, ops: &[Op], breadth: u64) -> u64 {
         let adds = count_adds(ops);
         // Concatenation is the only way to build a longer string, and the
         // stack machine cannot reuse a result, so no string an expression
         // makes is longer than this.
         let string_bytes = self.longest_string.saturating_mul(1 + adds);
-        self.ops_work(ops, string_bytes, adds)
+        self.ops_work(ops, string_bytes, adds, breadth)
     }
 
-    fn ops_work(&self, ops: &[Op], string_bytes: u64, adds: u64) -> u64 {
+    fn ops_work(&self, ops: &[Op], string_bytes: u64, adds: u64, breadth: u64) -> u64 {
         let collection = self.largest_collection;
         let string_steps = string_bytes / BYTES_PER_STEP;
         let mut work = 0u64;
@@ -310,11 +321,10 @@ impl<'a> World<'a> {
                     (1 + collection).saturating_add(string_steps)
                 }
                 Op::Binary(_) => 1 + collection,
-                Op::Closure(_, body) => {
-                    collection
-                        .max(1)
-                        .saturating_mul(self.ops_work(body, string_bytes, adds))
-                }
+                Op::Closure(_, body) => collection
+                    .max(1)
+                    .saturating_mul(self.ops_work(body, string_bytes, adds, breadth))
+                    .saturating_add(breadth),
             };
             work = work.saturating_add(step);
         }
@@ -350,6 +360,22 @@ fn is_recursive(rules: &[Rule]) -> bool {
 
 fn key(predicate: &Predicate) -> Key<'_> {
     (predicate.name.as_str(), predicate.terms.len())
+}
+
+/// How many distinct variables a rule's body binds.
+fn body_variables(rule: &Rule) -> usize {
+    let mut names: Vec<&str> = rule
+        .body
+        .iter()
+        .flat_map(|p| &p.terms)
+        .filter_map(|t| match t {
+            Term::Variable(name) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names.len()
 }
 
 fn count_adds(ops: &[Op]) -> u64 {
@@ -632,6 +658,20 @@ mod tests {
             "check if [{set}].all($x -> [{set}].all($y -> $x + $y >= 0));"
         ));
         assert!(estimate.work > WORK_BUDGET, "{estimate:?}");
+    }
+
+    #[test]
+    fn wide_rules_cost_in_proportion_to_their_variables() {
+        let terms =
+            |prefix: &str| -> Vec<String> { (0..400).map(|i| format!("{prefix}{i}")).collect() };
+        let values = terms("").join(", ");
+        let facts: String = (0..10).map(|i| format!("p({i}, {values});")).collect();
+        let a = terms("$a").join(", ");
+        let b = terms("$b").join(", ");
+        let narrow = with_block(&format!("{facts} check all p($x, {a}), p($y, {a});"));
+        let wide = with_block(&format!("{facts} check all p($x, {a}), p($y, {b});"));
+        assert!(wide.work > 4 * narrow.work / 3, "{narrow:?} {wide:?}");
+        assert!(wide.work > 100 * (10 + 10 * 10), "{wide:?}");
     }
 
     #[test]
