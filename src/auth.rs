@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context};
 use biscuit_auth::builder::{fact, string, Check, Policy};
 use biscuit_auth::builder_ext::BuilderExt;
-use biscuit_auth::error::{FailedCheck, Logic, Token as TokenError};
+use biscuit_auth::error::{FailedCheck, Logic, RunLimit, Token as TokenError};
 use biscuit_auth::{
     AuthorizerBuilder, AuthorizerLimits, Biscuit, KeyPair, PublicKey, UnverifiedBiscuit,
 };
@@ -62,6 +62,11 @@ impl AuthError {
         AuthError::Invalid(Cow::Owned(format!(
             "too complex to authorize: its rules, checks and expressions could take {steps} steps; the limit is {WORK_BUDGET}"
         )))
+    }
+
+    /// A token that hit biscuit-auth's own limits while it ran.
+    fn hit_limit(limit: &RunLimit) -> AuthError {
+        AuthError::Invalid(Cow::Owned(format!("too complex to authorize: {limit}")))
     }
 }
 
@@ -472,7 +477,7 @@ impl Authority {
                 .and_then(|mut a| a.authorize());
             match outcome {
                 Ok(_) => {}
-                Err(TokenError::RunLimit(_)) => return Err(AuthError::too_complex(bearer.work)),
+                Err(TokenError::RunLimit(limit)) => return Err(AuthError::hit_limit(&limit)),
                 Err(_) => return Err(AuthError::invalid("expired")),
             }
         }
@@ -500,9 +505,7 @@ impl Authority {
             }
             Err(TokenError::RunLimit(limit)) => {
                 tracing::warn!(token = %bearer.log_id(), %limit, "a token hit the authorizer's limits");
-                Err(AuthError::Invalid(Cow::Owned(format!(
-                    "too complex to authorize: {limit}"
-                ))))
+                Err(AuthError::hit_limit(&limit))
             }
             Err(_) => Err(AuthError::Forbidden),
         }
