@@ -188,8 +188,22 @@ pub struct AuthConfig {
     pub private_key_file: PathBuf,
     #[serde(default)]
     pub public_key: Option<String>,
+    /// Verified tokens kept in memory, at most.
     pub token_cache_size: usize,
+    /// Bytes those tokens may take in memory (estimated), at most.
+    pub token_cache_bytes: u64,
+    /// The longest token accepted, in bytes of its base64 text.
+    pub max_token_bytes: usize,
+    /// The most blocks a token may have (the authority block and attenuations).
+    pub max_blocks: usize,
+    /// The most facts a token may hold, over all its blocks.
+    pub max_facts: usize,
+    /// The most rules and check queries a token may hold, over all its blocks.
+    pub max_rules: usize,
 }
+
+/// The smallest `auth.token_cache_bytes`: room for a few dozen tokens.
+const MIN_TOKEN_CACHE_BYTES: u64 = 1024 * 1024;
 
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -311,6 +325,24 @@ impl Config {
                     "auth.public_key is not a public key ({e}): use the text form \"ed25519/<64 hex digits>\""
                 ));
             }
+        }
+        for (key, value) in [
+            ("max_token_bytes", self.auth.max_token_bytes),
+            ("max_blocks", self.auth.max_blocks),
+            ("max_facts", self.auth.max_facts),
+            ("max_rules", self.auth.max_rules),
+        ] {
+            if value == 0 {
+                problems.push(format!(
+                    "auth.{key} is 0, which would refuse every token: set it to 1 or more (see config.toml for the default)"
+                ));
+            }
+        }
+        if self.auth.token_cache_bytes < MIN_TOKEN_CACHE_BYTES {
+            problems.push(format!(
+                "auth.token_cache_bytes is {}: set it to {MIN_TOKEN_CACHE_BYTES} (1 MiB) or more",
+                self.auth.token_cache_bytes
+            ));
         }
         if self.auth.public_key.is_none() && self.auth.private_key_file.as_os_str().is_empty() {
             problems.push(
@@ -457,6 +489,46 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    /// The shipped defaults with one key changed.
+    fn with(key: &str, value: u64) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+            .merge(("database.path", dir.path().join("linkid.db")))
+            .merge(("auth.private_key_file", dir.path().join("root.key")))
+            .merge((key, value));
+        Config::from_figment(figment)
+    }
+
+    #[test]
+    fn the_token_caps_refuse_zero_naming_the_key() {
+        for key in ["max_token_bytes", "max_blocks", "max_facts", "max_rules"] {
+            let error = with(&format!("auth.{key}"), 0).unwrap_err();
+            assert!(
+                error
+                    .problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("auth.{key} is 0"))),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_cache_under_one_mebibyte_is_refused() {
+        let error = with("auth.token_cache_bytes", 4096).unwrap_err();
+        assert!(
+            error.to_string().contains("auth.token_cache_bytes"),
+            "{error}"
+        );
+        assert!(with("auth.token_cache_bytes", 1024 * 1024).is_ok());
+    }
+
+    #[test]
+    fn a_token_cap_of_one_is_allowed() {
+        let config = with("auth.max_blocks", 1).unwrap();
+        assert_eq!(config.auth.max_blocks, 1);
     }
 
     fn problems_with(database: &str) -> Vec<String> {

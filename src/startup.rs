@@ -50,7 +50,7 @@ impl Application {
             .with_context(|| format!("cannot listen on server.addr {}", config.server.addr))?;
         let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
         let state = Arc::new(AppState {
-            authority: Authority::new(key.public, revoked.clone(), config.auth.token_cache_size),
+            authority: Authority::new(key.public, revoked.clone(), &config.auth),
             store,
             limits: RateLimits::new(&config.rate_limit),
             providers: config.identity_providers.clone(),

@@ -54,6 +54,7 @@ pub async fn list_identity_providers(
                 provider: None,
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let list = IdentityProviderList {
         identity_providers: state
@@ -112,6 +113,7 @@ pub async fn list_linked_identities(
                 provider: None,
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let mut identities: Vec<LinkedIdentity> = state
         .store
@@ -124,19 +126,22 @@ pub async fn list_linked_identities(
     let mut list_actions = None;
     if embed {
         for identity in &mut identities {
-            identity.actions = Some(identity_actions(&state, &bearer, &user, identity));
+            identity.actions = Some(identity_actions(&state, &bearer, &user, identity).await);
         }
-        let may_create = identities.is_empty()
-            && state.linkable_providers().any(|p| {
-                state.authority.allows(
-                    &bearer,
-                    Access {
-                        right: Right::LinkedIdentitiesCreate,
-                        user: Some(user.as_str()),
-                        provider: Some(&p.id),
-                    },
-                )
-            });
+        let mut may_create = false;
+        if identities.is_empty() {
+            for provider in state.linkable_providers() {
+                let access = Access {
+                    right: Right::LinkedIdentitiesCreate,
+                    user: Some(user.as_str()),
+                    provider: Some(&provider.id),
+                };
+                if state.authority.allows(&bearer, access).await {
+                    may_create = true;
+                    break;
+                }
+            }
+        }
         list_actions = Some(if may_create {
             vec![ListAction::Create]
         } else {
@@ -204,6 +209,7 @@ pub async fn link_identity(
                 provider: Some(&fields.provider_id),
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let provider = state
         .linkable_providers()
@@ -226,7 +232,7 @@ pub async fn link_identity(
     };
     let mut identity = record.into_identity();
     if embed {
-        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity));
+        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity).await);
     }
     let mut response = json_response(status, &identity);
     if status == StatusCode::CREATED {
@@ -284,6 +290,7 @@ pub async fn delete_linked_identity(
                 provider: Some(provider.as_str()),
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let identity = state
         .store
@@ -304,20 +311,23 @@ fn actor(bearer: &Bearer, request: RequestId) -> Actor {
 }
 
 /// The actions the bearer may perform on one identity now.
-fn identity_actions(
+async fn identity_actions(
     state: &AppState,
     bearer: &Bearer,
     user: &UserId,
     identity: &LinkedIdentity,
 ) -> Vec<IdentityAction> {
-    let may_delete = state.authority.allows(
-        bearer,
-        Access {
-            right: Right::LinkedIdentitiesDelete,
-            user: Some(user.as_str()),
-            provider: Some(&identity.provider_id),
-        },
-    );
+    let may_delete = state
+        .authority
+        .allows(
+            bearer,
+            Access {
+                right: Right::LinkedIdentitiesDelete,
+                user: Some(user.as_str()),
+                provider: Some(&identity.provider_id),
+            },
+        )
+        .await;
     if may_delete {
         vec![IdentityAction::Delete]
     } else {
@@ -518,6 +528,7 @@ pub async fn metrics(
     metrics::gauge!("linkid_db_pool_connections").set(connections);
     metrics::gauge!("linkid_db_pool_idle_connections").set(idle);
     metrics::gauge!("linkid_token_cache_entries").set(state.authority.cached_tokens() as f64);
+    metrics::gauge!("linkid_token_cache_bytes").set(state.authority.cached_token_bytes() as f64);
     let mut response = Response::new(crate::telemetry::prometheus().render().into());
     response.headers_mut().insert(
         warp::http::header::CONTENT_TYPE,
@@ -585,6 +596,7 @@ pub async fn search_linked_identities(
                 provider: search.provider_id.as_deref(),
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let page = state
         .store
@@ -762,6 +774,7 @@ pub async fn list_events(
                 provider: None,
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let streaming = accept
         .as_ref()

@@ -16,6 +16,7 @@ mod errors;
 mod faults;
 mod feed;
 mod hostile;
+mod hostile_tokens;
 mod identity_providers;
 mod instances;
 mod link;
