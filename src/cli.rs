@@ -43,7 +43,7 @@ pub enum Command {
     )]
     Token(TokenCommand),
     /// Copy the database to PATH while the server keeps serving (SQLite's
-    /// online backup API; one consistent snapshot).
+    /// online backup API; one consistent snapshot). On PostgreSQL, use pg_dump.
     #[command(
         after_help = "Example:\n  linkid backup /var/backups/linkid-$(date +%F).db\n\nRestore: stop the server, copy the backup over database.path (removing any\n-wal and -shm files beside it), start the server."
     )]
@@ -213,15 +213,19 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
             println!("  read             {}", config.sources.read.join(", "));
             println!("  server.addr      {}", config.server.addr);
             let database = &checked.database;
-            println!(
-                "  database.path    {}{}",
-                config.database.path.display(),
-                match (database.exists, database.in_use_by) {
-                    (_, Some(pid)) => format!(" (in use by linkid serve, pid {pid})"),
-                    (true, None) => String::new(),
-                    (false, None) => " (created on first start)".to_string(),
-                }
-            );
+            match config.database.postgres_url() {
+                // (Display leaves the password out.)
+                Some(url) => println!("  database.url     {url}"),
+                None => println!(
+                    "  database.path    {}{}",
+                    config.database.path.display(),
+                    match (database.created_at_start, database.in_use_by) {
+                        (_, Some(pid)) => format!(" (in use by linkid serve, pid {pid})"),
+                        (false, None) => String::new(),
+                        (true, None) => " (created on first start)".to_string(),
+                    }
+                ),
+            }
             match (&checked.key, &config.auth.public_key) {
                 (Some(key), Some(_)) => {
                     println!("  tokens verified  with auth.public_key {}", key.public)
@@ -324,11 +328,10 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
                 )
                 .expect("the progress template parses"),
             );
-            let database = config.database.clone();
-            let added = tokio::task::spawn_blocking(move || {
-                crate::store::seed(&database, links, &providers, |done| bar.set_position(done))
+            let added = crate::store::seed(&config.database, links, providers, move |done| {
+                bar.set_position(done)
             })
-            .await??;
+            .await?;
             eprintln!("added {added} links");
             Ok(())
         }
@@ -373,7 +376,7 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
                     config.database.path.display()
                 ),
             };
-            let authority = auth::Authority::new(key.public, revoked, 1);
+            let authority = auth::Authority::new(key.public, revoked, &config.auth);
             let verdict = authority.authenticate(Some(format!("Bearer {token}").as_bytes()));
             let shown = auth::inspect(key.public, &token)?;
             match &verdict {

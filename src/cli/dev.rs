@@ -52,6 +52,10 @@ pub(super) async fn run(mut config: Config, options: Options) -> anyhow::Result<
     if config.auth.public_key.take().is_some() {
         tracing::warn!("linkid dev ignores auth.public_key: it signs its own tokens");
     }
+    // Always a SQLite file of its own, even where serve uses PostgreSQL.
+    if config.database.url.take().is_some() {
+        tracing::warn!("linkid dev ignores database.url: its data is a SQLite file of its own");
+    }
     config.database.path = dir.join(DATABASE);
     config.auth.private_key_file = dir.join(KEY);
     tracing::info!(

@@ -74,7 +74,7 @@ impl fmt::Display for Problem {
         match (&self.origin, key.is_empty()) {
             (Some(Origin::File(path)), true) => write!(f, "{}: ", path.display())?,
             (Some(Origin::File(path)), false) => write!(f, "{}:{key}: ", path.display())?,
-            (Some(Origin::Env), false) => write!(f, "env {}: ", env_name(key))?,
+            (Some(Origin::Env), false) => write!(f, "env {} ({key}): ", env_name(key))?,
             (Some(Origin::BuiltIn), false) => write!(f, "{BUILT_IN}:{key}: ")?,
             (_, false) => write!(f, "{key}: ")?,
             (_, true) => {}
@@ -598,7 +598,9 @@ mod tests {
             "/etc/linkid.toml:server.addr: unknown key — did you mean `addr`?"
         );
         problem.origin = Some(Origin::Env);
-        assert!(problem.to_string().starts_with("env LINKID_SERVER__ADDR: "));
+        assert!(problem
+            .to_string()
+            .starts_with("env LINKID_SERVER__ADDR (server.addr): "));
     }
 
     #[test]

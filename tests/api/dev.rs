@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_linkid");
-
 /// A running `linkid dev`, with what it printed on stdout.
 struct Dev {
     child: Child,
@@ -26,11 +24,8 @@ impl Dev {
     /// Starts `linkid dev ARGS` in `cwd` with its temporary directory in
     /// `tmp`, and waits for the line that says where its data is.
     fn start(cwd: &Path, tmp: &Path, args: &[&str], env: &[(&str, &str)]) -> Dev {
-        let mut command = Command::new(BIN);
+        let mut command = crate::cli::command(cwd);
         command
-            .current_dir(cwd)
-            .env_remove("LINKID_CONFIG")
-            .env_remove("RUST_LOG")
             .env("TMPDIR", tmp)
             .env("LINKID_SERVER__ADDR", "127.0.0.1:0")
             .arg("dev")
@@ -280,10 +275,8 @@ fn bad_fixtures_stop_dev_naming_each_line_and_leave_nothing_behind() {
 
     let output = crate::cli::output_within(
         {
-            let mut command = Command::new(BIN);
+            let mut command = crate::cli::command(cwd.path());
             command
-                .current_dir(cwd.path())
-                .env_remove("LINKID_CONFIG")
                 .env("TMPDIR", tmp.path())
                 .env("LINKID_SERVER__ADDR", "127.0.0.1:0")
                 .args(["dev", "--print-token", "--fixtures", "links.jsonl"]);

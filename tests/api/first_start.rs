@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::cli::{get, linkid, mint, output_within, Server};
-
-const BIN: &str = env!("CARGO_BIN_EXE_linkid");
+use crate::helpers::{skipped_unless, Backend};
 
 /// Holds a spawned child back until `at`, between fork and exec, so that
 /// processes spawned one after another start at the same moment.
@@ -27,13 +26,8 @@ fn start_at(command: &mut Command, at: Instant) -> &mut Command {
 }
 
 fn linkid_command(dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .current_dir(dir)
-        .env_remove("LINKID_CONFIG")
-        .env_remove("RUST_LOG")
-        .env("LINKID_SERVER__ADDR", "127.0.0.1:0")
-        .args(args);
+    let mut command = crate::cli::command(dir);
+    command.env("LINKID_SERVER__ADDR", "127.0.0.1:0").args(args);
     command
 }
 
@@ -149,6 +143,12 @@ fn serve_and_token_mint_started_together_on_an_empty_directory_share_one_key() {
 
 #[tokio::test]
 async fn a_second_serve_on_the_same_database_is_refused_naming_the_first_ones_pid() {
+    if skipped_unless(
+        Backend::Sqlite,
+        "many instances share one PostgreSQL database",
+    ) {
+        return;
+    }
     let dir = TempDir::new().unwrap();
     let first = Server::start(dir.path(), &[]);
     let token = mint(dir.path(), &["--admin"]);
