@@ -1140,7 +1140,7 @@ async fn a_consumer_tailing_one_instance_sees_every_change_made_through_both_onc
             tokio::spawn(async move {
                 let client = client();
                 for i in 0..9 {
-                    let user = format!("w{w}-u{}", i % 3);
+                    let user = format!("w{w}-u{}", i / 3);
                     let remote = format!("r-{user}");
                     match i % 3 {
                         0 => {
