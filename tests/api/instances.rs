@@ -1097,3 +1097,274 @@ async fn a_link_caught_in_a_deadlock_with_another_writer_is_retried_not_a_503() 
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["linked_user_id"], "r-1");
 }
+
+/// The change feed of one instance, read in pages of `limit` from `after`.
+async fn feed_page(client: &reqwest::Client, base: &str, token: &str, query: &str) -> Value {
+    let response = client
+        .get(format!(
+            "{base}/api/admin/users/v4/linked-identities/events{query}"
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{query}");
+    response.json().await.unwrap()
+}
+
+async fn whole_feed(client: &reqwest::Client, base: &str, token: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = feed_page(client, base, token, &format!("?after={after}&limit=1000")).await;
+        let events = page["events"].as_array().unwrap().clone();
+        after = page["next_after"].as_i64().unwrap();
+        if events.is_empty() {
+            return all;
+        }
+        all.extend(events);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_tailing_one_instance_sees_every_change_made_through_both_once_in_order() {
+    if skipped() {
+        return;
+    }
+    let cluster = Instances::start(2);
+    let token = cluster.token.clone();
+    let writers: Vec<_> = (0..32)
+        .map(|w| {
+            let base = cluster.servers[w % 2].base.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                let client = client();
+                for i in 0..9 {
+                    let user = format!("w{w}-u{}", i / 3);
+                    let remote = format!("r-{user}");
+                    match i % 3 {
+                        0 => {
+                            post_link(
+                                &client,
+                                &base,
+                                &token,
+                                &user,
+                                &link_body("okta", &remote, "n"),
+                            )
+                            .await
+                        }
+                        1 => {
+                            post_link(
+                                &client,
+                                &base,
+                                &token,
+                                &user,
+                                &link_body("okta", &remote, &format!("n{i}")),
+                            )
+                            .await
+                        }
+                        _ => {
+                            let response = client
+                                .delete(format!("{base}{LINKS}/{user}/linked-identities/okta"))
+                                .bearer_auth(&token)
+                                .send()
+                                .await
+                                .unwrap();
+                            status_and_body(response).await
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    let consumer = {
+        let (base, token) = (cluster.servers[0].base.clone(), token.clone());
+        tokio::spawn(async move {
+            let client = client();
+            let (mut seen, mut after, mut quiet) = (Vec::new(), 0, 0);
+            while quiet < 3 {
+                let page = feed_page(
+                    &client,
+                    &base,
+                    &token,
+                    &format!("?after={after}&limit=5&wait=1"),
+                )
+                .await;
+                let events = page["events"].as_array().unwrap().clone();
+                after = page["next_after"].as_i64().unwrap();
+                quiet = if events.is_empty() { quiet + 1 } else { 0 };
+                seen.extend(events);
+            }
+            seen
+        })
+    };
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let seen = consumer.await.unwrap();
+    let full = whole_feed(&client(), &cluster.servers[1].base, &token).await;
+    assert_eq!(
+        seen, full,
+        "the tail on one instance equals a full read on the other"
+    );
+    let mut rebuilt = std::collections::BTreeMap::new();
+    for event in &seen {
+        let user = event["user_id"].as_str().unwrap().to_owned();
+        match event["type"].as_str().unwrap() {
+            "UNLINKED" => {
+                rebuilt.remove(&user);
+            }
+            _ => {
+                rebuilt.insert(user, event["linked_username"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    let stored: std::collections::BTreeMap<String, String> = stored_links(cluster.path())
+        .into_iter()
+        .map(|link| (link.user_id.clone(), String::new()))
+        .collect();
+    assert_eq!(
+        rebuilt.keys().collect::<Vec<_>>(),
+        stored.keys().collect::<Vec<_>>(),
+        "replaying the feed rebuilds the stored links"
+    );
+    eprintln!(
+        "feed across two instances: {} events from 32 writers",
+        seen.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_on_one_instance_wakes_on_a_commit_through_another() {
+    if skipped() {
+        return;
+    }
+    let cluster = Instances::start(2);
+    let (waiting, writing) = (
+        cluster.servers[0].base.clone(),
+        cluster.servers[1].base.clone(),
+    );
+    let after = whole_feed(&client(), &waiting, &cluster.token).await.len();
+    let poll = {
+        let token = cluster.token.clone();
+        tokio::spawn(async move {
+            feed_page(
+                &client(),
+                &waiting,
+                &token,
+                &format!("?after={after}&wait=20"),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let committed = Instant::now();
+    let (status, _) = post_link(
+        &client(),
+        &writing,
+        &cluster.token,
+        "elsewhere",
+        &link_body("okta", "r-e", "n"),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let page = poll.await.unwrap();
+
+    let woke = committed.elapsed();
+    assert_eq!(page["events"][0]["user_id"], "elsewhere");
+    assert!(
+        woke < Duration::from_millis(1500),
+        "woke {woke:?} after the commit"
+    );
+    eprintln!("long poll woken {woke:?} after a commit on another instance");
+}
+
+/// Holds an event's transaction open (as a slow instance would) while a
+/// link commits through linkid, and tails the feed all along; returns the
+/// user ids the tail saw, in order.
+async fn tail_around_a_late_event(cluster: &Instances, hold: Duration) -> Vec<String> {
+    let url = database_url_for(cluster.path()).unwrap();
+    let (mut held, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let base = cluster.servers[0].base.clone();
+    let token = cluster.token.clone();
+    let start = whole_feed(&client(), &base, &token).await.len() as i64;
+    let tx = held.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO events (seq, type, occurred_at, user_id, provider_id, linked_user_id, \
+         linked_username, actor) VALUES (linkid_next_seq('events_seq'), 'LINKED', now(), \
+         'late', 'okta', 'r-late', 'late', 'test')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let linking = {
+        let (base, token) = (base.clone(), token.clone());
+        tokio::spawn(async move {
+            post_link(
+                &client(),
+                &base,
+                &token,
+                "prompt",
+                &link_body("okta", "r-prompt", "n"),
+            )
+            .await
+        })
+    };
+    let tail = {
+        let (base, token) = (base.clone(), token.clone());
+        tokio::spawn(async move {
+            let (mut seen, mut after) = (Vec::new(), start);
+            let until = Instant::now() + hold + Duration::from_millis(1500);
+            while Instant::now() < until {
+                let page = feed_page(&client(), &base, &token, &format!("?after={after}")).await;
+                for event in page["events"].as_array().unwrap() {
+                    seen.push(event["user_id"].as_str().unwrap().to_owned());
+                }
+                after = page["next_after"].as_i64().unwrap();
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(hold).await;
+    tx.commit().await.unwrap();
+    assert_eq!(linking.await.unwrap().0, 201);
+    tail.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_late_is_never_skipped_by_a_tailing_consumer() {
+    if skipped() {
+        return;
+    }
+    let cluster = Instances::start(1);
+
+    let seen = tail_around_a_late_event(&cluster, Duration::from_millis(800)).await;
+
+    assert_eq!(
+        seen,
+        ["late", "prompt"],
+        "the late commit first, then the one that waited for it"
+    );
+
+    // A naive append (a sequence value without the lock), on a database of
+    // its own: the link commits first, the tail moves past the late seq and
+    // never sees it. This is what the lock prevents.
+    let naive = Instances::start(1);
+    psql(
+        &database_url_for(naive.path()).unwrap(),
+        "CREATE OR REPLACE FUNCTION linkid_next_seq(sequence regclass) RETURNS bigint \
+         LANGUAGE sql AS 'SELECT nextval(sequence)'",
+    );
+    let skipped_late = tail_around_a_late_event(&naive, Duration::from_millis(800)).await;
+    assert_eq!(
+        skipped_late,
+        ["prompt"],
+        "without the lock the tail skips the late event"
+    );
+}
