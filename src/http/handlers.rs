@@ -242,6 +242,67 @@ pub async fn link_identity(
     Ok(response)
 }
 
+/// Get linked identity.
+///
+/// One linked identity of a user: where a new link's `Location` points.
+/// Links to providers that are no longer configured can be read too.
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
+    operation_id = "getLinkedIdentity",
+    tag = "Linked Identities",
+    params(
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
+        ("provider_id" = String, Path, description = "Identifier of the linked identity provider: the unique alias assigned to it in the configuration.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
+        ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform on the identity (`DELETE`).", explode = true),
+    ),
+    responses(
+        (status = 200, description = "The linked identity.", body = LinkedIdentity),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_linked_identity(
+    raw_user: String,
+    raw_provider: String,
+    query: String,
+    state: Arc<AppState>,
+    bearer: Bearer,
+) -> Result<Response, Rejection> {
+    let ((user, provider), embed) = gather(
+        gather(parse_user(&raw_user), parse_provider(&raw_provider)),
+        parse_embed(&query),
+    )
+    .map_err(ApiError::from)?;
+    state
+        .authority
+        .authorize(
+            &bearer,
+            Access {
+                right: Right::LinkedIdentitiesList,
+                user: Some(user.as_str()),
+                provider: Some(provider.as_str()),
+            },
+        )
+        .map_err(ApiError::from)?;
+    // A user has at most one link, so the user's list is the lookup.
+    let mut identity = state
+        .store
+        .list(&user)
+        .await
+        .map_err(ApiError::from)?
+        .into_iter()
+        .find(|record| record.provider_id == provider.as_str())
+        .ok_or_else(|| ApiError::LinkedIdentityNotFound {
+            user_id: user.as_str().to_owned(),
+            provider_id: provider.as_str().to_owned(),
+        })?
+        .into_identity();
+    if embed {
+        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity));
+    }
+    Ok(json_response(StatusCode::OK, &identity))
+}
+
 /// Delete linked identity.
 ///
 /// Deletes a linked identity of a remote identity provider from a user. Links
@@ -267,13 +328,8 @@ pub async fn delete_linked_identity(
     bearer: Bearer,
     request: RequestId,
 ) -> Result<Response, Rejection> {
-    let (user, provider) = gather(
-        parse_user(&raw_user),
-        decode_segment("provider_id", &raw_provider).and_then(|p| {
-            ProviderId::parse(&p).map_err(|why| vec![FieldError::new("provider_id", why)])
-        }),
-    )
-    .map_err(ApiError::from)?;
+    let (user, provider) =
+        gather(parse_user(&raw_user), parse_provider(&raw_provider)).map_err(ApiError::from)?;
     state
         .authority
         .authorize(
@@ -369,6 +425,11 @@ fn decode_segment(field: &str, raw: &str) -> Fields<String> {
 fn parse_user(raw: &str) -> Fields<UserId> {
     let text = decode_segment("user_id", raw)?;
     UserId::parse(&text).map_err(|why| vec![FieldError::new("user_id", why)])
+}
+
+fn parse_provider(raw: &str) -> Fields<ProviderId> {
+    let text = decode_segment("provider_id", raw)?;
+    ProviderId::parse(&text).map_err(|why| vec![FieldError::new("provider_id", why)])
 }
 
 /// `embed` values: repeated and/or comma-separated; only `ACTIONS` exists.

@@ -35,6 +35,7 @@ use super::rate_limit::RateLimited;
         super::handlers::list_identity_providers,
         super::handlers::list_linked_identities,
         super::handlers::link_identity,
+        super::handlers::get_linked_identity,
         super::handlers::delete_linked_identity,
         super::handlers::search_linked_identities,
         super::handlers::list_events,
@@ -146,7 +147,7 @@ fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
             rate_limited,
             internal,
         ],
-        "deleteLinkedIdentity" => vec![
+        "getLinkedIdentity" | "deleteLinkedIdentity" => vec![
             (StatusCode::BAD_REQUEST, vec![bad_user()]),
             unauthenticated,
             forbidden,

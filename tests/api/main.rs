@@ -13,6 +13,7 @@ mod delete;
 mod errors;
 mod faults;
 mod feed;
+mod get;
 mod hostile;
 mod identity_providers;
 mod link;
