@@ -422,6 +422,7 @@ pub struct LinkedIdentity {
     pub updated_at: String,
     /// With `embed=ACTIONS` only: what the presented token may do to this identity now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub actions: Option<Vec<IdentityAction>>,
 }
 
@@ -431,6 +432,7 @@ pub struct LinkedIdentityList {
     pub linked_identities: Vec<LinkedIdentity>,
     /// With `embed=ACTIONS` only: what the presented token may do to this list now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub actions: Option<Vec<ListAction>>,
 }
 
