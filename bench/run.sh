@@ -16,6 +16,19 @@
 #                   (database.max_batch as configured, 256 by default)
 #   6. write-single the same with LINKID_DATABASE__MAX_BATCH=1 (one commit
 #                   per request), same build
+#   7. lookup-big   linkid: the login-time reverse lookup (GET
+#                   /linked-identities?provider_id=&linked_user_id=) of a
+#                   random link, BIG_LINKS links stored
+#   8. feed         linkid: GET /linked-identities/events, a random `after`,
+#                   pages of 100, from BIG_LINKS events (made by an import)
+#   and, on a throwaway PostgreSQL (scripts/pg-cluster.sh; PG=0 skips them):
+#   9. pg-list, pg-list-x2   the list row with one instance, and with two
+#                   instances on the same database (two wrk, half the
+#                   connections each, at once; figures summed)
+#  10. pg-write, pg-write-x2 the write mix, likewise
+#  11. pg-lookup-big, pg-feed as 7 and 8 on PostgreSQL
+# Besides: `linkid import` of BIG_LINKS lines (an export of the big
+# database) into an empty database on each backend: seconds and peak RSS.
 # and prints throughput, p50/p99 latency, the server's peak RSS (VmHWM) and
 # CPU, each linkid figure's ratio to the baseline, and the targets of issue 4.
 # The same report is written to bench/RESULTS.md.
@@ -37,6 +50,8 @@
 #   ROUNDS=1         measured runs per scenario (same server); the run with
 #                    the median throughput is reported, with the spread
 #   STRICT=1         exit 3 when a target is missed (default: report only)
+#   PG=0             skip the PostgreSQL rows (default 1: installs PostgreSQL
+#                    through scripts/pg-cluster.sh when it is missing)
 #
 # Exit status: 0 when every scenario ran clean; 1 when a scenario saw a
 # non-2xx answer or a socket error, or a server failed (the report is still
@@ -70,10 +85,11 @@ RESULTS=${RESULTS:-bench/RESULTS.md}
 STRICT=${STRICT:-0}
 WAIT_IDLE=${WAIT_IDLE:-300}
 ROUNDS=${ROUNDS:-1}
+PG=${PG:-1}
 WRK_TIMEOUT=10s
 RSS_LIMIT_KIB=65536 # 64 MiB
 
-for n in DURATION_S WARMUP_S CONNECTIONS THREADS LINKS BIG_LINKS PORT WAIT_IDLE ROUNDS; do
+for n in DURATION_S WARMUP_S CONNECTIONS THREADS LINKS BIG_LINKS PORT WAIT_IDLE ROUNDS PG; do
     [[ ${!n} =~ ^[0-9]+$ ]] || { echo "bench: $n must be a whole number (got '${!n}')" >&2; exit 2; }
 done
 (( DURATION_S > 0 )) || { echo "bench: DURATION must be at least 1s" >&2; exit 2; }
@@ -97,6 +113,12 @@ ensure_wrk() {
 }
 ensure_wrk
 command -v curl >/dev/null 2>&1 || die "curl is needed for the health checks"
+[[ -x /usr/bin/time ]] || {
+    say "installing GNU time (Debian package), to measure the imports' peak RSS"
+    sudo=()
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq time >/dev/null || die "could not install time"
+}
 
 say "building release binaries (linkid, examples/baseline)"
 cargo build --release --quiet --bin linkid --example baseline
@@ -116,12 +138,14 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # ---------------------------------------------------------------- servers
 declare -a STARTED=()
+PG_DIR=
 cleanup() {
     local pid
     for pid in "${STARTED[@]}"; do
         kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null || true
     done
     for pid in "${STARTED[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [[ -n $PG_DIR ]]; then scripts/pg-cluster.sh stop "$PG_DIR" >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 
@@ -157,6 +181,11 @@ stop_server() {
 
 linkid_env() { # linkid_env PORT DBPATH -> env assignments
     echo "LINKID_SERVER__ADDR=127.0.0.1:$1" "LINKID_DATABASE__PATH=$2" \
+        "LINKID_AUTH__PRIVATE_KEY_FILE=$KEY" "LINKID_LOG__LEVEL=warn" "LINKID_LOG__FORMAT=text"
+}
+
+pg_env() { # pg_env PORT DBNAME -> env assignments for a server on PostgreSQL
+    echo "LINKID_SERVER__ADDR=127.0.0.1:$1" "LINKID_DATABASE__URL=$(pg_url "$2")" \
         "LINKID_AUTH__PRIVATE_KEY_FILE=$KEY" "LINKID_LOG__LEVEL=warn" "LINKID_LOG__FORMAT=text"
 }
 
@@ -258,6 +287,86 @@ measure() {
     printf '    %-13s %10.0f req/s  p50 %7.2f ms  p99 %7.2f ms  peak RSS %6.1f MiB  CPU: server %s, wrk %s, other %s cores\n' \
         "$name" "${RPS[$name]}" "$(ms "${P50[$name]}")" "$(ms "${P99[$name]}")" \
         "$(mib "${RSS[$name]}")" "${CPU[$name]}" "${WRKCPU[$name]}" "${OTHER[$name]}" >&2
+}
+
+# measure2 NAME LABEL PID1 PID2 SCRIPT URL1 URL2 [wrk args...]: two servers
+# on one database, loaded at once by two wrk with half the connections each
+# (one round). Requests, throughput and CPU are summed; latencies are the
+# slower wrk's; peak RSS is the larger server's.
+measure2() {
+    local name=$1 label=$2 pid1=$3 pid2=$4 script=$5 url1=$6 url2=$7
+    shift 7
+    local half=$((CONNECTIONS / 2)) line1 line2 errs t0 t1 u0 u1 s0 s1
+    if (( WARMUP_S > 0 )); then
+        local w1 w2
+        ( CONNECTIONS=$half BENCH_RUN_ID="w1$RUN_ID" run_wrk "$OUT/$name.warmup1.txt" "$WARMUP_S" "$script" "$url1" "$@" >/dev/null ) &
+        w1=$!
+        ( CONNECTIONS=$half BENCH_RUN_ID="w2$RUN_ID" run_wrk "$OUT/$name.warmup2.txt" "$WARMUP_S" "$script" "$url2" "$@" >/dev/null ) &
+        w2=$!
+        wait "$w1" "$w2" # (not a bare wait: the servers are children too)
+    fi
+    s0=$(busy_ticks) t0=$(cpu_ticks "$pid1") u0=$(cpu_ticks "$pid2")
+    local m1 m2
+    ( CONNECTIONS=$half BENCH_RUN_ID="m1$RUN_ID" run_wrk "$OUT/$name.wrk1.txt" "$DURATION_S" "$script" "$url1" "$@" >"$OUT/$name.line1" ) &
+    m1=$!
+    ( CONNECTIONS=$half BENCH_RUN_ID="m2$RUN_ID" run_wrk "$OUT/$name.wrk2.txt" "$DURATION_S" "$script" "$url2" "$@" >"$OUT/$name.line2" ) &
+    m2=$!
+    wait "$m1" "$m2"
+    t1=$(cpu_ticks "$pid1") u1=$(cpu_ticks "$pid2") s1=$(busy_ticks)
+    line1=$(cat "$OUT/$name.line1") line2=$(cat "$OUT/$name.line2")
+    [[ -n $line1 && -n $line2 ]] || die "$name: wrk gave no result; see $OUT/$name.wrk1.txt and .wrk2.txt"
+    errs=$(( $(errors_in "$line1") + $(errors_in "$line2") ))
+    local sum max requests duration_us server_ticks wrk_cpu
+    sum() { awk -v a="$(field "$line1" "$1")" -v b="$(field "$line2" "$1")" 'BEGIN {printf "%.1f", a + b}'; }
+    max() { awk -v a="$(field "$line1" "$1")" -v b="$(field "$line2" "$1")" 'BEGIN {printf "%.0f", (a > b ? a : b)}'; }
+    requests=$(sum requests)
+    duration_us=$(max duration_us)
+    server_ticks=$(( (t1 - t0) + (u1 - u0) ))
+    wrk_cpu=$(sum wrk_cpu_s)
+    ORDER+=("$name")
+    SERVER[$name]=$label
+    RPS[$name]=$(sum rps)
+    SPREAD[$name]="$(printf %.0f "$(field "$line1" rps)") + $(printf %.0f "$(field "$line2" rps)")"
+    P50[$name]=$(max p50_us)
+    P99[$name]=$(max p99_us)
+    MEAN[$name]=$(max mean_us)
+    ERRS[$name]=$errs
+    RSS[$name]=$(awk -v a="$(vmhwm_kib "$pid1")" -v b="$(vmhwm_kib "$pid2")" 'BEGIN {print (a > b ? a : b)}')
+    REQS[$name]=$(printf %.0f "$requests")
+    CPU[$name]=$(awk -v t=$server_ticks -v hz="$CLK_TCK" -v d="$duration_us" 'BEGIN {printf "%.2f", (t / hz) / (d / 1e6)}')
+    CPUREQ[$name]=$(awk -v t=$server_ticks -v hz="$CLK_TCK" -v r="$requests" 'BEGIN {printf "%.0f", r ? (t / hz) * 1e6 / r : 0}')
+    WRKCPU[$name]=$(awk -v w="$wrk_cpu" -v d="$duration_us" 'BEGIN {printf "%.2f", w / (d / 1e6)}')
+    OTHER[$name]=$(awk -v s=$((s1 - s0)) -v t=$server_ticks -v hz="$CLK_TCK" -v w="$wrk_cpu" -v d="$duration_us" \
+        'BEGIN {o = ((s - t) / hz - w) / (d / 1e6); if (o < 0) o = 0; printf "%.2f", o}')
+    BYTES[$name]=$(awk -v b="$(sum bytes)" -v r="$requests" 'BEGIN {printf "%.0f", r ? b / r : 0}')
+    NOTE[$name]="$(field "$line1" statuses) / $(field "$line2" statuses)"
+    if (( errs != 0 )); then
+        INVALID+=("$name: $errs non-2xx answers or socket errors: $line1 / $line2")
+        printf '\033[1;31m%s: %s NON-2XX ANSWERS OR SOCKET ERRORS\033[0m\n' "$name" "$errs" >&2
+    fi
+    printf '    %-13s %10.0f req/s  p50 %7.2f ms  p99 %7.2f ms  peak RSS %6.1f MiB  CPU: servers %s, wrk %s, other %s cores\n' \
+        "$name" "${RPS[$name]}" "$(ms "${P50[$name]}")" "$(ms "${P99[$name]}")" \
+        "$(mib "${RSS[$name]}")" "${CPU[$name]}" "${WRKCPU[$name]}" "${OTHER[$name]}" >&2
+}
+
+# timed_import NAME ENV... -- FILE: `linkid import FILE` into an empty
+# database; records wall seconds and peak RSS.
+declare -A IMPORT_SECS IMPORT_RSS IMPORT_LINES
+declare -a IMPORTS=()
+timed_import() {
+    local name=$1 file
+    shift
+    local -a envs=()
+    while [[ $1 != -- ]]; do envs+=("$1"); shift; done
+    file=$2
+    /usr/bin/time -f '%e %M' -o "$OUT/$name.time" env "${envs[@]}" LINKID_AUTH__PRIVATE_KEY_FILE="$KEY" \
+        LINKID_LOG__LEVEL=warn "$LINKID" import "$file" >"$OUT/$name.log" 2>&1 \
+        || die "$name: the import failed; see $OUT/$name.log"
+    IMPORTS+=("$name")
+    IMPORT_SECS[$name]=$(awk '{print $1}' "$OUT/$name.time")
+    IMPORT_RSS[$name]=$(awk '{print $2}' "$OUT/$name.time")
+    IMPORT_LINES[$name]=$(wc -l <"$file")
+    say "$name: $(cat "$OUT/$name.log") in ${IMPORT_SECS[$name]} s, peak RSS $(mib "${IMPORT_RSS[$name]}") MiB"
 }
 
 ms() { awk -v v="$1" 'BEGIN {printf "%.2f", v / 1000}'; }
@@ -377,6 +486,99 @@ start_server write-single "$port" env $(linkid_env "$port" "$OUT/db-write-single
 measure write-single "linkid max_batch=1" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
 stop_server "$SERVER_PID" 0 write-single
 
+# 7. reverse lookup, BIG_LINKS links
+port=$((PORT + 6))
+wait_idle lookup-big
+start_server lookup-big "$port" env $(linkid_env "$port" "$OUT/db-big/linkid.db") "$LINKID" serve
+probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port/api/admin/users/v4/linked-identities?provider_id=okta&linked_user_id=seed-remote-1") \
+    || die "the lookup fails before the load starts"
+[[ $probe == *'"user_id":"seed-user-1"'* ]] || die "unexpected lookup answer: $probe"
+export BENCH_USERS=$BIG_LINKS BENCH_PROVIDERS=azure-ad,okta,corporate-saml
+measure lookup-big "linkid" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
+stop_server "$SERVER_PID" 0 lookup-big
+
+# The import: an export of the big database into an empty one (its events
+# feed the feed row).
+say "exporting $BIG_LINKS links, importing them into an empty database"
+env LINKID_DATABASE__PATH="$OUT/db-big/linkid.db" LINKID_AUTH__PRIVATE_KEY_FILE="$KEY" LINKID_LOG__LEVEL=warn \
+    "$LINKID" export --out "$OUT/links.jsonl" 2>"$OUT/export.log" || die "the export failed; see $OUT/export.log"
+mkdir -p "$OUT/db-feed"
+timed_import import-sqlite LINKID_DATABASE__PATH="$OUT/db-feed/linkid.db" -- "$OUT/links.jsonl"
+
+# 8. the change feed
+port=$((PORT + 7))
+wait_idle feed
+start_server feed "$port" env $(linkid_env "$port" "$OUT/db-feed/linkid.db") "$LINKID" serve
+export BENCH_EVENTS=$BIG_LINKS BENCH_LIMIT=100
+measure feed "linkid" "$SERVER_PID" bench/feed.lua "http://127.0.0.1:$port/" -H "$AUTH"
+stop_server "$SERVER_PID" 0 feed
+
+# 9.-11. PostgreSQL
+if (( PG )); then
+    say "starting a throwaway PostgreSQL (scripts/pg-cluster.sh)"
+    PG_DIR=$(mktemp -d /tmp/linkid-bench-pg.XXXXXX)
+    pg_exports=$(scripts/pg-cluster.sh start "$PG_DIR" 2>"$OUT/pg-cluster.log") || die "cannot start PostgreSQL; see $OUT/pg-cluster.log"
+    eval "$pg_exports"
+    PG_ADMIN_URL=$LINKID_TEST_PG_URL
+    unset LINKID_TEST_PG_URL LINKID_TEST_PG_CA LINKID_TEST_PG_DIR
+    pg_url() { sed "s#/postgres\$#/$1#" <<<"$PG_ADMIN_URL"; }
+    PG_VERSION=$(psql "$PG_ADMIN_URL" -Atc "SHOW server_version")
+    for db in bench_small bench_big bench_write bench_feed; do
+        psql "$PG_ADMIN_URL" -qc "CREATE DATABASE $db" || die "cannot create database $db"
+    done
+    pg_seed() { # pg_seed DBNAME N
+        env LINKID_DATABASE__URL="$(pg_url "$1")" LINKID_AUTH__PRIVATE_KEY_FILE="$KEY" LINKID_LOG__LEVEL=warn \
+            "$LINKID" seed --links "$2" >"$OUT/$1.seed.log" 2>&1 || die "seeding $1 failed; see $OUT/$1.seed.log"
+    }
+    say "seeding PostgreSQL: $LINKS links (list, writes) and $BIG_LINKS links (lookup)"
+    pg_seed bench_small "$LINKS"
+    pg_seed bench_write "$LINKS"
+    PG_SEED_START=$(date +%s.%N)
+    pg_seed bench_big "$BIG_LINKS"
+    PG_SEED_SECS=$(awk -v a="$PG_SEED_START" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+    timed_import import-postgres LINKID_DATABASE__URL="$(pg_url bench_feed)" -- "$OUT/links.jsonl"
+
+    export BENCH_USERS=$LINKS
+    port=$((PORT + 8))
+    wait_idle pg-list
+    start_server pg-list "$port" env $(pg_env "$port" bench_small) "$LINKID" serve
+    curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/seed-user-1233/linked-identities" | grep -q seed-remote-1233 \
+        || die "the list request on PostgreSQL fails before the load starts"
+    measure pg-list "linkid, PostgreSQL" "$SERVER_PID" bench/list.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    first=$SERVER_PID
+    start_server pg-list-x2 "$((port + 1))" env $(pg_env "$((port + 1))" bench_small) "$LINKID" serve
+    wait_idle pg-list-x2
+    measure2 pg-list-x2 "2 × linkid, PostgreSQL" "$first" "$SERVER_PID" bench/list.lua \
+        "http://127.0.0.1:$port/" "http://127.0.0.1:$((port + 1))/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 pg-list-x2
+    stop_server "$first" 0 pg-list
+
+    port=$((PORT + 10))
+    wait_idle pg-write
+    start_server pg-write "$port" env $(pg_env "$port" bench_write) "$LINKID" serve
+    measure pg-write "linkid, PostgreSQL" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    first=$SERVER_PID
+    start_server pg-write-x2 "$((port + 1))" env $(pg_env "$((port + 1))" bench_write) "$LINKID" serve
+    wait_idle pg-write-x2
+    measure2 pg-write-x2 "2 × linkid, PostgreSQL" "$first" "$SERVER_PID" bench/write.lua \
+        "http://127.0.0.1:$port/" "http://127.0.0.1:$((port + 1))/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 pg-write-x2
+    stop_server "$first" 0 pg-write
+
+    port=$((PORT + 12))
+    wait_idle pg-lookup-big
+    start_server pg-lookup-big "$port" env $(pg_env "$port" bench_big) "$LINKID" serve
+    export BENCH_USERS=$BIG_LINKS
+    measure pg-lookup-big "linkid, PostgreSQL" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 pg-lookup-big
+
+    port=$((PORT + 13))
+    wait_idle pg-feed
+    start_server pg-feed "$port" env $(pg_env "$port" bench_feed) "$LINKID" serve
+    measure pg-feed "linkid, PostgreSQL" "$SERVER_PID" bench/feed.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 pg-feed
+fi
+
 # ---------------------------------------------------------------- report
 declare -A LABEL=(
     [baseline]="baseline GET (bare warp, fixed JSON)"
@@ -385,6 +587,14 @@ declare -A LABEL=(
     [list-big]="GET list, $(commas "$BIG_LINKS") links stored"
     [write-group]="write mix POST+DELETE, group commit"
     [write-single]="write mix POST+DELETE, max_batch=1"
+    [lookup-big]="GET reverse lookup, $(commas "$BIG_LINKS") links stored"
+    [feed]="GET events (100 a page), $(commas "$BIG_LINKS") stored"
+    [pg-list]="PostgreSQL: GET list, $(commas "$LINKS") links"
+    [pg-list-x2]="PostgreSQL, 2 instances: GET list"
+    [pg-write]="PostgreSQL: write mix POST+DELETE"
+    [pg-write-x2]="PostgreSQL, 2 instances: write mix"
+    [pg-lookup-big]="PostgreSQL: GET reverse lookup, $(commas "$BIG_LINKS") links"
+    [pg-feed]="PostgreSQL: GET events (100 a page)"
 )
 
 table() {
@@ -449,7 +659,19 @@ EXTRA_ENV=$(env | grep '^LINKID_' | cut -d= -f1 | tr '\n' ' ' || true)
 GROUP_BATCH=$(awk -F'= *' '/^max_batch/ {print $2; exit}' config.toml 2>/dev/null || echo "?")
 POOL=$(awk -F'= *' '/^pool_size/ {print $2; exit}' config.toml 2>/dev/null || echo "?")
 
+import_table() {
+    echo "| import of an export into an empty database | lines | seconds | lines/s | peak RSS MiB |"
+    echo "|---|---:|---:|---:|---:|"
+    local n
+    for n in "${IMPORTS[@]}"; do
+        printf '| %s | %s | %s | %s | %s |\n' "$n" "$(commas "${IMPORT_LINES[$n]}")" "${IMPORT_SECS[$n]}" \
+            "$(awk -v l="${IMPORT_LINES[$n]}" -v s="${IMPORT_SECS[$n]}" 'BEGIN {printf "%.0f", s ? l / s : 0}')" \
+            "$(mib "${IMPORT_RSS[$n]}")"
+    done
+}
+
 TABLE=$(table)
+IMPORT_TABLE=$(import_table)
 CPU_TABLE=$(cpu_table)
 TARGETS=$(targets)
 grep -q 'MISSED' <<<"$TARGETS" && MISSED=1
@@ -483,6 +705,8 @@ grep -q 'MISSED' <<<"$TARGETS" && MISSED=1
     echo "- list requests: a random seeded user per request (bench/list.lua); the baseline body is ${#BASE_BODY} bytes, linkid's list answer for seed-user-1233 is $LIST_BODY_BYTES bytes"
     echo "- write mix (bench/write.lua): POST a link to okta for a new user with a new remote id (JSON body, Content-Type: application/json), and once it is answered 201, DELETE it; every answer's status is counted (statuses seen: group ${NOTE[write-group]:-?}; single ${NOTE[write-single]:-?})"
     echo "- admin token minted by \`linkid token mint --admin\` for this run"
+    echo "- reverse lookup (bench/lookup.lua): a random seeded link per request, by provider_id and linked_user_id; feed (bench/feed.lua): a random \`after\`, limit 100, from the events an import of $(commas "$BIG_LINKS") lines recorded"
+    (( PG )) && echo "- PostgreSQL ${PG_VERSION:-?} on loopback, a throwaway cluster from scripts/pg-cluster.sh (fsync on, shared_buffers 32 MB); its server processes' CPU is not in the server columns (it shows under other CPU); $(commas "$BIG_LINKS") links seeded in ${PG_SEED_SECS:-?} s; \`-x2\` rows: two linkid processes on one database, each loaded by its own wrk with $((CONNECTIONS / 2)) connections at the same time (one round), throughput and server CPU summed, latency of the slower wrk, RSS of the larger process"
     [[ -n $EXTRA_ENV ]] && echo "- inherited environment also set: $EXTRA_ENV"
     echo
     echo "## Results"
@@ -494,6 +718,10 @@ grep -q 'MISSED' <<<"$TARGETS" && MISSED=1
     echo "Where the time goes: CPU of the server process (all threads), of wrk, and of anything else on the machine, over each measured run."
     echo
     echo "$CPU_TABLE"
+    echo
+    echo "Imports (\`linkid import\` of an export of the $(commas "$BIG_LINKS")-link database, one transaction, with an event per link):"
+    echo
+    echo "$IMPORT_TABLE"
     echo
     echo "## Targets (issue 4)"
     echo

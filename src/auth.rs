@@ -6,19 +6,25 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
-use biscuit_auth::builder::{fact, string, Check};
+use biscuit_auth::builder::{fact, string, Check, Policy};
 use biscuit_auth::builder_ext::BuilderExt;
-use biscuit_auth::error::{FailedCheck, Logic, Token as TokenError};
+use biscuit_auth::error::{FailedCheck, Logic, RunLimit, Token as TokenError};
 use biscuit_auth::{
-    AuthorizerBuilder, AuthorizerLimits, Biscuit, BlockBuilder, KeyPair, PublicKey,
+    AuthorizerBuilder, AuthorizerLimits, Biscuit, KeyPair, PublicKey, UnverifiedBiscuit,
 };
+use tokio::sync::Semaphore;
 
 use crate::config::{AuthConfig, ConfigError};
 pub use crate::domain::Right;
+
+mod work;
+
+use work::{Estimate, ServerSide, INLINE_WORK, WORK_BUDGET};
 
 /// Why a request's token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +43,30 @@ pub enum AuthError {
 impl AuthError {
     fn invalid(why: &'static str) -> AuthError {
         AuthError::Invalid(Cow::Borrowed(why))
+    }
+
+    /// A token over one of the `[auth]` caps: the text names the cap.
+    fn over_cap(count: usize, what: &str, key: &str, cap: usize) -> AuthError {
+        AuthError::Invalid(Cow::Owned(format!(
+            "too large: {count} {what}; auth.{key} is {cap}"
+        )))
+    }
+
+    /// A token whose datalog could take more than the work budget.
+    fn too_complex(work: u64) -> AuthError {
+        let steps = if work == u64::MAX {
+            "an unbounded number of".to_string()
+        } else {
+            work.to_string()
+        };
+        AuthError::Invalid(Cow::Owned(format!(
+            "too complex to authorize: its rules, checks and expressions could take {steps} steps; the limit is {WORK_BUDGET}"
+        )))
+    }
+
+    /// A token that hit biscuit-auth's own limits while it ran.
+    fn hit_limit(limit: &RunLimit) -> AuthError {
+        AuthError::Invalid(Cow::Owned(format!("too complex to authorize: {limit}")))
     }
 }
 
@@ -183,18 +213,28 @@ impl RevocationList {
 pub struct Bearer(Arc<VerifiedToken>);
 
 struct VerifiedToken {
+    /// The token as sent: its key in the cache.
+    text: Arc<str>,
     token: Biscuit,
     revocation_ids: Vec<String>,
-    has_time_checks: bool,
     /// The authority block's `subject("…")` fact: who holds the token.
     subject: Option<String>,
+    /// Its time-only checks, ready to run against `time(now)` alone; `None`
+    /// when it has none (it never expires).
+    expiry: Option<AuthorizerBuilder>,
+    /// The most steps one authorization of it can take.
+    work: u64,
+    /// Roughly what it holds in memory: its weight in the cache.
+    heap_bytes: u64,
+    /// Set once it is in the cache, so a hit does not insert it again.
+    cached: AtomicBool,
 }
 
 impl Bearer {
-    /// This token's own revocation id (its last block's): the key for
-    /// per-token limits.
+    /// The root token's revocation id (its first block's), shared by every
+    /// attenuation of it: the key for per-token limits.
     pub fn id(&self) -> &str {
-        self.0.revocation_ids.last().map_or("", String::as_str)
+        self.0.revocation_ids.first().map_or("", String::as_str)
     }
 
     /// Who the token was minted for (`linkid token mint --subject`), from
@@ -213,57 +253,123 @@ impl Bearer {
     }
 }
 
+/// What a token may hold, from `[auth]`: checked before its datalog runs.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    max_token_bytes: usize,
+    max_blocks: usize,
+    max_facts: usize,
+    max_rules: usize,
+}
+
+/// Verified tokens, weighed in bytes.
+type TokenCache = quick_cache::sync::Cache<Arc<str>, Bearer, TokenWeight>;
+
+/// A cached token's weight: its estimated bytes, and at least the cache's
+/// byte bound divided by its entry bound, so that both bounds hold.
+#[derive(Clone)]
+struct TokenWeight {
+    floor: u64,
+}
+
+impl quick_cache::Weighter<Arc<str>, Bearer> for TokenWeight {
+    fn weight(&self, _text: &Arc<str>, bearer: &Bearer) -> u64 {
+        bearer.0.heap_bytes.max(self.floor)
+    }
+}
+
 /// Verifies bearer tokens and runs the authorizer.
 pub struct Authority {
     root: PublicKey,
     revoked: Arc<RevocationList>,
+    caps: Caps,
+    limits: AuthorizerLimits,
+    /// The server's policies, ready for a token and the request's facts.
     policies: AuthorizerBuilder,
-    /// Checks expiry alone: no request facts, allows everything else.
-    validity: AuthorizerBuilder,
-    /// Verified tokens by their text: the signature is checked once per token.
-    verified: quick_cache::sync::Cache<String, Bearer>,
+    /// What the server's authorizer adds to a token, for pricing tokens.
+    server: ServerSide,
+    /// Verified tokens that passed an authorization, by their text: the
+    /// signature is checked once per token.
+    verified: TokenCache,
+    /// Authorizations running on the blocking pool: one per core, so
+    /// expensive tokens cannot take every thread.
+    heavy: Arc<Semaphore>,
 }
 
-/// Datalog limits for every authorizer run.
-fn limits() -> AuthorizerLimits {
+/// Facts the server's authorizer provides: `operation`, `user` and
+/// `provider` where the request names them, and `time`.
+const REQUEST_FACTS: [&str; 4] = ["operation", "user", "provider", "time"];
+
+/// The longest string a request fact holds: a user or provider id of 255
+/// characters of up to 4 bytes.
+const REQUEST_FACT_BYTES: u64 = 1024;
+
+const POLICIES: [&str; 3] = [
+    r#"allow if role("admin")"#,
+    "allow if operation($op), right($op)",
+    "deny if true",
+];
+
+/// Facts rules may derive in one run, beyond the token's and the server's.
+const DERIVED_FACTS: usize = 1000;
+
+/// Datalog limits for every authorizer run: the second line behind the
+/// caps and the work estimate, which keep honest runs far below them.
+fn limits(caps: &Caps) -> AuthorizerLimits {
     AuthorizerLimits {
-        max_facts: 1000,
+        max_facts: (caps.max_facts + REQUEST_FACTS.len() + DERIVED_FACTS) as u64,
         max_iterations: 100,
-        // Wall-clock time: the default 1 ms (and even 50 ms) trips on a
-        // loaded two-core machine and would refuse valid tokens. The fact
-        // and iteration limits bound the work.
-        max_time: Duration::from_secs(2),
+        // Wall-clock time, checked only between iterations and queries: the
+        // default 1 ms (and even 50 ms) trips on a loaded two-core machine
+        // and would refuse valid tokens.
+        max_time: Duration::from_secs(1),
     }
 }
 
-const POLICIES: &str = r#"
-    allow if role("admin");
-    allow if operation($op), right($op);
-    deny if true;
-"#;
-
 impl Authority {
-    /// `cache_size` bounds how many verified tokens are kept.
-    pub fn new(root: PublicKey, revoked: Arc<RevocationList>, cache_size: usize) -> Authority {
-        let policies = AuthorizerBuilder::new()
-            .code(POLICIES)
-            .expect("the built-in policies parse")
-            .set_limits(limits());
-        let validity = AuthorizerBuilder::new()
-            .code("allow if true;")
-            .expect("the validity policy parses")
-            .set_limits(limits());
+    /// Reads the caps and cache bounds from `[auth]`.
+    pub fn new(root: PublicKey, revoked: Arc<RevocationList>, config: &AuthConfig) -> Authority {
+        let caps = Caps {
+            max_token_bytes: config.max_token_bytes,
+            max_blocks: config.max_blocks,
+            max_facts: config.max_facts,
+            max_rules: config.max_rules,
+        };
+        let limits = limits(&caps);
+        let policies: Vec<Policy> = POLICIES
+            .iter()
+            .map(|p| Policy::try_from(*p).expect("the built-in policies parse"))
+            .collect();
+        let builder = policies
+            .iter()
+            .fold(AuthorizerBuilder::new(), |b, p| {
+                b.policy(p.clone())
+                    .expect("the built-in policies are valid")
+            })
+            .set_limits(limits.clone());
+        let server = ServerSide {
+            facts: REQUEST_FACTS.to_vec(),
+            fact_string_bytes: REQUEST_FACT_BYTES,
+            queries: policies.into_iter().flat_map(|p| p.queries).collect(),
+            max_facts: limits.max_facts,
+            max_iterations: limits.max_iterations,
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Authority {
             root,
             revoked,
-            policies,
-            validity,
-            verified: quick_cache::sync::Cache::new(cache_size.max(1)),
+            caps,
+            limits,
+            policies: builder,
+            server,
+            verified: token_cache(config, cores),
+            heavy: Arc::new(Semaphore::new(cores)),
         }
     }
 
-    /// Checks the `Authorization` header: present, well-formed, signed by the
-    /// root key, not revoked, not expired.
+    /// Checks the `Authorization` header: present, well-formed, within the
+    /// caps, signed by the root key, not revoked, not expired, and cheap
+    /// enough to authorize.
     pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Bearer, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let header = std::str::from_utf8(header).map_err(|_| AuthError::invalid("malformed"))?;
@@ -275,60 +381,143 @@ impl Authority {
         if token.is_empty() {
             return Err(AuthError::invalid("empty"));
         }
+        let caps = &self.caps;
+        if token.len() > caps.max_token_bytes {
+            let bytes = token.len();
+            return Err(AuthError::over_cap(
+                bytes,
+                "bytes",
+                "max_token_bytes",
+                caps.max_token_bytes,
+            ));
+        }
         if let Some(bearer) = self.verified.get(token) {
             metrics::counter!("linkid_token_cache_hits_total").increment(1);
             self.check_current(&bearer)?;
             return Ok(bearer);
         }
         metrics::counter!("linkid_token_cache_misses_total").increment(1);
-        let text = token;
-        let token = Biscuit::from_base64(text, self.root).map_err(|e| match e {
-            TokenError::Format(biscuit_auth::error::Format::Signature(_)) => {
+        let bearer = self.verify(token)?;
+        self.check_current(&bearer)?;
+        if bearer.0.work > WORK_BUDGET {
+            tracing::warn!(token = %bearer.log_id(), work = bearer.0.work, "refused a token too complex to authorize");
+            return Err(AuthError::too_complex(bearer.0.work));
+        }
+        Ok(bearer)
+    }
+
+    /// Decodes a token, checks its caps and signatures, and prices it.
+    fn verify(&self, text: &str) -> Result<Bearer, AuthError> {
+        let caps = &self.caps;
+        let unverified =
+            UnverifiedBiscuit::from_base64(text).map_err(|_| AuthError::invalid("malformed"))?;
+        let blocks = unverified.block_count();
+        if blocks > caps.max_blocks {
+            return Err(AuthError::over_cap(
+                blocks,
+                "blocks",
+                "max_blocks",
+                caps.max_blocks,
+            ));
+        }
+        let token = unverified.verify(self.root).map_err(|e| match e {
+            biscuit_auth::error::Format::Signature(_) => {
                 AuthError::invalid("not signed by a key this server trusts")
             }
             _ => AuthError::invalid("malformed"),
         })?;
-        let bearer = Bearer(Arc::new(VerifiedToken {
+        let (facts, rules, checks, _) = token
+            .authorizer()
+            .map_err(|_| AuthError::invalid("malformed"))?
+            .dump();
+        if facts.len() > caps.max_facts {
+            return Err(AuthError::over_cap(
+                facts.len(),
+                "facts",
+                "max_facts",
+                caps.max_facts,
+            ));
+        }
+        let rule_count = rules.len() + checks.iter().map(|c| c.queries.len()).sum::<usize>();
+        if rule_count > caps.max_rules {
+            return Err(AuthError::over_cap(
+                rule_count,
+                "rules and check queries",
+                "max_rules",
+                caps.max_rules,
+            ));
+        }
+        let time_only: Vec<&Check> = checks.iter().filter(|c| check_is_time_only(c)).collect();
+        let estimate = Estimate::of(
+            &facts,
+            &rules,
+            &checks,
+            &time_only,
+            text.len(),
+            &self.server,
+        );
+        if estimate.expiry_work > WORK_BUDGET {
+            return Err(AuthError::too_complex(estimate.expiry_work));
+        }
+        let expiry = if time_only.is_empty() {
+            None
+        } else {
+            let builder = time_only
+                .into_iter()
+                .try_fold(AuthorizerBuilder::new(), |b, c| b.check(c.clone()))
+                .and_then(|b| b.code("allow if true;"))
+                .map_err(|_| AuthError::invalid("malformed"))?;
+            Some(builder.set_limits(self.limits.clone()))
+        };
+        Ok(Bearer(Arc::new(VerifiedToken {
+            text: Arc::from(text),
             revocation_ids: token.revocation_identifiers().iter().map(hex).collect(),
-            has_time_checks: has_time_only_checks(&token),
             subject: subject_of(&token),
+            expiry,
+            work: estimate.work,
+            heap_bytes: estimate.heap_bytes,
+            cached: AtomicBool::new(false),
             token,
-        }));
-        self.check_current(&bearer)?;
-        self.verified.insert(text.to_owned(), bearer.clone());
-        Ok(bearer)
+        })))
     }
 
-    /// Revocation and expiry: these can change between two uses of one token.
+    /// Revocation and expiry: these can change between two uses of one
+    /// token. Expiry runs the token's time-only checks against `time(now)`
+    /// alone, never the rest of its datalog.
     fn check_current(&self, bearer: &Bearer) -> Result<(), AuthError> {
         let bearer = &bearer.0;
         if self.revoked.contains_any(&bearer.revocation_ids) {
             return Err(AuthError::invalid("revoked"));
         }
-        if bearer.has_time_checks {
-            let outcome = self
-                .validity
+        if let Some(expiry) = &bearer.expiry {
+            let outcome = expiry
                 .clone()
                 .time()
-                .build(&bearer.token)
+                .build_unauthenticated()
                 .and_then(|mut a| a.authorize());
-            if let Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. })) = &outcome {
-                if checks.iter().any(is_time_only) {
-                    return Err(AuthError::invalid("expired"));
-                }
+            match outcome {
+                Ok(_) => {}
+                Err(TokenError::RunLimit(limit)) => return Err(AuthError::hit_limit(&limit)),
+                Err(_) => return Err(AuthError::invalid("expired")),
             }
         }
         Ok(())
     }
 
-    /// Runs the authorizer for one access: `Forbidden` unless a policy allows it.
-    pub fn authorize(&self, bearer: &Bearer, access: Access<'_>) -> Result<(), AuthError> {
-        let outcome = self
-            .authorizer_for(access)
-            .and_then(|b| b.build(&bearer.0.token))
-            .and_then(|mut a| a.authorize());
+    /// Runs the authorizer for one access: `Forbidden` unless a policy
+    /// allows it. Tokens that are not trivially cheap run on the blocking
+    /// pool, a bounded number at once. A token that passes enters the cache.
+    pub async fn authorize(&self, bearer: &Bearer, access: Access<'_>) -> Result<(), AuthError> {
+        let outcome = match self.authorizer_for(access) {
+            Ok(builder) if bearer.0.work <= INLINE_WORK => run(builder, bearer),
+            Ok(builder) => self.run_blocking(builder, bearer).await,
+            Err(e) => Err(e),
+        };
         match outcome {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.remember(bearer);
+                Ok(())
+            }
             Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. }))
                 if checks.iter().any(is_time_only) =>
             {
@@ -336,9 +525,42 @@ impl Authority {
             }
             Err(TokenError::RunLimit(limit)) => {
                 tracing::warn!(token = %bearer.log_id(), %limit, "a token hit the authorizer's limits");
-                Err(AuthError::Forbidden)
+                Err(AuthError::hit_limit(&limit))
             }
             Err(_) => Err(AuthError::Forbidden),
+        }
+    }
+
+    /// Runs one authorization on the blocking pool once a permit is free.
+    /// The permit goes with the work, so a client that hangs up does not
+    /// free it while the work still runs.
+    async fn run_blocking(
+        &self,
+        builder: AuthorizerBuilder,
+        bearer: &Bearer,
+    ) -> Result<usize, TokenError> {
+        let permit = self
+            .heavy
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        metrics::counter!("linkid_authorizations_offloaded_total").increment(1);
+        let bearer = bearer.clone();
+        let span = tracing::Span::current();
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            span.in_scope(|| run(builder, &bearer))
+        });
+        match task.await {
+            Ok(outcome) => outcome,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    fn remember(&self, bearer: &Bearer) {
+        if !bearer.0.cached.swap(true, Ordering::Relaxed) {
+            self.verified.insert(bearer.0.text.clone(), bearer.clone());
         }
     }
 
@@ -347,9 +569,14 @@ impl Authority {
         self.verified.len()
     }
 
+    /// How many bytes the cache holds, as it weighs them.
+    pub fn cached_token_bytes(&self) -> u64 {
+        self.verified.weight()
+    }
+
     /// Whether the bearer may perform this access now (for `embed=ACTIONS`).
-    pub fn allows(&self, bearer: &Bearer, access: Access<'_>) -> bool {
-        self.authorize(bearer, access).is_ok()
+    pub async fn allows(&self, bearer: &Bearer, access: Access<'_>) -> bool {
+        self.authorize(bearer, access).await.is_ok()
     }
 
     fn authorizer_for(&self, access: Access<'_>) -> Result<AuthorizerBuilder, TokenError> {
@@ -366,6 +593,35 @@ impl Authority {
         }
         Ok(builder)
     }
+}
+
+fn run(builder: AuthorizerBuilder, bearer: &Bearer) -> Result<usize, TokenError> {
+    builder
+        .build(&bearer.0.token)
+        .and_then(|mut a| a.authorize())
+}
+
+/// The token cache: `auth.token_cache_bytes` by weight, split in shards
+/// that each hold at least one token of the largest size.
+fn token_cache(config: &AuthConfig, cores: usize) -> TokenCache {
+    let entries = config.token_cache_size.max(1);
+    let bytes = config.token_cache_bytes.max(1);
+    let largest = 6 * 1024 + 64 * config.max_token_bytes as u64;
+    let shards = (bytes / largest).clamp(1, 4 * cores as u64) as usize;
+    let options = quick_cache::OptionsBuilder::new()
+        .estimated_items_capacity(entries)
+        .weight_capacity(bytes)
+        .shards(shards)
+        .build()
+        .expect("the cache options are complete");
+    quick_cache::sync::Cache::with_options(
+        options,
+        TokenWeight {
+            floor: bytes / entries as u64,
+        },
+        Default::default(),
+        Default::default(),
+    )
 }
 
 fn hex(bytes: impl AsRef<[u8]>) -> String {
@@ -391,20 +647,10 @@ fn check_is_time_only(check: &Check) -> bool {
             .all(|query| !query.body.is_empty() && query.body.iter().all(|p| p.name == "time"))
 }
 
-fn has_time_only_checks(token: &Biscuit) -> bool {
-    (0..token.block_count()).any(|i| {
-        token
-            .print_block_source(i)
-            .ok()
-            .and_then(|source| BlockBuilder::new().code(source).ok())
-            .is_some_and(|block| block.checks.iter().any(check_is_time_only))
-    })
-}
-
 /// The authority block's one `subject("…")` fact, if it has exactly one.
 fn subject_of(token: &Biscuit) -> Option<String> {
     let source = token.print_block_source(0).ok()?;
-    let block = BlockBuilder::new().code(source).ok()?;
+    let block = biscuit_auth::BlockBuilder::new().code(source).ok()?;
     let mut subjects = block.facts.iter().filter_map(|fact| {
         let predicate = &fact.predicate;
         match predicate.terms.as_slice() {

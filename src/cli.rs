@@ -38,7 +38,7 @@ pub enum Command {
     )]
     Token(TokenCommand),
     /// Copy the database to PATH while the server keeps serving (SQLite's
-    /// online backup API; one consistent snapshot).
+    /// online backup API; one consistent snapshot). On PostgreSQL, use pg_dump.
     #[command(
         after_help = "Example:\n  linkid backup /var/backups/linkid-$(date +%F).db\n\nRestore: stop the server, copy the backup over database.path (removing any\n-wal and -shm files beside it), start the server."
     )]
@@ -142,7 +142,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 .count();
             println!("configuration is valid");
             println!("  server.addr      {}", config.server.addr);
-            println!("  database.path    {}", config.database.path.display());
+            match config.database.postgres_url() {
+                // (Display leaves the password out.)
+                Some(url) => println!("  database.url     {url}"),
+                None => println!("  database.path    {}", config.database.path.display()),
+            }
             match &config.auth.public_key {
                 Some(key) => println!("  tokens verified  with auth.public_key {key}"),
                 None => println!(
@@ -220,11 +224,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 )
                 .expect("the progress template parses"),
             );
-            let database = config.database.clone();
-            let added = tokio::task::spawn_blocking(move || {
-                crate::store::seed(&database, links, &providers, |done| bar.set_position(done))
+            let added = crate::store::seed(&config.database, links, providers, move |done| {
+                bar.set_position(done)
             })
-            .await??;
+            .await?;
             eprintln!("added {added} links");
             Ok(())
         }

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Protocol;
 
+mod database_url;
+
+pub use database_url::{DatabaseUrl, Host, Password, PostgresUrl, SslMode};
+
 /// The shipped `config.toml`, which is also the built-in defaults layer.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
 
@@ -100,9 +104,81 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
+    /// The SQLite file, used when `url` is unset.
     pub path: PathBuf,
+    /// A PostgreSQL URL: when set, everything lives in that database instead.
+    #[serde(default)]
+    pub url: Option<DatabaseUrl>,
     pub pool_size: u32,
+    /// SQLite's group commit: most writes in one transaction.
     pub max_batch: usize,
+    /// PostgreSQL: the longest a statement, a wait for a pooled connection
+    /// or a new connection may take before the request fails with a 503.
+    pub statement_timeout_secs: u64,
+}
+
+impl DatabaseConfig {
+    /// The PostgreSQL URL, when one is set (an empty one is unset).
+    pub fn postgres_url(&self) -> Option<&DatabaseUrl> {
+        self.url.as_ref().filter(|url| !url.is_empty())
+    }
+
+    /// The statement timeout, as a duration.
+    pub fn statement_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.statement_timeout_secs)
+    }
+
+    /// Problems with the `[database]` keys, each naming its key.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.pool_size == 0 {
+            problems.push("database.pool_size is 0: set it to 1 or more".to_string());
+        }
+        if self.max_batch == 0 {
+            problems.push("database.max_batch is 0: set it to 1 or more".to_string());
+        }
+        if !(1..=3600).contains(&self.statement_timeout_secs) {
+            problems.push(format!(
+                "database.statement_timeout_secs is {}: set it to 1-3600 seconds (a few seconds suits most installs)",
+                self.statement_timeout_secs
+            ));
+        }
+        let Some(url) = self.postgres_url() else {
+            if self.path.as_os_str().is_empty() {
+                problems.push("database.path is empty: set it to a file path".to_string());
+            }
+            problems.extend(file_problems("database.path", &self.path));
+            return problems;
+        };
+        match url.parse() {
+            Err(why) => problems.push(format!(
+                "database.url is not a PostgreSQL URL: {why} (e.g. postgres://linkid:PASSWORD@db.example.com:5432/linkid?sslmode=verify-full&sslrootcert=/etc/linkid/db-ca.pem)"
+            )),
+            Ok(parsed) => {
+                let verifies = matches!(parsed.ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull);
+                match &parsed.ssl_root_cert {
+                    None if verifies => problems.push(format!(
+                        "database.url has sslmode={} but no sslrootcert: add sslrootcert=/path/to/ca.pem (the CA that signed the server's certificate)",
+                        parsed.ssl_mode.as_str()
+                    )),
+                    Some(file) if !file.is_file() => problems.push(format!(
+                        "database.url sslrootcert {} is not a file: point it at the PEM file of the CA that signed the server's certificate",
+                        file.display()
+                    )),
+                    Some(file) => {
+                        if let Err(e) = std::fs::File::open(file) {
+                            problems.push(format!(
+                                "database.url sslrootcert {} cannot be read ({e}): fix its permissions",
+                                file.display()
+                            ));
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        problems
+    }
 }
 
 /// `[auth]`
@@ -112,8 +188,22 @@ pub struct AuthConfig {
     pub private_key_file: PathBuf,
     #[serde(default)]
     pub public_key: Option<String>,
+    /// Verified tokens kept in memory, at most.
     pub token_cache_size: usize,
+    /// Bytes those tokens may take in memory (estimated), at most.
+    pub token_cache_bytes: u64,
+    /// The longest token accepted, in bytes of its base64 text.
+    pub max_token_bytes: usize,
+    /// The most blocks a token may have (the authority block and attenuations).
+    pub max_blocks: usize,
+    /// The most facts a token may hold, over all its blocks.
+    pub max_facts: usize,
+    /// The most rules and check queries a token may hold, over all its blocks.
+    pub max_rules: usize,
 }
+
+/// The smallest `auth.token_cache_bytes`: room for a few dozen tokens.
+const MIN_TOKEN_CACHE_BYTES: u64 = 1024 * 1024;
 
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -212,7 +302,7 @@ impl Config {
 
     /// Checks that types alone cannot express.
     fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.database.problems();
         for (key, value) in [
             (
                 "server.header_read_timeout_secs",
@@ -229,21 +319,30 @@ impl Config {
                 problems.push(format!("{key} is 0: set it to 1 or more"));
             }
         }
-        if self.database.path.as_os_str().is_empty() {
-            problems.push("database.path is empty: set it to a file path".to_string());
-        }
-        if self.database.pool_size == 0 {
-            problems.push("database.pool_size is 0: set it to 1 or more".to_string());
-        }
-        if self.database.max_batch == 0 {
-            problems.push("database.max_batch is 0: set it to 1 or more".to_string());
-        }
         if let Some(key) = &self.auth.public_key {
             if let Err(e) = key.parse::<biscuit_auth::PublicKey>() {
                 problems.push(format!(
                     "auth.public_key is not a public key ({e}): use the text form \"ed25519/<64 hex digits>\""
                 ));
             }
+        }
+        for (key, value) in [
+            ("max_token_bytes", self.auth.max_token_bytes),
+            ("max_blocks", self.auth.max_blocks),
+            ("max_facts", self.auth.max_facts),
+            ("max_rules", self.auth.max_rules),
+        ] {
+            if value == 0 {
+                problems.push(format!(
+                    "auth.{key} is 0, which would refuse every token: set it to 1 or more (see config.toml for the default)"
+                ));
+            }
+        }
+        if self.auth.token_cache_bytes < MIN_TOKEN_CACHE_BYTES {
+            problems.push(format!(
+                "auth.token_cache_bytes is {}: set it to {MIN_TOKEN_CACHE_BYTES} (1 MiB) or more",
+                self.auth.token_cache_bytes
+            ));
         }
         if self.auth.public_key.is_none() && self.auth.private_key_file.as_os_str().is_empty() {
             problems.push(
@@ -281,7 +380,6 @@ impl Config {
                 ));
             }
         }
-        problems.extend(file_problems("database.path", &self.database.path));
         if !self.auth.private_key_file.as_os_str().is_empty() {
             problems.extend(file_problems(
                 "auth.private_key_file",
@@ -391,5 +489,99 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    /// The shipped defaults with one key changed.
+    fn with(key: &str, value: u64) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+            .merge(("database.path", dir.path().join("linkid.db")))
+            .merge(("auth.private_key_file", dir.path().join("root.key")))
+            .merge((key, value));
+        Config::from_figment(figment)
+    }
+
+    #[test]
+    fn the_token_caps_refuse_zero_naming_the_key() {
+        for key in ["max_token_bytes", "max_blocks", "max_facts", "max_rules"] {
+            let error = with(&format!("auth.{key}"), 0).unwrap_err();
+            assert!(
+                error
+                    .problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("auth.{key} is 0"))),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_cache_under_one_mebibyte_is_refused() {
+        let error = with("auth.token_cache_bytes", 4096).unwrap_err();
+        assert!(
+            error.to_string().contains("auth.token_cache_bytes"),
+            "{error}"
+        );
+        assert!(with("auth.token_cache_bytes", 1024 * 1024).is_ok());
+    }
+
+    #[test]
+    fn a_token_cap_of_one_is_allowed() {
+        let config = with("auth.max_blocks", 1).unwrap();
+        assert_eq!(config.auth.max_blocks, 1);
+    }
+
+    fn problems_with(database: &str) -> Vec<String> {
+        let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+            .merge(Toml::string(&format!("[database]\n{database}")));
+        match Config::from_figment(figment) {
+            Ok(_) => vec![],
+            Err(e) => e.problems,
+        }
+    }
+
+    #[test]
+    fn a_postgres_url_replaces_the_sqlite_path_and_is_checked() {
+        assert!(problems_with("url = \"postgres://u:pw@db:5432/linkid\"\npath = \"\"").is_empty());
+        assert!(
+            problems_with("url = \"\"").is_empty(),
+            "an empty url is unset"
+        );
+
+        let cases = [
+            ("url = \"mysql://u:pw-7q@db/linkid\"", "database.url"),
+            (
+                "url = \"postgres://u:pw-7q@db/l?sslmode=verify-full\"",
+                "sslrootcert",
+            ),
+            (
+                "url = \"postgres://u:pw-7q@db/l?sslmode=verify-ca&sslrootcert=/nonexistent.pem\"",
+                "/nonexistent.pem",
+            ),
+            (
+                "statement_timeout_secs = 0",
+                "database.statement_timeout_secs",
+            ),
+        ];
+        for (database, names) in cases {
+            let problems = problems_with(database).join("\n");
+
+            assert!(problems.contains(names), "{database}: {problems}");
+            assert!(!problems.contains("pw-7q"), "{database}: {problems}");
+        }
+    }
+
+    #[test]
+    fn the_config_shows_its_url_without_the_password() {
+        let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+            .merge(("database.url", "postgres://u:pw-7q@db/linkid"));
+        let config = Config::from_figment(figment).unwrap();
+
+        assert!(!format!("{config:?}").contains("pw-7q"));
+        assert!(!serde_json::to_string(&config).unwrap().contains("pw-7q"));
+        assert_eq!(
+            config.database.postgres_url().unwrap().to_string(),
+            "postgres://u@db:5432/linkid"
+        );
     }
 }

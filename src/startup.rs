@@ -50,7 +50,7 @@ impl Application {
             .with_context(|| format!("cannot listen on server.addr {}", config.server.addr))?;
         let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
         let state = Arc::new(AppState {
-            authority: Authority::new(key.public, revoked.clone(), config.auth.token_cache_size),
+            authority: Authority::new(key.public, revoked.clone(), &config.auth),
             store,
             limits: RateLimits::new(&config.rate_limit),
             providers: config.identity_providers.clone(),
@@ -125,11 +125,23 @@ impl Application {
             let store = store.clone();
             let revoked = self.revoked.clone();
             tokio::spawn(async move {
+                // Said once when reads start failing and once when they
+                // work again, not four times a second through an outage.
+                let mut failing = false;
                 loop {
                     tokio::time::sleep(REVOCATION_POLL).await;
                     match load_revocations(&store, &revoked, newest).await {
-                        Ok(n) => newest = n,
-                        Err(e) => tracing::warn!(error = ?e, "cannot read revocations"),
+                        Ok(n) => {
+                            newest = n;
+                            if std::mem::take(&mut failing) {
+                                tracing::info!("reading revocations again");
+                            }
+                        }
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!(error = ?e, "cannot read revocations; retrying every {REVOCATION_POLL:?}");
+                        }
+                        Err(_) => {}
                     }
                     // Events other processes committed wake long polls.
                     if let Err(e) = store.refresh().await {

@@ -80,6 +80,15 @@ fn describe() {
         "linkid_token_cache_entries",
         "Verified tokens in the cache."
     );
+    metrics::describe_gauge!(
+        "linkid_token_cache_bytes",
+        metrics::Unit::Bytes,
+        "Estimated memory of the tokens in the cache (bounded by auth.token_cache_bytes)."
+    );
+    metrics::describe_counter!(
+        "linkid_authorizations_offloaded_total",
+        "Authorizations run on the blocking pool because their datalog is not trivially cheap."
+    );
     metrics::describe_counter!(
         "linkid_rate_limited_total",
         "Requests answered 429, by limit."

@@ -10,7 +10,10 @@ use warp::http::header::HeaderValue;
 use warp::http::HeaderMap;
 use warp::Filter;
 
-use super::server::PeerAddr;
+/// The TCP peer of the connection a request came on (a request extension
+/// the server loop sets).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerAddr(pub SocketAddr);
 
 /// Per-request context taken before routing: the request id and the start time.
 #[derive(Debug, Clone)]

@@ -55,6 +55,7 @@ pub async fn list_identity_providers(
                 provider: None,
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let list = IdentityProviderList {
         identity_providers: state
@@ -112,6 +113,7 @@ pub async fn list_linked_identities(
                 provider: None,
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let mut identities: Vec<LinkedIdentity> = state
         .store
@@ -124,19 +126,22 @@ pub async fn list_linked_identities(
     let mut list_actions = None;
     if embed {
         for identity in &mut identities {
-            identity.actions = Some(identity_actions(&state, &bearer, &user, identity));
+            identity.actions = Some(identity_actions(&state, &bearer, &user, identity).await);
         }
-        let may_create = identities.is_empty()
-            && state.linkable_providers().any(|p| {
-                state.authority.allows(
-                    &bearer,
-                    Access {
-                        right: Right::LinkedIdentitiesCreate,
-                        user: Some(user.as_str()),
-                        provider: Some(&p.id),
-                    },
-                )
-            });
+        let mut may_create = false;
+        if identities.is_empty() {
+            for provider in state.linkable_providers() {
+                let access = Access {
+                    right: Right::LinkedIdentitiesCreate,
+                    user: Some(user.as_str()),
+                    provider: Some(&provider.id),
+                };
+                if state.authority.allows(&bearer, access).await {
+                    may_create = true;
+                    break;
+                }
+            }
+        }
         list_actions = Some(if may_create {
             vec![ListAction::Create]
         } else {
@@ -209,6 +214,7 @@ pub async fn link_identity(
                 provider: Some(&fields.provider_id),
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let provider = state
         .linkable_providers()
@@ -231,7 +237,7 @@ pub async fn link_identity(
     };
     let mut identity = record.into_identity();
     if embed {
-        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity));
+        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity).await);
     }
     let mut response = json_response(status, &identity);
     if status == StatusCode::CREATED {
@@ -295,6 +301,7 @@ pub async fn get_linked_identity(
                 provider: Some(provider.as_str()),
             },
         )
+        .await
         .map_err(ApiError::from)?;
     // A user has at most one link, so the user's list is the lookup.
     let mut identity = state
@@ -310,7 +317,7 @@ pub async fn get_linked_identity(
         })?
         .into_identity();
     if embed {
-        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity));
+        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity).await);
     }
     Ok(json_response(StatusCode::OK, &identity))
 }
@@ -354,6 +361,7 @@ pub async fn delete_linked_identity(
                 provider: Some(provider.as_str()),
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let identity = state
         .store
@@ -374,20 +382,23 @@ fn actor(bearer: &Bearer, request: RequestId) -> Actor {
 }
 
 /// The actions the bearer may perform on one identity now.
-fn identity_actions(
+async fn identity_actions(
     state: &AppState,
     bearer: &Bearer,
     user: &UserId,
     identity: &LinkedIdentity,
 ) -> Vec<IdentityAction> {
-    let may_delete = state.authority.allows(
-        bearer,
-        Access {
-            right: Right::LinkedIdentitiesDelete,
-            user: Some(user.as_str()),
-            provider: Some(&identity.provider_id),
-        },
-    );
+    let may_delete = state
+        .authority
+        .allows(
+            bearer,
+            Access {
+                right: Right::LinkedIdentitiesDelete,
+                user: Some(user.as_str()),
+                provider: Some(&identity.provider_id),
+            },
+        )
+        .await;
     if may_delete {
         vec![IdentityAction::Delete]
     } else {
@@ -593,6 +604,7 @@ pub async fn metrics(
     metrics::gauge!("linkid_db_pool_connections").set(connections);
     metrics::gauge!("linkid_db_pool_idle_connections").set(idle);
     metrics::gauge!("linkid_token_cache_entries").set(state.authority.cached_tokens() as f64);
+    metrics::gauge!("linkid_token_cache_bytes").set(state.authority.cached_token_bytes() as f64);
     let mut response = Response::new(crate::telemetry::prometheus().render().into());
     response.headers_mut().insert(
         warp::http::header::CONTENT_TYPE,
@@ -660,6 +672,7 @@ pub async fn search_linked_identities(
                 provider: search.provider_id.as_deref(),
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let page = state
         .store
@@ -837,6 +850,7 @@ pub async fn list_events(
                 provider: None,
             },
         )
+        .await
         .map_err(ApiError::from)?;
     let streaming = accept
         .as_ref()
@@ -900,37 +914,49 @@ async fn stream_events(state: Arc<AppState>, after: i64) -> Result<Response, Rej
         .await
         .map_err(ApiError::from)?;
     let heartbeat = std::time::Duration::from_secs(state.events.heartbeat_secs);
-    let pending: std::collections::VecDeque<Event> = first.into();
-    let events = futures_util::stream::unfold(
-        (state, after, pending, permit),
-        |(state, mut after, mut pending, permit)| async move {
-            while pending.is_empty() {
-                if *state.stopping.borrow() {
-                    return None;
-                }
-                if !wait_for_event(&state, after, std::time::Duration::from_secs(3600)).await {
-                    continue;
-                }
-                match state.store.events(after, MAX_LIMIT).await {
-                    Ok(batch) => pending.extend(batch),
-                    Err(error) => {
-                        tracing::warn!(error = %error, "an event stream ended: the store failed");
-                        return None;
-                    }
+    // A task reads the store and hands events over, so the response's
+    // stream holds only the channel; the task (and its stream slot) ends
+    // when the client goes away, the store fails or the server stops.
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Event>(MAX_LIMIT as usize);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut after = after;
+        let mut batch = first;
+        loop {
+            for event in batch.drain(..) {
+                after = event.seq;
+                if sender.send(event).await.is_err() {
+                    return;
                 }
             }
-            let event = pending.pop_front()?;
-            after = event.seq;
-            let sse = warp::sse::Event::default()
-                .id(event.seq.to_string())
-                .event(event.event_type.as_str())
-                .data(serde_json::to_string(&event).unwrap_or_default());
-            Some((
-                Ok::<_, std::convert::Infallible>(sse),
-                (state, after, pending, permit),
-            ))
-        },
-    );
+            loop {
+                if *state.stopping.borrow() {
+                    return;
+                }
+                tokio::select! {
+                    woke = wait_for_event(&state, after, std::time::Duration::from_secs(3600)) => {
+                        if woke { break }
+                    }
+                    () = sender.closed() => return,
+                }
+            }
+            batch = match state.store.events(after, MAX_LIMIT).await {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(error = %error, "an event stream ended: the store failed");
+                    return;
+                }
+            };
+        }
+    });
+    let events = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let event = receiver.recv().await?;
+        let sse = warp::sse::Event::default()
+            .id(event.seq.to_string())
+            .event(event.event_type.as_str())
+            .data(serde_json::to_string(&event).unwrap_or_default());
+        Some((Ok::<_, std::convert::Infallible>(sse), receiver))
+    });
     let stream = warp::sse::keep_alive()
         .interval(heartbeat)
         .text("heartbeat")

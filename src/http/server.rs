@@ -31,7 +31,7 @@ use warp::http::header::{HeaderValue, CONNECTION};
 use warp::http::{Request, Uri};
 use warp::reply::Response;
 
-use super::context::RequestId;
+use super::context::{PeerAddr, RequestId};
 use crate::config::ServerConfig;
 
 /// Clients past `max_connections` wait in the kernel's accept queue; this
@@ -53,10 +53,6 @@ const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// request half sent at the signal can finish while a trickled one cannot
 /// hold the shutdown.
 const SHUTDOWN_BODY_GRACE: Duration = Duration::from_secs(1);
-
-/// The TCP peer of the connection a request came on (a request extension).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PeerAddr(pub SocketAddr);
 
 /// A request body that did not arrive in time (the error its body stream
 /// yields); the request is answered 408 and its connection closed.

@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, PostgresUrl};
 use crate::domain::{Actor, Event, LinkRecord, NewLink, ProviderId, UserId};
 
+pub(crate) mod postgres;
 pub(crate) mod sqlite;
 pub mod transfer;
 
@@ -70,24 +71,50 @@ pub(crate) fn refuse_newer(found: i64, supported: i64, database: &str) -> anyhow
     Ok(())
 }
 
+/// The parsed `database.url`, when PostgreSQL is configured.
+fn postgres_url(config: &DatabaseConfig) -> anyhow::Result<Option<PostgresUrl>> {
+    config
+        .postgres_url()
+        .map(|url| {
+            url.parse()
+                .map_err(|why| anyhow::anyhow!("database.url is not a PostgreSQL URL: {why}"))
+        })
+        .transpose()
+}
+
 /// Loads `count` synthetic links (users `seed-user-N`, spread over
 /// `providers`), for benchmarks and demos; returns how many were added.
-pub fn seed(
+pub async fn seed(
     config: &DatabaseConfig,
     count: u64,
-    providers: &[String],
-    progress: impl Fn(u64),
+    providers: Vec<String>,
+    progress: impl Fn(u64) + Send + 'static,
 ) -> anyhow::Result<u64> {
-    sqlite::admin::seed(&config.path, count, providers, progress)
+    match postgres_url(config)? {
+        Some(url) => postgres::admin::seed(config, &url, count, &providers, progress).await,
+        None => {
+            let path = config.path.clone();
+            tokio::task::spawn_blocking(move || {
+                sqlite::admin::seed(&path, count, &providers, progress)
+            })
+            .await?
+        }
+    }
 }
 
 /// Copies the database to a new file `destination` from one consistent
-/// snapshot while servers write. `progress` gets (done, total).
+/// snapshot while servers write. `progress` gets (done, total). SQLite
+/// only: PostgreSQL has pg_dump.
 pub fn backup(
     config: &DatabaseConfig,
     destination: &std::path::Path,
     progress: impl Fn(u64, u64),
 ) -> anyhow::Result<()> {
+    if let Some(url) = postgres_url(config)? {
+        anyhow::bail!(
+            "the database is PostgreSQL ({url}): `linkid backup` copies a SQLite file; back PostgreSQL up with pg_dump instead, e.g. pg_dump --format=custom --file=linkid.dump \"$LINKID_DATABASE__URL\" (restore into an empty database with pg_restore)"
+        );
+    }
     sqlite::admin::backup(&config.path, destination, progress)
 }
 
@@ -115,6 +142,9 @@ pub async fn export(
     config: &DatabaseConfig,
     out: Box<dyn std::io::Write + Send>,
 ) -> anyhow::Result<u64> {
+    if let Some(url) = postgres_url(config)? {
+        return postgres::admin::export(config, &url, out).await;
+    }
     let path = config.path.clone();
     tokio::task::spawn_blocking(move || sqlite::admin::export(&path, out)).await?
 }
@@ -126,6 +156,9 @@ pub async fn import(
     source: transfer::Source,
     options: transfer::ImportOptions,
 ) -> anyhow::Result<transfer::ImportReport> {
+    if let Some(url) = postgres_url(config)? {
+        return postgres::admin::import(config, &url, source, options).await;
+    }
     let path = config.path.clone();
     tokio::task::spawn_blocking(move || sqlite::admin::import(&path, source, options)).await?
 }
@@ -134,6 +167,7 @@ pub async fn import(
 #[derive(Clone)]
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
 }
 
 /// Calls the same method on whichever backend this is.
@@ -141,20 +175,26 @@ macro_rules! dispatch {
     ($self:ident . $method:ident ( $($arg:expr),* )) => {
         match $self {
             Store::Sqlite(store) => store.$method($($arg),*).await,
+            Store::Postgres(store) => store.$method($($arg),*).await,
         }
     };
 }
 
 impl Store {
-    /// Opens the configured database, creating and upgrading its schema.
+    /// Opens the configured database (PostgreSQL when `database.url` is
+    /// set, else the SQLite file), creating and upgrading its schema.
     pub async fn open(config: &DatabaseConfig) -> anyhow::Result<Store> {
-        Ok(Store::Sqlite(sqlite::SqliteStore::open(config)?))
+        Ok(match postgres_url(config)? {
+            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, &url).await?),
+            None => Store::Sqlite(sqlite::SqliteStore::open(config)?),
+        })
     }
 
     /// Where the data lives, for people: a file path or a URL without its password.
     pub fn describe(&self) -> String {
         match self {
             Store::Sqlite(store) => store.path().display().to_string(),
+            Store::Postgres(store) => store.url().to_string(),
         }
     }
 
@@ -201,6 +241,7 @@ impl Store {
     pub fn newest_event(&self) -> tokio::sync::watch::Receiver<i64> {
         match self {
             Store::Sqlite(store) => store.newest_event(),
+            Store::Postgres(store) => store.newest_event(),
         }
     }
 
@@ -240,6 +281,7 @@ impl Store {
     pub fn pool_state(&self) -> (u32, u32) {
         match self {
             Store::Sqlite(store) => store.pool_state(),
+            Store::Postgres(store) => store.pool_state(),
         }
     }
 

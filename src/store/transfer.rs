@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::io::{BufRead, Write};
 
+use anyhow::Context;
 use serde_json::Value;
 
 use crate::domain::{check_text, LinkRecord};
@@ -63,7 +64,7 @@ pub enum LineOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Conflict {
     /// The user already has a link to another identity.
-    UserAlreadyLinked { current: LinkRecord },
+    UserAlreadyLinked { current: Box<LinkRecord> },
     /// The identity belongs to another user.
     IdentityAlreadyLinked { owner: String },
 }
@@ -84,40 +85,68 @@ impl Conflict {
     }
 }
 
-/// Applies lines one by one, counting outcomes and reporting problems;
-/// `apply` is the backend's step for one checked line. Returns the report
-/// with `applied` false: committing is the caller's.
+/// Reads the file in batches of `batch` lines, applies each batch's good
+/// lines with `apply` (the backend's step: one outcome per line, in order,
+/// each line seeing the ones before it), counts the outcomes and reports
+/// every problem in line order. Returns the report with `applied` false:
+/// committing is the caller's.
 pub fn run_import(
     source: Source,
     options: &mut ImportOptions,
-    mut apply: impl FnMut(&LinkRecord) -> anyhow::Result<Result<LineOutcome, Conflict>>,
+    batch: usize,
+    mut apply: impl FnMut(&[LinkRecord]) -> anyhow::Result<Vec<Result<LineOutcome, Conflict>>>,
 ) -> anyhow::Result<ImportReport> {
     let mut report = ImportReport::default();
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let mut lines = Lines::new(source);
-    while let Some((number, line)) = lines.next_line()? {
-        (options.progress)(lines.bytes_read);
-        let record = match line.and_then(|text| parse_line(&text, &options.providers, &now)) {
-            Ok(Some(record)) => record,
-            Ok(None) => continue,
-            Err(problems) => {
-                for problem in problems {
-                    report.problems += 1;
-                    (options.problem)(format!("line {number}: {problem}"));
+    let mut parsed: Vec<(u64, Result<LinkRecord, Vec<String>>)> = Vec::with_capacity(batch);
+    let mut flush = |parsed: &mut Vec<(u64, Result<LinkRecord, Vec<String>>)>,
+                     report: &mut ImportReport|
+     -> anyhow::Result<()> {
+        let records: Vec<LinkRecord> = parsed
+            .iter()
+            .filter_map(|(_, line)| line.as_ref().ok().cloned())
+            .collect();
+        let mut outcomes = apply(&records)?.into_iter();
+        for (number, line) in parsed.drain(..) {
+            let record = match line {
+                Ok(record) => record,
+                Err(problems) => {
+                    for problem in problems {
+                        report.problems += 1;
+                        (options.problem)(format!("line {number}: {problem}"));
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
-        match apply(&record)? {
-            Ok(LineOutcome::Created) => report.created += 1,
-            Ok(LineOutcome::Updated) => report.updated += 1,
-            Ok(LineOutcome::Unchanged) => report.unchanged += 1,
-            Err(conflict) => {
-                report.problems += 1;
-                (options.problem)(conflict.describe(number, &record));
+            };
+            match outcomes
+                .next()
+                .context("the store gave fewer outcomes than lines")?
+            {
+                Ok(LineOutcome::Created) => report.created += 1,
+                Ok(LineOutcome::Updated) => report.updated += 1,
+                Ok(LineOutcome::Unchanged) => report.unchanged += 1,
+                Err(conflict) => {
+                    report.problems += 1;
+                    (options.problem)(conflict.describe(number, &record));
+                }
             }
         }
+        Ok(())
+    };
+    while let Some((number, line)) = lines.next_line()? {
+        match line.and_then(|text| parse_line(&text, &options.providers, &now)) {
+            Ok(None) => {}
+            Ok(Some(record)) => parsed.push((number, Ok(record))),
+            Err(problems) => parsed.push((number, Err(problems))),
+        }
+        if parsed.len() >= batch {
+            flush(&mut parsed, &mut report)?;
+            (options.progress)(lines.bytes_read);
+        }
     }
+    flush(&mut parsed, &mut report)?;
+    (options.progress)(lines.bytes_read);
     Ok(report)
 }
 

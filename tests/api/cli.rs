@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+use crate::helpers::{assert_database_sound, backend, stored_links, Backend};
+
 const BIN: &str = env!("CARGO_BIN_EXE_linkid");
 
 /// A `linkid` server process started in a directory with no config file.
@@ -19,13 +21,28 @@ pub struct Server {
     pub log: Arc<Mutex<String>>,
 }
 
+/// The binary, run in `dir` as a user would: none of the caller's
+/// `LINKID_*` settings or `RUST_LOG` (the suite's own `LINKID_TEST_*`
+/// would be unknown keys), and on PostgreSQL the database of `dir`
+/// (`LINKID_DATABASE__URL`), so that every command run in `dir` shares it.
+pub fn command(dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command.current_dir(dir);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("LINKID_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    if let Some(url) = crate::helpers::database_url_for(dir) {
+        command.env("LINKID_DATABASE__URL", url);
+    }
+    command
+}
+
 impl Server {
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
-        let mut command = Command::new(BIN);
+        let mut command = command(dir);
         command
-            .current_dir(dir)
-            .env_remove("LINKID_CONFIG")
-            .env_remove("RUST_LOG")
             .env("LINKID_SERVER__ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -110,12 +127,7 @@ impl Drop for Server {
 }
 
 pub fn linkid(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .current_dir(dir)
-        .env_remove("LINKID_CONFIG")
-        .args(args)
-        .output()
-        .expect("the binary runs")
+    command(dir).args(args).output().expect("the binary runs")
 }
 
 pub fn mint(dir: &Path, args: &[&str]) -> String {
@@ -156,7 +168,11 @@ async fn a_first_start_in_an_empty_directory_generates_the_key_and_database() {
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    assert!(dir.path().join("data/linkid.db").exists());
+    assert_eq!(
+        dir.path().join("data/linkid.db").exists(),
+        backend() == Backend::Sqlite,
+        "the SQLite file exists exactly when SQLite is the store"
+    );
     let log = server.log();
     assert!(
         log.contains("data/root.key"),
@@ -336,18 +352,13 @@ async fn sigterm_exits_zero_and_leaves_a_clean_database() {
     let status = server.terminate();
 
     assert!(status.success(), "{status:?}");
-    let wal = dir.path().join("data/linkid.db-wal");
-    assert!(
-        !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
-        "the WAL is checkpointed"
-    );
-    let conn = rusqlite::Connection::open(dir.path().join("data/linkid.db")).unwrap();
-    let check: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(check, "ok");
-    let count: i64 = conn
-        .query_row("SELECT count(*) FROM linked_identities", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(count, 1);
+    if backend() == Backend::Sqlite {
+        let wal = dir.path().join("data/linkid.db-wal");
+        assert!(
+            !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
+            "the WAL is checkpointed"
+        );
+    }
+    assert_database_sound(dir.path());
+    assert_eq!(stored_links(dir.path()).len(), 1);
 }

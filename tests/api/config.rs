@@ -1,4 +1,5 @@
 use crate::cli::{get, linkid, mint, Server};
+use crate::helpers::{backend, Backend};
 use tempfile::TempDir;
 
 #[test]
@@ -49,8 +50,7 @@ async fn the_config_file_and_env_vars_layer_over_the_defaults() {
             ("LINKID_AUTH__PRIVATE_KEY_FILE", "./keys/k"),
         ],
     );
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_linkid"))
-        .current_dir(dir.path())
+    let output = crate::cli::command(dir.path())
         .env("LINKID_CONFIG", "custom.toml")
         .env("LINKID_AUTH__PRIVATE_KEY_FILE", "./keys/k")
         .args(["token", "mint", "--admin"])
@@ -69,7 +69,11 @@ async fn the_config_file_and_env_vars_layer_over_the_defaults() {
     .unwrap();
 
     assert_eq!(body["identity_providers"][0]["provider_id"], "only");
-    assert!(dir.path().join("elsewhere/db.sqlite").exists());
+    // (On PostgreSQL, LINKID_DATABASE__URL takes the place of database.path.)
+    assert_eq!(
+        dir.path().join("elsewhere/db.sqlite").exists(),
+        backend() == Backend::Sqlite
+    );
     assert!(dir.path().join("keys/k").exists());
 }
 
@@ -133,8 +137,7 @@ fn a_key_file_with_bare_hex_is_accepted() {
     )
     .unwrap();
     let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_linkid"))
-            .current_dir(dir.path())
+        crate::cli::command(dir.path())
             .env("LINKID_AUTH__PRIVATE_KEY_FILE", "bare.key")
             .args(args)
             .output()

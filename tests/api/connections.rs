@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -297,11 +297,8 @@ struct LimitedServer {
 
 impl LimitedServer {
     fn start(dir: &Path, files: u64, env: &[(&str, &str)]) -> LimitedServer {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_linkid"));
+        let mut command = crate::cli::command(dir);
         command
-            .current_dir(dir)
-            .env_remove("LINKID_CONFIG")
-            .env_remove("RUST_LOG")
             .env("LINKID_SERVER__ADDR", "127.0.0.1:0")
             .envs(env.iter().copied())
             .stdout(Stdio::null())

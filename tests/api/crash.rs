@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::cli::{get, mint, Server};
+use crate::helpers::{assert_database_sound, stored_links};
 
 const CYCLES: usize = 5;
 const WRITERS: usize = 32;
@@ -69,12 +70,7 @@ async fn acknowledged_writes_survive_sigkill() {
             writer.await.expect("no writer saw a wrong status");
         }
 
-        let conn = rusqlite::Connection::open(dir.path().join("data/linkid.db")).unwrap();
-        let check: String = conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(check, "ok", "cycle {cycle}");
-        drop(conn);
+        assert_database_sound(dir.path());
 
         let server = Server::start(dir.path(), &[]);
         let acked_now = {
@@ -101,28 +97,22 @@ async fn acknowledged_writes_survive_sigkill() {
                 "cycle {cycle}: {user} lost"
             );
         }
-        let conn = rusqlite::Connection::open(dir.path().join("data/linkid.db")).unwrap();
+        let stored = stored_links(dir.path());
         for user in &acked_now.unlinked {
-            let n: i64 = conn
-                .query_row(
-                    "SELECT count(*) FROM linked_identities WHERE user_id = ?1",
-                    [user],
-                    |r| r.get(0),
-                )
-                .unwrap();
-            assert_eq!(
-                n, 0,
+            assert!(
+                !stored.iter().any(|link| &link.user_id == user),
                 "cycle {cycle}: the acknowledged delete of {user} was lost"
             );
         }
-        let half_written: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM linked_identities WHERE linked_user_id != 'remote-' || user_id \
-                 OR provider_id != 'okta' OR created_at = '' OR updated_at = ''",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let half_written = stored
+            .iter()
+            .filter(|link| {
+                link.linked_user_id != format!("remote-{}", link.user_id)
+                    || link.provider_id != "okta"
+                    || link.created_at.is_empty()
+                    || link.updated_at.is_empty()
+            })
+            .count();
         assert_eq!(half_written, 0, "cycle {cycle}");
         drop(server);
     }

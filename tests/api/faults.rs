@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{assert_problem, skipped_unless, spawn_app, spawn_app_with, Backend, TestApp};
 
 async fn readyz(app: &TestApp) -> (u16, Value) {
     let response = app.client.get(app.url("/readyz")).send().await.unwrap();
@@ -18,6 +18,12 @@ async fn readyz(app: &TestApp) -> (u16, Value) {
 
 #[tokio::test]
 async fn a_deleted_database_file_refuses_writes_and_reads_until_it_is_back() {
+    if skipped_unless(
+        Backend::Sqlite,
+        "it is about the SQLite file and its disk (instances.rs covers PostgreSQL outages)",
+    ) {
+        return;
+    }
     let app = spawn_app().await;
     assert_eq!(
         app.link_as_admin("before", "okta", "r-before")
@@ -77,6 +83,12 @@ async fn a_deleted_database_file_refuses_writes_and_reads_until_it_is_back() {
 
 #[tokio::test]
 async fn a_database_file_replaced_by_another_refuses_writes() {
+    if skipped_unless(
+        Backend::Sqlite,
+        "it is about the SQLite file and its disk (instances.rs covers PostgreSQL outages)",
+    ) {
+        return;
+    }
     let app = spawn_app().await;
     let db = app.config.database.path.clone();
     let other = db.with_extension("other");
@@ -150,6 +162,12 @@ impl Drop for Tmpfs {
 
 #[tokio::test]
 async fn a_full_disk_answers_507_then_service_resumes_when_space_frees() {
+    if skipped_unless(
+        Backend::Sqlite,
+        "it is about the SQLite file and its disk (instances.rs covers PostgreSQL outages)",
+    ) {
+        return;
+    }
     let Some(disk) = Tmpfs::mount("2m") else {
         return;
     };

@@ -431,24 +431,8 @@ async fn retention_prunes_old_events_and_asking_for_them_is_410() {
         app.link_as_admin(&format!("u-{i}"), "okta", &format!("r-{i}"))
             .await;
     }
-    let dir = app.stop().await;
-    let db = dir.path().join("linkid.db");
-    {
-        let conn = rusqlite::Connection::open(&db).unwrap();
-        conn.execute(
-            "UPDATE events SET occurred_at = '2020-01-01T00:00:00Z' WHERE seq <= 2",
-            [],
-        )
-        .unwrap();
-    }
-    let key = dir.path().join("root.key");
-    let mut app = spawn_app_with(|c| {
-        c.database.path = db.clone();
-        c.auth.private_key_file = key.clone();
-        c.events.retention_days = 30;
-    })
-    .await;
-    app.dir = dir;
+    app.execute_sql("UPDATE events SET occurred_at = '2020-01-01T00:00:00Z' WHERE seq <= 2");
+    let app = app.restart_with(|c| c.events.retention_days = 30).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while feed(&app, &app.admin, "?after=0").await.status() == 200 {
         assert!(

@@ -1,6 +1,8 @@
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, link_body, spawn_app, spawn_app_with, PREFIX};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+
+use crate::helpers::{assert_problem, error_fields, link_body, spawn_app, spawn_app_with, PREFIX};
 
 #[tokio::test]
 async fn a_new_link_is_201_with_the_identity_and_a_location() {
@@ -222,4 +224,51 @@ async fn one_commit_per_request_gives_the_same_outcomes() {
         "USER_ALREADY_LINKED",
     )
     .await;
+}
+
+#[tokio::test]
+async fn bidirectional_formatting_characters_are_refused_like_control_characters() {
+    let app = spawn_app().await;
+
+    for spoof in ['\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}'] {
+        let body = link_body(
+            "okta",
+            &format!("r{spoof}1"),
+            &format!("admin{spoof}@example.com"),
+        );
+        let problem = assert_problem(
+            app.link(&app.admin, "u-1", &body).await,
+            400,
+            "VALIDATION_FAILED",
+        )
+        .await;
+        assert_eq!(
+            error_fields(&problem),
+            ["linked_user_id", "linked_username"],
+            "{spoof:?}"
+        );
+        let user = utf8_percent_encode(&format!("u{spoof}1"), NON_ALPHANUMERIC).to_string();
+        let problem = assert_problem(
+            app.list(&app.admin, &user, "").await,
+            400,
+            "VALIDATION_FAILED",
+        )
+        .await;
+        assert_eq!(error_fields(&problem), ["user_id"]);
+    }
+    let listed: serde_json::Value = app
+        .client
+        .get(app.api("/linked-identities"))
+        .bearer_auth(&app.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["linked_identities"],
+        serde_json::json!([]),
+        "nothing was stored"
+    );
 }

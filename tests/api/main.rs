@@ -1,5 +1,7 @@
 //! HTTP-level tests: each starts the real application on a real port with a
-//! fresh SQLite file and real biscuit tokens.
+//! fresh database and real biscuit tokens. `LINKID_TEST_BACKEND` picks the
+//! store: `sqlite` (the default) or `postgres` (a database per test on the
+//! server at `LINKID_TEST_PG_URL`; see helpers.rs).
 
 mod helpers;
 
@@ -15,7 +17,9 @@ mod faults;
 mod feed;
 mod get;
 mod hostile;
+mod hostile_tokens;
 mod identity_providers;
+mod instances;
 mod link;
 mod list;
 mod logs;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use serde_json::Value;
 
-use crate::helpers::{link_body, spawn_app, TestApp};
+use crate::helpers::{link_body, spawn_app, spawn_app_with, TestApp};
 
 const CLIENTS: usize = 96;
 const PROVIDERS: [&str; 3] = ["azure-ad", "okta", "corporate-saml"];
@@ -83,6 +83,28 @@ async fn one_remote_identity_claimed_by_many_users_at_once_has_exactly_one_owner
             owners += listed["linked_identities"].as_array().unwrap().len();
         }
         assert_eq!(owners, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_link_sent_by_many_clients_at_once_is_one_201_and_the_rest_200() {
+    // Many connections, so that on PostgreSQL the inserts truly overlap.
+    let app = Arc::new(spawn_app_with(|c| c.database.pool_size = 16).await);
+    for round in 0..5 {
+        let user = format!("retried-{round}");
+        let body = link_body("okta", &format!("retried-remote-{round}"), "n");
+        let results = join_all((0..CLIENTS).map(|_| {
+            let (app, user, body) = (app.clone(), user.clone(), body.clone());
+            async move { outcome(app.link(&app.admin, &user, &body).await).await }
+        }))
+        .await;
+
+        let created = results.iter().filter(|(s, _)| *s == 201).count();
+        assert_eq!(created, 1, "{results:?}");
+        for (status, body) in &results {
+            assert!(*status == 201 || *status == 200, "{status} {body}");
+            assert_eq!(body["linked_user_id"], format!("retried-remote-{round}"));
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! SIGTERM: stop accepting, finish what is in flight, exit 0, leave the
-//! database clean.
+//! database clean (on either backend).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -8,6 +8,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::cli::{mint, Server};
+use crate::helpers::{assert_database_sound, stored_links};
 
 #[test]
 fn sigterm_lets_an_in_flight_request_finish_then_exits_cleanly() {
@@ -48,19 +49,16 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits_cleanly() {
 
     let status = server.terminate();
     assert!(status.success(), "{status:?}");
-    let conn = rusqlite::Connection::open(dir.path().join("data/linkid.db")).unwrap();
-    let check: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(check, "ok");
-    let stored: String = conn
-        .query_row(
-            "SELECT linked_user_id FROM linked_identities WHERE user_id = 'u-1'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(stored, "in-flight");
+    assert_database_sound(dir.path());
+    let stored = stored_links(dir.path());
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        (
+            stored[0].user_id.as_str(),
+            stored[0].linked_user_id.as_str()
+        ),
+        ("u-1", "in-flight")
+    );
 }
 
 fn server_pid(server: &Server) -> String {

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -195,9 +195,7 @@ fn a_dry_run_reports_what_would_change_and_changes_nothing() {
 #[test]
 fn import_reads_stdin_and_records_events_by_import() {
     let dir = TempDir::new().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_linkid"))
-        .current_dir(dir.path())
-        .env_remove("LINKID_CONFIG")
+    let mut child = crate::cli::command(dir.path())
         .args(["import", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -221,15 +219,9 @@ fn import_reads_stdin_and_records_events_by_import() {
         "created 1, updated 0, unchanged 0"
     );
 
-    let conn = rusqlite::Connection::open(dir.path().join("data/linkid.db")).unwrap();
-    let (kind, actor, request): (String, String, Option<String>) = conn
-        .query_row("SELECT type, actor, request_id FROM events", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .unwrap();
     assert_eq!(
-        (kind.as_str(), actor.as_str(), request),
-        ("LINKED", "import", None)
+        crate::helpers::stored_events(dir.path()),
+        [("LINKED".to_string(), "import".to_string(), None)]
     );
 }
 

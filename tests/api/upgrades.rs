@@ -8,6 +8,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::cli::{get, linkid, Server};
+use crate::helpers::{skipped_unless, Backend};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/release-0.1.0");
 
@@ -31,6 +32,12 @@ fn release_0_1_0() -> (TempDir, String, String) {
 
 #[tokio::test]
 async fn a_database_from_release_0_1_0_upgrades_with_every_link_and_revocation_kept() {
+    if skipped_unless(
+        Backend::Sqlite,
+        "it is about SQLite database files (instances.rs covers PostgreSQL versions)",
+    ) {
+        return;
+    }
     let (dir, admin, revoked) = release_0_1_0();
 
     let server = Server::start(dir.path(), &[]);
@@ -83,6 +90,12 @@ async fn a_database_from_release_0_1_0_upgrades_with_every_link_and_revocation_k
 
 #[test]
 fn a_database_newer_than_the_binary_is_refused_naming_both_versions() {
+    if skipped_unless(
+        Backend::Sqlite,
+        "it is about SQLite database files (instances.rs covers PostgreSQL versions)",
+    ) {
+        return;
+    }
     let (dir, _, _) = release_0_1_0();
     let db = dir.path().join("data/linkid.db");
     rusqlite::Connection::open(&db)

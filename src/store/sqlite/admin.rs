@@ -173,8 +173,11 @@ pub fn import(
         .context("cannot lock the database for the import")?;
     let stamp = now();
     let actor = Actor::import();
-    let mut report = run_import(source, &mut options, |line| {
-        Ok(import_line(&tx, line, &actor, &stamp)?)
+    let mut report = run_import(source, &mut options, 1024, |lines| {
+        lines
+            .iter()
+            .map(|line| Ok(import_line(&tx, line, &actor, &stamp)?))
+            .collect()
     })?;
     if report.problems == 0 && !options.dry_run {
         tx.commit().context("cannot commit the import")?;
@@ -193,7 +196,9 @@ fn import_line(
     if let Some(current) = link_of_user(conn, &user)? {
         if current.provider_id != line.provider_id || current.linked_user_id != line.linked_user_id
         {
-            return Ok(Err(Conflict::UserAlreadyLinked { current }));
+            return Ok(Err(Conflict::UserAlreadyLinked {
+                current: Box::new(current),
+            }));
         }
         if current.linked_username == line.linked_username {
             return Ok(Ok(LineOutcome::Unchanged));

@@ -1,0 +1,156 @@
+//! Tests that need a PostgreSQL server: `LINKID_TEST_PG_URL` (see
+//! scripts/pg-cluster.sh). Without one they are skipped, unless the suite
+//! runs on PostgreSQL (`LINKID_TEST_BACKEND=postgres`): then they fail.
+
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use super::migrations::{MIGRATIONS, SCHEMA_VERSION};
+use super::LOCK_NAMESPACE;
+use crate::config::{DatabaseConfig, DatabaseUrl};
+use crate::store::Store;
+
+fn test_server() -> Option<String> {
+    match std::env::var("LINKID_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("LINKID_TEST_BACKEND").as_deref() == Ok("postgres") => {
+            panic!("LINKID_TEST_BACKEND=postgres needs LINKID_TEST_PG_URL (scripts/pg-cluster.sh)")
+        }
+        _ => {
+            eprintln!("skipped: no PostgreSQL server (LINKID_TEST_PG_URL is unset)");
+            None
+        }
+    }
+}
+
+/// `url` naming the database `dbname` instead.
+fn with_dbname(url: &str, dbname: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let authority_end = base[authority_end..]
+        .find('/')
+        .map_or(base.len(), |i| authority_end + i);
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{}/{dbname}{query}", &base[..authority_end])
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// The rows of `sql`, each as its values joined by " | ".
+async fn rows(client: &Client, sql: &str) -> Vec<String> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("NULL"))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a schema is, whatever the SQL text's layout and comments: columns,
+/// constraints, indexes, sequences and whom they belong to, functions.
+async fn shape_of(client: &Client) -> Vec<String> {
+    let mut shape = Vec::new();
+    for sql in [
+        "SELECT table_name, column_name, data_type, is_nullable, column_default, is_identity, \
+                identity_generation \
+         FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2",
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) \
+         FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2",
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+        "SELECT s.relname, format_type(q.seqtypid, NULL), d.deptype, d.refobjid::regclass::text, \
+                d.refobjsubid \
+         FROM pg_class s JOIN pg_sequence q ON q.seqrelid = s.oid \
+         LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = s.oid \
+                               AND d.deptype IN ('a', 'i') \
+         WHERE s.relnamespace = 'public'::regnamespace ORDER BY 1",
+        "SELECT proname, pg_get_function_arguments(oid), pg_get_function_result(oid), \
+                btrim(regexp_replace(prosrc, '\\s+', ' ', 'g')) \
+         FROM pg_proc WHERE pronamespace = 'public'::regnamespace ORDER BY 1",
+    ] {
+        shape.extend(rows(client, sql).await);
+    }
+    shape
+}
+
+#[tokio::test]
+async fn the_migrations_make_exactly_schema_postgres_sql() {
+    let Some(server) = test_server() else {
+        return;
+    };
+    let admin = connect(&server).await;
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let (migrated_db, fresh_db) = (
+        format!("linkid_u_{suffix}_m"),
+        format!("linkid_u_{suffix}_f"),
+    );
+    for name in [&migrated_db, &fresh_db] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap();
+    }
+
+    let config = DatabaseConfig {
+        path: "unused.db".into(),
+        url: Some(DatabaseUrl::new(with_dbname(&server, &migrated_db))),
+        pool_size: 1,
+        max_batch: 1,
+        statement_timeout_secs: 5,
+    };
+    let store = Store::open(&config).await.unwrap();
+    store.close().await;
+    // Opening again finds the schema current and changes nothing.
+    Store::open(&config).await.unwrap().close().await;
+    let migrated = connect(&with_dbname(&server, &migrated_db)).await;
+    let fresh = connect(&with_dbname(&server, &fresh_db)).await;
+    // schema.postgres.sql is for people: the test holds the migrations to it.
+    fresh
+        .batch_execute(include_str!("../../../schema.postgres.sql"))
+        .await
+        .unwrap();
+
+    // ... and a database made from it by hand is one linkid takes as current.
+    let by_hand = DatabaseConfig {
+        url: Some(DatabaseUrl::new(with_dbname(&server, &fresh_db))),
+        ..config.clone()
+    };
+    Store::open(&by_hand).await.unwrap().close().await;
+
+    let (want, got) = (shape_of(&fresh).await, shape_of(&migrated).await);
+    let version = rows(&migrated, "SELECT version FROM linkid_schema_version").await;
+    let written = rows(&fresh, "SELECT version FROM linkid_schema_version").await;
+    drop((migrated, fresh));
+    for name in [&migrated_db, &fresh_db] {
+        admin
+            .batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(got, want);
+    assert!(want.len() > 20, "the shape covers the schema: {want:#?}");
+    assert_eq!(version, [SCHEMA_VERSION.to_string()]);
+    assert_eq!(written, version, "schema.postgres.sql records its version");
+}
+
+#[test]
+fn the_append_lock_in_sql_is_linkids_lock_namespace() {
+    assert!(MIGRATIONS[0].contains(&format!("pg_advisory_xact_lock({LOCK_NAMESPACE}, ")));
+    assert!(include_str!("../../../schema.postgres.sql")
+        .contains(&format!("pg_advisory_xact_lock({LOCK_NAMESPACE}, ")));
+}
