@@ -132,10 +132,14 @@ class Pass:
         self.statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.links_followed: collections.Counter = collections.Counter()
         self.queries: dict[str, list[dict]] = collections.defaultdict(list)
+        # Test cases of the examples phase, by operation.
+        self.example_cases: collections.Counter = collections.Counter()
         self.requests = 0
         for phase, recorder in ndjson_scenarios(reports / f"{name}.ndjson"):
             for case_id, node in recorder.get("cases", {}).items():
                 case = node["value"]
+                if phase == "examples":
+                    self.example_cases[f"{case['method']} {case['path']}"] += 1
                 interaction = recorder.get("interactions", {}).get(case_id)
                 if interaction and interaction.get("response"):
                     self.requests += 1
@@ -234,6 +238,11 @@ def test_schemathesis_finds_no_contract_violation(server, document, report_dir, 
             seen = main.statuses[OPERATIONS[operation]]
             for status in statuses:
                 assert seen[status] > 0, f"{operation} never answered {status}: {dict(seen)}"
+        # The examples phase found examples for every operation that takes
+        # any input (listIdentityProviders takes none, so it has none to find).
+        for operation, label in OPERATIONS.items():
+            if operation != "listIdentityProviders":
+                assert main.example_cases[label] > 0, f"no examples for {operation}: {dict(main.example_cases)}"
         # No case long-polled: every listEvents request asked with wait=0.
         waits = main.query_values(OPERATIONS["listEvents"], "wait")
         assert waits and set(waits) == {"0"}, collections.Counter(waits)
