@@ -15,6 +15,13 @@
 #     LINKID_TEST_PG_CA and LINKID_TEST_PG_DIR (see scripts/pg-cluster.sh).
 #   - rustfmt and clippy through rustup, when the toolchain lacks them.
 #   - chromium and playwright-core (tests/browser/run.sh says how).
+#   - tests/document/node_modules (git-ignored): Redocly CLI, Spectral,
+#     Prism, openapi-typescript, openapi-fetch and TypeScript, pinned by
+#     tests/document/package-lock.json (npm ci; no global installs); and
+#     openapi-python-client into .venv (tests/document/requirements.txt).
+# The document checks after the install run offline: as root they run in a
+# network namespace of their own with only loopback (unshare), so a tool
+# that reached out would fail them.
 # Every phase prints how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +53,18 @@ phase_done() {
     [[ -n $PHASE ]] || return 0
     echo "== phase took $((SECONDS - PHASE_T0)) s ($PHASE)"
     PHASE=
+}
+
+# offline COMMAND...: runs COMMAND with loopback as its only network (a new
+# network namespace) where that is possible (root, unshare, ip); elsewhere
+# as it is.
+offline() {
+    if [[ $(id -u) -eq 0 ]] && command -v unshare >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 \
+        && unshare --net true 2>/dev/null; then
+        unshare --net -- sh -c 'ip link set lo up && exec "$@"' offline "$@"
+    else
+        "$@"
+    fi
 }
 
 PG_DIR=
@@ -106,6 +125,29 @@ LINKID_TEST_BACKEND=postgres cargo test --locked -- --test-threads 4
 
 phase "contract tests"
 LINKID_BIN="$PWD/target/debug/linkid" .venv/bin/python -m pytest tests/contract -q -p no:cacheprovider
+
+phase "installing the document tools (tests/document: npm ci, openapi-python-client)"
+node_version=$(node -p 'process.versions.node' 2>/dev/null || echo 0)
+if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)' 2>/dev/null; then
+    echo "scripts/test.sh: node 20.19 or later (and npm) is required for tests/document, found $node_version" >&2
+    exit 1
+fi
+npm ci --prefix tests/document --no-audit --no-fund --loglevel=error
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/document/requirements.txt
+
+phase "openapi/openapi.json lint (Redocly recommended-strict, Spectral oas): no error or warning"
+offline env REDOCLY_TELEMETRY=off REDOCLY_SUPPRESS_UPDATE_NOTICE=true \
+    tests/document/node_modules/.bin/redocly lint --config tests/document/redocly.yaml openapi/openapi.json
+offline tests/document/node_modules/.bin/spectral lint --ruleset tests/document/.spectral.yaml \
+    --fail-severity=hint openapi/openapi.json
+
+phase "generated Python and TypeScript clients against linkid (every operation and error code)"
+offline env LINKID_BIN="$PWD/target/debug/linkid" \
+    .venv/bin/python -m pytest tests/document/test_generated_clients.py -q -p no:cacheprovider
+
+phase "Prism: mock and validating proxy on openapi/openapi.json"
+offline env LINKID_BIN="$PWD/target/debug/linkid" \
+    .venv/bin/python -m pytest tests/document/test_prism.py -q -p no:cacheprovider
 
 phase "the docs page in headless Chromium"
 LINKID_BIN="$PWD/target/debug/linkid" tests/browser/run.sh

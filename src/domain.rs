@@ -125,6 +125,7 @@ pub enum Operation {
     ListIdentityProviders,
     ListLinkedIdentities,
     LinkIdentity,
+    GetLinkedIdentity,
     DeleteLinkedIdentity,
     SearchLinkedIdentities,
     ListEvents,
@@ -143,10 +144,11 @@ pub struct OperationSpec {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 6] = [
+    pub const ALL: [Operation; 7] = [
         Operation::ListIdentityProviders,
         Operation::ListLinkedIdentities,
         Operation::LinkIdentity,
+        Operation::GetLinkedIdentity,
         Operation::DeleteLinkedIdentity,
         Operation::SearchLinkedIdentities,
         Operation::ListEvents,
@@ -184,6 +186,12 @@ impl Operation {
                 "POST",
                 "/api/admin/users/v4/users/{user_id}/linked-identities",
                 Right::LinkedIdentitiesCreate,
+            ),
+            Operation::GetLinkedIdentity => row(
+                "getLinkedIdentity",
+                "GET",
+                "/api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
+                Right::LinkedIdentitiesList,
             ),
             Operation::DeleteLinkedIdentity => row(
                 "deleteLinkedIdentity",
@@ -414,6 +422,7 @@ pub struct LinkedIdentity {
     pub updated_at: String,
     /// With `embed=ACTIONS` only: what the presented token may do to this identity now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub actions: Option<Vec<IdentityAction>>,
 }
 
@@ -423,6 +432,7 @@ pub struct LinkedIdentityList {
     pub linked_identities: Vec<LinkedIdentity>,
     /// With `embed=ACTIONS` only: what the presented token may do to this list now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub actions: Option<Vec<ListAction>>,
 }
 

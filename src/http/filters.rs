@@ -26,6 +26,8 @@ pub(super) fn routes(
         .unify()
         .or(link_identity(&state))
         .unify()
+        .or(get_linked_identity(&state))
+        .unify()
         .or(delete_linked_identity(&state))
         .unify()
         .or(list_events(&state))
@@ -108,6 +110,19 @@ fn link_identity(
         .and(json_body())
         .and(request_id())
         .and_then(handlers::link_identity)
+}
+
+/// GET /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}?embed=ACTIONS
+fn get_linked_identity(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    api()
+        .and(warp::path!("users" / String / "linked-identities" / String))
+        .and(warp::get())
+        .and(query())
+        .and(with_state(state))
+        .and(bearer(state))
+        .and_then(handlers::get_linked_identity)
 }
 
 /// DELETE /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}

@@ -32,9 +32,10 @@ use crate::store::{LinkOutcome, SearchQuery};
     operation_id = "listIdentityProviders",
     tag = "Linked Identities",
     responses(
-        (status = 200, description = "The linkable identity providers.", body = IdentityProviderList,
+        (status = 200, description = "The linkable identity providers (the default configuration's, in this example).", body = IdentityProviderList,
             example = json!({"identity_providers": [
                 {"provider_id": "azure-ad", "display_name": "Azure AD", "protocol": "OIDC"},
+                {"provider_id": "okta", "display_name": "Okta", "protocol": "OIDC"},
                 {"provider_id": "corporate-saml", "display_name": "Corporate SAML", "protocol": "SAML"}
             ]})),
     ),
@@ -78,19 +79,18 @@ pub async fn list_identity_providers(
     operation_id = "listLinkedIdentities",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
-        ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform on each identity (`DELETE`) and on the list (`CREATE`). Repeat the parameter or separate values with commas.", explode = true),
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "u-42"),
+        ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform now on each identity (`DELETE`) and on the list (`CREATE`). Comma-separated (`embed=ACTIONS`); repeating the parameter (`embed=ACTIONS&embed=ACTIONS`) is accepted too. An unknown or empty value is a 400.", style = Form, explode = false, min_items = 1),
     ),
     responses(
         (status = 200, description = "The user's linked identities (empty when none).", body = LinkedIdentityList,
             examples(
-                ("plain" = (summary = "Without embed", value = json!({"linked_identities": [{
-                    "provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                ("plain" = (summary = "Without embed", value = json!({"linked_identities": [{"provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
                     "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z"}]}))),
-                ("actions" = (summary = "With embed=ACTIONS", value = json!({"linked_identities": [{
-                    "provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                ("with_actions" = (summary = "With embed=ACTIONS", value = json!({"linked_identities": [{"provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
                     "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z",
-                    "actions": ["DELETE"]}], "actions": []})))
+                    "actions": ["DELETE"]}], "actions": []}))),
+                ("with_actions_unlinked" = (summary = "With embed=ACTIONS, a user without links", value = json!({"linked_identities": [], "actions": ["CREATE"]})))
             )),
     ),
     security(("bearer" = []))
@@ -168,21 +168,26 @@ pub async fn list_linked_identities(
     operation_id = "linkIdentity",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
-        ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform on the identity (`DELETE`).", explode = true),
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "u-42"),
+        ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform now on the identity (`DELETE`). Comma-separated (`embed=ACTIONS`); repeating the parameter (`embed=ACTIONS&embed=ACTIONS`) is accepted too. An unknown or empty value is a 400.", style = Form, explode = false, min_items = 1),
     ),
     request_body(content = crate::domain::LinkRequest, content_type = "application/json"),
     responses(
-        (status = 201, description = "The identity was linked.", body = LinkedIdentity,
-            headers(("Location" = String, description = "The new linked identity's URL.")),
-            links(
-                ("ListLinkedIdentities" = (operation_id = "listLinkedIdentities", parameters(("user_id" = "$request.path.user_id")))),
-                ("DeleteLinkedIdentity" = (operation_id = "deleteLinkedIdentity", parameters(("user_id" = "$request.path.user_id"), ("provider_id" = "$response.body#/provider_id"))))
+        (status = 201, description = "The identity was linked; `Location` is its URL (getLinkedIdentity).", body = LinkedIdentity,
+            examples(
+                ("plain" = (summary = "Without embed", value = json!({"provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z"}))),
+                ("with_actions" = (summary = "With embed=ACTIONS", value = json!({"provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z",
+                    "actions": ["DELETE"]})))
             )),
         (status = 200, description = "The user already had exactly this link; the stored identity (with the username updated if it changed).", body = LinkedIdentity,
-            links(
-                ("ListLinkedIdentities" = (operation_id = "listLinkedIdentities", parameters(("user_id" = "$request.path.user_id")))),
-                ("DeleteLinkedIdentity" = (operation_id = "deleteLinkedIdentity", parameters(("user_id" = "$request.path.user_id"), ("provider_id" = "$response.body#/provider_id"))))
+            examples(
+                ("plain" = (summary = "Without embed", value = json!({"provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z"}))),
+                ("with_actions" = (summary = "With embed=ACTIONS", value = json!({"provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z",
+                    "actions": ["DELETE"]})))
             )),
     ),
     security(("bearer" = []))
@@ -248,6 +253,75 @@ pub async fn link_identity(
     Ok(response)
 }
 
+/// Get linked identity.
+///
+/// One linked identity of a user: where a new link's `Location` points.
+/// Links to providers that are no longer configured can be read too.
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
+    operation_id = "getLinkedIdentity",
+    tag = "Linked Identities",
+    params(
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "u-42"),
+        ("provider_id" = String, Path, description = "Identifier of the linked identity provider: the unique alias assigned to it in the configuration.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "okta"),
+        ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform now on the identity (`DELETE`). Comma-separated (`embed=ACTIONS`); repeating the parameter (`embed=ACTIONS&embed=ACTIONS`) is accepted too. An unknown or empty value is a 400.", style = Form, explode = false, min_items = 1),
+    ),
+    responses(
+        (status = 200, description = "The linked identity.", body = LinkedIdentity,
+            examples(
+                ("plain" = (summary = "Without embed", value = json!({"provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z"}))),
+                ("with_actions" = (summary = "With embed=ACTIONS", value = json!({"provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z",
+                    "actions": ["DELETE"]})))
+            )),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_linked_identity(
+    raw_user: String,
+    raw_provider: String,
+    query: String,
+    state: Arc<AppState>,
+    bearer: Bearer,
+) -> Result<Response, Rejection> {
+    let ((user, provider), embed) = gather(
+        gather(parse_user(&raw_user), parse_provider(&raw_provider)),
+        parse_embed(&query),
+    )
+    .map_err(ApiError::from)?;
+    state
+        .authority
+        .authorize(
+            &bearer,
+            Access {
+                right: Right::LinkedIdentitiesList,
+                user: Some(user.as_str()),
+                provider: Some(provider.as_str()),
+            },
+        )
+        .await
+        .map_err(ApiError::from)?;
+    // A user has at most one link, so the user's list is the lookup.
+    let mut identity = state
+        .store
+        .list(&user)
+        .await
+        .map_err(ApiError::from)?
+        .into_iter()
+        .find(|record| record.provider_id == provider.as_str())
+        .ok_or_else(|| ApiError::LinkedIdentityNotFound {
+            user_id: user.as_str().to_owned(),
+            provider_id: provider.as_str().to_owned(),
+        })?
+        .into_identity();
+    if embed {
+        identity.actions = Some(identity_actions(&state, &bearer, &user, &identity).await);
+    }
+    Ok(json_response(StatusCode::OK, &identity))
+}
+
 /// Delete linked identity.
 ///
 /// Deletes a linked identity of a remote identity provider from a user. Links
@@ -258,11 +332,13 @@ pub async fn link_identity(
     operation_id = "deleteLinkedIdentity",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
-        ("provider_id" = String, Path, description = "Identifier of the linked identity provider: the unique alias assigned to it in the configuration.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$"),
+        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "u-42"),
+        ("provider_id" = String, Path, description = "Identifier of the linked identity provider: the unique alias assigned to it in the configuration.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "okta"),
     ),
     responses(
-        (status = 200, description = "The link was deleted; the body is the deleted identity.", body = LinkedIdentity),
+        (status = 200, description = "The link was deleted; the body is the deleted identity.", body = LinkedIdentity,
+            example = json!({"provider_id": "okta", "linked_user_id": "00u1a2b3c4", "linked_username": "ada@example.com",
+                    "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z"})),
     ),
     security(("bearer" = []))
 )]
@@ -273,13 +349,8 @@ pub async fn delete_linked_identity(
     bearer: Bearer,
     request: RequestId,
 ) -> Result<Response, Rejection> {
-    let (user, provider) = gather(
-        parse_user(&raw_user),
-        decode_segment("provider_id", &raw_provider).and_then(|p| {
-            ProviderId::parse(&p).map_err(|why| vec![FieldError::new("provider_id", why)])
-        }),
-    )
-    .map_err(ApiError::from)?;
+    let (user, provider) =
+        gather(parse_user(&raw_user), parse_provider(&raw_provider)).map_err(ApiError::from)?;
     state
         .authority
         .authorize(
@@ -349,7 +420,7 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'{')
     .add(b'}');
 
-type Fields<T> = Result<T, Vec<FieldError>>;
+pub(super) type Fields<T> = Result<T, Vec<FieldError>>;
 
 /// Both results, or every field error from either, as one validation error.
 fn gather<A, B>(a: Fields<A>, b: Fields<B>) -> Fields<(A, B)> {
@@ -376,13 +447,18 @@ fn decode_segment(field: &str, raw: &str) -> Fields<String> {
         .map_err(|_| vec![FieldError::new(field, "must be percent-encoded UTF-8")])
 }
 
-fn parse_user(raw: &str) -> Fields<UserId> {
+pub(super) fn parse_user(raw: &str) -> Fields<UserId> {
     let text = decode_segment("user_id", raw)?;
     UserId::parse(&text).map_err(|why| vec![FieldError::new("user_id", why)])
 }
 
+pub(super) fn parse_provider(raw: &str) -> Fields<ProviderId> {
+    let text = decode_segment("provider_id", raw)?;
+    ProviderId::parse(&text).map_err(|why| vec![FieldError::new("provider_id", why)])
+}
+
 /// `embed` values: repeated and/or comma-separated; only `ACTIONS` exists.
-fn parse_embed(query: &str) -> Fields<bool> {
+pub(super) fn parse_embed(query: &str) -> Fields<bool> {
     let mut actions = false;
     let mut errors = Vec::new();
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -408,7 +484,7 @@ fn parse_embed(query: &str) -> Fields<bool> {
 
 /// A link request body whose fields are well-formed (the provider is
 /// checked against the configuration later).
-struct LinkFields {
+pub(super) struct LinkFields {
     provider_id: String,
     linked_user_id: LinkedUserId,
     linked_username: LinkedUsername,
@@ -442,7 +518,7 @@ const LINK_FIELDS: [&str; 3] = ["provider_id", "linked_user_id", "linked_usernam
 
 /// The outer error is a body that is not JSON at all; the inner one lists
 /// each field that is wrong.
-fn parse_link_body(body: &[u8]) -> Result<Fields<LinkFields>, ApiError> {
+pub(super) fn parse_link_body(body: &[u8]) -> Result<Fields<LinkFields>, ApiError> {
     let members = match serde_json::from_slice::<Members>(body) {
         Ok(members) => members.0,
         Err(e) if e.is_data() => {
@@ -566,10 +642,10 @@ pub struct LinkPage {
     operation_id = "searchLinkedIdentities",
     tag = "System of record",
     params(
-        ("provider_id" = Option<String>, Query, description = "Only links to this identity provider.", min_length = 1, max_length = 255, example = "okta"),
-        ("linked_user_id" = Option<String>, Query, description = "With `provider_id` only: the remote identity to look up.", min_length = 1, max_length = 255, example = "00u1a2b3c4"),
+        ("provider_id" = Option<String>, Query, description = "Only links to this identity provider.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "okta"),
+        ("linked_user_id" = Option<String>, Query, description = "With `provider_id` only (without it the answer is a 400): the remote identity to look up.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "00u1a2b3c4"),
         ("limit" = Option<u32>, Query, description = "Links per page, 1 to 1000.", minimum = 1, maximum = 1000, example = 100),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` from the previous page of the same search."),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` from the previous page of the same search (same `provider_id` and `linked_user_id`), as it is. It is opaque: any other value is a 400 naming `cursor`.", min_length = 1, max_length = 2048, pattern = r"^[A-Za-z0-9_-]+$"),
     ),
     responses(
         (status = 200, description = "One page of links, and the cursor of the next.", body = LinkPage,
@@ -623,7 +699,7 @@ pub async fn search_linked_identities(
     ))
 }
 
-fn parse_search(query: &str) -> Fields<SearchQuery> {
+pub(super) fn parse_search(query: &str) -> Fields<SearchQuery> {
     let params = Params::parse(query);
     let mut errors = Vec::new();
     let provider_id = params.text("provider_id", &mut errors);
@@ -679,13 +755,13 @@ pub struct EventPage {
 }
 
 /// The feed's query: where to start, how many, how long to wait.
-struct FeedQuery {
+pub(super) struct FeedQuery {
     after: i64,
     limit: u32,
     wait: std::time::Duration,
 }
 
-fn parse_feed(query: &str) -> Fields<FeedQuery> {
+pub(super) fn parse_feed(query: &str) -> Fields<FeedQuery> {
     let params = Params::parse(query);
     let mut errors = Vec::new();
     let after = params.number("after", 0..=i64::MAX, 0, &mut errors);
@@ -727,7 +803,7 @@ fn parse_feed(query: &str) -> Fields<FeedQuery> {
         ("after" = Option<i64>, Query, description = "Only events with a greater `seq` (the previous answer's `next_after`).", minimum = 0, example = 0),
         ("limit" = Option<u32>, Query, description = "Events per answer, 1 to 1000.", minimum = 1, maximum = 1000, example = 100),
         ("wait" = Option<u32>, Query, description = "Seconds to wait for an event when there is none yet (long poll), 0 to 60.", minimum = 0, maximum = 60, example = 0),
-        ("Last-Event-ID" = Option<i64>, Header, description = "With `Accept: text/event-stream`: resume after this seq (what an EventSource sends when it reconnects)."),
+        ("Last-Event-ID" = Option<i64>, Header, description = "With `Accept: text/event-stream`: resume after this seq (what an EventSource sends when it reconnects); it wins over `after`. Checked on every request.", minimum = 0, nullable = false),
     ),
     responses(
         (status = 200, description = "Events after `after`, and where to continue.",

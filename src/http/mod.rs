@@ -302,7 +302,8 @@ mod tests {
         assert_eq!(list.label(&Method::POST), "linkIdentity");
         assert_eq!(list.label(&Method::PUT), "other");
         let one = route_of("/api/admin/users/v4/users/u-1/linked-identities/okta").unwrap();
-        assert_eq!(one.allow(), "DELETE");
+        assert_eq!(one.allow(), "GET, DELETE");
+        assert_eq!(one.label(&Method::GET), "getLinkedIdentity");
         assert_eq!(route_of("/healthz").unwrap().label(&Method::GET), "healthz");
         assert_eq!(route_of("/docs/index.html").unwrap().template, "/docs");
         assert_eq!(route_of("/api/admin/users/v4/users"), None);

@@ -1,12 +1,17 @@
 //! The OpenAPI 3.1 document, generated from the handlers and types, and the
 //! offline docs page.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use serde_json::json;
 use utoipa::openapi::example::ExampleBuilder;
-use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::header::{Header, HeaderBuilder};
+use utoipa::openapi::link::LinkBuilder;
+use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::Config;
 use warp::http::header::{
@@ -14,11 +19,13 @@ use warp::http::header::{
 };
 use warp::http::StatusCode;
 use warp::path::{FullPath, Tail};
-use warp::reply::Response;
+use warp::reply::Response as HttpResponse;
 use warp::{Filter, Rejection};
 
-use super::problem::{ApiError, FieldError};
+use super::handlers;
+use super::problem::{ApiError, FieldError, ProblemCode};
 use super::rate_limit::RateLimited;
+use crate::domain::Operation;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,22 +34,26 @@ use super::rate_limit::RateLimited;
         description = "Which account at a remote identity provider belongs to which local user. \
             Every operation needs `Authorization: Bearer <biscuit token>`; mint one with \
             `linkid token mint --admin`. Errors are RFC 9457 problem details \
-            (`application/problem+json`) with a stable `code` and the `request_id`; every \
+            (`application/problem+json`) with a stable `code` (see `ProblemCode`; each error \
+            response narrows it to the codes it can carry) and the `request_id`; every \
             response carries `x-request-id`.",
+        contact(name = "linkid maintainers"),
         license(name = "MIT", identifier = "MIT"),
     ),
+    servers((url = "/", description = "The linkid server that serves this document.")),
     paths(
-        super::handlers::list_identity_providers,
-        super::handlers::list_linked_identities,
-        super::handlers::link_identity,
-        super::handlers::delete_linked_identity,
-        super::handlers::search_linked_identities,
-        super::handlers::list_events,
+        handlers::list_identity_providers,
+        handlers::list_linked_identities,
+        handlers::link_identity,
+        handlers::get_linked_identity,
+        handlers::delete_linked_identity,
+        handlers::search_linked_identities,
+        handlers::list_events,
     ),
     // Embed is only named by the `embed` query parameters, which utoipa does
     // not collect on its own: without it their `$ref` dangles.
-    components(schemas(super::problem::Problem, FieldError, crate::domain::Embed)),
-    modifiers(&Errors),
+    components(schemas(super::problem::Problem, ProblemCode, FieldError, crate::domain::Embed)),
+    modifiers(&Finish),
     tags(
         (name = "Linked Identities", description = "Links between local users and accounts at remote identity providers."),
         (name = "System of record", description = "Every link at once: the login-time reverse lookup, paging through all links, and the change feed."),
@@ -60,117 +71,378 @@ pub fn document_json() -> String {
     text
 }
 
-/// Which error codes each operation can answer with, by status.
-fn operation_errors(operation_id: &str) -> Vec<(StatusCode, Vec<ApiError>)> {
-    let unauthenticated = (
-        StatusCode::UNAUTHORIZED,
-        vec![
-            ApiError::MissingToken,
-            ApiError::InvalidToken("expired".into()),
-        ],
-    );
-    let forbidden = (
-        StatusCode::FORBIDDEN,
-        vec![
-            ApiError::Forbidden,
-            ApiError::CorsForbidden("origin not allowed".into()),
-        ],
-    );
-    // Any operation: an address that failed to authenticate too often, or a
-    // token that made too many requests (`[rate_limit]`).
-    let rate_limited = (
-        StatusCode::TOO_MANY_REQUESTS,
-        vec![ApiError::RateLimited(RateLimited {
-            what: "failed authentications from this address",
-            retry_after: 12,
-            limit: 100,
-            window_secs: 60,
-        })],
-    );
-    let internal = (
-        StatusCode::INTERNAL_SERVER_ERROR,
-        vec![ApiError::from(anyhow::anyhow!("example"))],
-    );
-    let bad_user = || {
-        ApiError::Validation(vec![FieldError::new(
-            "user_id",
-            "must not contain control characters",
-        )])
-    };
-    let bad_embed = || {
-        ApiError::Validation(vec![FieldError::new(
-            "embed",
-            "\"EVERYTHING\" is not an embed option; the only one is ACTIONS",
-        )])
-    };
-    match operation_id {
-        "listIdentityProviders" => vec![unauthenticated, forbidden, rate_limited, internal],
-        "listLinkedIdentities" => vec![
-            (StatusCode::BAD_REQUEST, vec![bad_embed()]),
-            unauthenticated,
-            forbidden,
-            rate_limited,
-            internal,
-        ],
-        "linkIdentity" => vec![
-            (
-                StatusCode::BAD_REQUEST,
-                vec![
-                    ApiError::Validation(vec![
-                        FieldError::new("linked_user_id", "is required"),
-                        FieldError::new(
-                            "nickname",
-                            "is not a known field; the fields are provider_id, linked_user_id and linked_username",
-                        ),
-                    ]),
-                    ApiError::MalformedJson("EOF while parsing an object at line 1 column 20".into()),
-                    ApiError::InvalidIdentityProvider("github".into()),
-                    ApiError::UserAlreadyLinked {
-                        user_id: "u-42".into(),
-                        provider_id: "azure-ad".into(),
-                    },
-                ],
-            ),
-            unauthenticated,
-            forbidden,
-            (
-                StatusCode::CONFLICT,
-                vec![ApiError::IdentityAlreadyLinked {
-                    provider_id: "okta".into(),
-                    linked_user_id: "00u1a2b3c4".into(),
-                }],
-            ),
-            (StatusCode::PAYLOAD_TOO_LARGE, vec![ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)]),
-            (StatusCode::UNSUPPORTED_MEDIA_TYPE, vec![ApiError::UnsupportedMediaType]),
-            (StatusCode::REQUEST_TIMEOUT, vec![ApiError::RequestTimeout(30)]),
-            rate_limited,
-            internal,
-        ],
-        "deleteLinkedIdentity" => vec![
-            (StatusCode::BAD_REQUEST, vec![bad_user()]),
-            unauthenticated,
-            forbidden,
-            (
-                StatusCode::NOT_FOUND,
-                vec![ApiError::LinkedIdentityNotFound {
-                    user_id: "u-42".into(),
-                    provider_id: "okta".into(),
-                }],
-            ),
-            rate_limited,
-            internal,
-        ],
-        _ => vec![],
+/// One error response: the problems it can carry, one example each, all
+/// with one status.
+struct Answer {
+    /// Its schema's name: `Problem` with `code` narrowed to these problems'
+    /// codes, so that a generated client has a type to switch on.
+    schema: &'static str,
+    examples: Vec<ApiError>,
+}
+
+impl Answer {
+    fn new(schema: &'static str, examples: Vec<ApiError>) -> Self {
+        Answer { schema, examples }
+    }
+
+    fn status(&self) -> StatusCode {
+        self.examples[0].status()
+    }
+
+    fn codes(&self) -> Vec<ProblemCode> {
+        let mut codes: Vec<ProblemCode> = Vec::new();
+        for error in &self.examples {
+            if !codes.contains(&error.code()) {
+                codes.push(error.code());
+            }
+        }
+        codes
     }
 }
 
-/// Adds the bearer scheme, every error response with an example per code,
-/// and the headers every response carries.
-struct Errors;
+/// How an operation documents an error status: by reference to a shared
+/// answer in `components/responses` (by name), or with its own.
+enum Use {
+    Shared(&'static str),
+    Own(Answer),
+}
+
+/// The answers several operations share: (`components/responses` name, answer).
+fn shared_answers() -> Vec<(&'static str, Answer)> {
+    let answer =
+        |name: &'static str, schema: &'static str, examples| (name, Answer::new(schema, examples));
+    vec![
+        answer(
+            "Unauthorized",
+            "UnauthorizedProblem",
+            vec![
+                ApiError::MissingToken,
+                ApiError::InvalidToken("expired".into()),
+            ],
+        ),
+        answer(
+            "Forbidden",
+            "ForbiddenProblem",
+            vec![
+                ApiError::Forbidden,
+                ApiError::CorsForbidden("origin not allowed".into()),
+            ],
+        ),
+        answer(
+            "LinkedIdentityNotFound",
+            "LinkedIdentityNotFoundProblem",
+            vec![ApiError::LinkedIdentityNotFound {
+                user_id: "u-42".into(),
+                provider_id: "okta".into(),
+            }],
+        ),
+        answer(
+            "RequestTimeout",
+            "RequestTimeoutProblem",
+            vec![ApiError::RequestTimeout(30)],
+        ),
+        answer(
+            "PayloadTooLarge",
+            "PayloadTooLargeProblem",
+            vec![ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)],
+        ),
+        answer(
+            "UnsupportedMediaType",
+            "UnsupportedMediaTypeProblem",
+            vec![ApiError::UnsupportedMediaType],
+        ),
+        // Any operation: an address that failed to authenticate too often,
+        // or a token that made too many requests (`[rate_limit]`).
+        answer(
+            "RateLimited",
+            "RateLimitedProblem",
+            vec![ApiError::RateLimited(RateLimited {
+                what: "failed authentications from this address",
+                retry_after: 12,
+                limit: 100,
+                window_secs: 60,
+            })],
+        ),
+        answer(
+            "Internal",
+            "InternalProblem",
+            vec![ApiError::from(anyhow::anyhow!("not shown to clients"))],
+        ),
+        answer(
+            "StoreUnavailable",
+            "StoreUnavailableProblem",
+            vec![store_unavailable()],
+        ),
+        answer(
+            "StorageFull",
+            "StorageFullProblem",
+            vec![ApiError::StorageFull("database or disk is full".into())],
+        ),
+    ]
+}
+
+fn store_unavailable() -> ApiError {
+    ApiError::StoreUnavailable(
+        "the database file was deleted or replaced while linkid ran; put it back or restart linkid"
+            .into(),
+    )
+}
+
+/// What the parsers say about bad input, as a validation problem.
+fn invalid(errors: Vec<FieldError>) -> ApiError {
+    assert!(!errors.is_empty(), "an example of bad input has errors");
+    ApiError::Validation(errors)
+}
+
+/// Every error response an operation can answer with, by status. The
+/// validation examples come from the handlers' own parsers, so they say
+/// what the server says.
+fn operation_answers(operation: Operation) -> Vec<Use> {
+    use Use::{Own, Shared};
+    let bad_user_and_embed = || {
+        let mut errors = handlers::parse_user("u%0042").err().unwrap_or_default();
+        errors.extend(
+            handlers::parse_embed("embed=EVERYTHING")
+                .err()
+                .unwrap_or_default(),
+        );
+        invalid(errors)
+    };
+    let mut answers = match operation {
+        Operation::ListIdentityProviders => vec![],
+        Operation::ListLinkedIdentities => vec![
+            Own(Answer::new(
+                "ValidationFailedProblem",
+                vec![bad_user_and_embed()],
+            )),
+            Shared("StoreUnavailable"),
+        ],
+        Operation::LinkIdentity => {
+            let body = br#"{"provider_id": "okta", "linked_username": "ada@example.com", "nickname": "ada"}"#;
+            let bad_body = match handlers::parse_link_body(body) {
+                Ok(Err(errors)) => invalid(errors),
+                _ => unreachable!("the example body has bad fields"),
+            };
+            let malformed = match handlers::parse_link_body(br#"{"provider_id": "okta""#) {
+                Err(error) => error,
+                Ok(_) => unreachable!("the example body is malformed"),
+            };
+            vec![
+                Own(Answer::new(
+                    "LinkBadRequestProblem",
+                    vec![
+                        bad_body,
+                        malformed,
+                        ApiError::InvalidIdentityProvider("github".into()),
+                        ApiError::UserAlreadyLinked {
+                            user_id: "u-42".into(),
+                            provider_id: "azure-ad".into(),
+                        },
+                    ],
+                )),
+                Shared("RequestTimeout"),
+                Own(Answer::new(
+                    "IdentityAlreadyLinkedProblem",
+                    vec![ApiError::IdentityAlreadyLinked {
+                        provider_id: "okta".into(),
+                        linked_user_id: "00u1a2b3c4".into(),
+                    }],
+                )),
+                Shared("PayloadTooLarge"),
+                Shared("UnsupportedMediaType"),
+                Shared("StoreUnavailable"),
+                Shared("StorageFull"),
+            ]
+        }
+        Operation::GetLinkedIdentity | Operation::DeleteLinkedIdentity => {
+            let mut errors = handlers::parse_user("u-42").err().unwrap_or_default();
+            errors.extend(
+                handlers::parse_provider("ok%00ta")
+                    .err()
+                    .unwrap_or_default(),
+            );
+            let mut answers = vec![
+                Own(Answer::new(
+                    "ValidationFailedProblem",
+                    vec![invalid(errors)],
+                )),
+                Shared("LinkedIdentityNotFound"),
+                Shared("StoreUnavailable"),
+            ];
+            if operation == Operation::DeleteLinkedIdentity {
+                answers.push(Shared("StorageFull"));
+            }
+            answers
+        }
+        Operation::SearchLinkedIdentities => vec![
+            Own(Answer::new(
+                "ValidationFailedProblem",
+                vec![invalid(
+                    handlers::parse_search("linked_user_id=00u1a2b3c4&limit=5000")
+                        .err()
+                        .unwrap_or_default(),
+                )],
+            )),
+            Shared("StoreUnavailable"),
+        ],
+        Operation::ListEvents => vec![
+            Own(Answer::new(
+                "ValidationFailedProblem",
+                vec![invalid(
+                    handlers::parse_feed("after=-1&wait=120")
+                        .err()
+                        .unwrap_or_default(),
+                )],
+            )),
+            Own(Answer::new(
+                "EventsExpiredProblem",
+                vec![ApiError::EventsExpired { pruned_through: 41 }],
+            )),
+            Own(Answer::new(
+                "EventsUnavailableProblem",
+                vec![ApiError::TooManyStreams, store_unavailable()],
+            )),
+        ],
+    };
+    // Every operation: authentication, authorization (and CORS), rate
+    // limits, and a server fault.
+    answers.extend([
+        Shared("Unauthorized"),
+        Shared("Forbidden"),
+        Shared("RateLimited"),
+        Shared("Internal"),
+    ]);
+    answers
+}
+
+/// A link in the document: which response's fields a client (or
+/// schemathesis' stateful phase) feeds into which next request.
+struct DocLink {
+    from: Operation,
+    statuses: &'static [&'static str],
+    name: &'static str,
+    to: Operation,
+    parameters: &'static [(&'static str, LinkValue)],
+    /// The next request's body, when the link sets it.
+    request_body: Option<&'static str>,
+    description: &'static str,
+}
+
+/// A link parameter: a runtime expression, or a fixed value (written as a
+/// string, as Spectral's schema of the link object wants; a query value is
+/// text on the wire anyway).
+#[derive(Clone, Copy)]
+enum LinkValue {
+    Expression(&'static str),
+    Fixed(&'static str),
+}
+
+const USER: (&str, LinkValue) = ("user_id", LinkValue::Expression("$request.path.user_id"));
+const PROVIDER: (&str, LinkValue) = (
+    "provider_id",
+    LinkValue::Expression("$response.body#/provider_id"),
+);
+/// A feed read that a link leads to never long-polls.
+const NO_WAIT: (&str, LinkValue) = ("wait", LinkValue::Fixed("0"));
+const CREATED: &[&str] = &["201", "200"];
+
+/// From a new link to everything about it (including the login-time
+/// lookup), and from the lookup on to the change feed.
+const LINKS: &[DocLink] = &[
+    DocLink {
+        from: Operation::LinkIdentity,
+        statuses: CREATED,
+        name: "GetLinkedIdentity",
+        to: Operation::GetLinkedIdentity,
+        parameters: &[USER, PROVIDER],
+        request_body: None,
+        description: "The identity just linked (where `Location` points).",
+    },
+    DocLink {
+        from: Operation::LinkIdentity,
+        statuses: CREATED,
+        name: "ListLinkedIdentities",
+        to: Operation::ListLinkedIdentities,
+        parameters: &[USER],
+        request_body: None,
+        description: "The user's linked identities.",
+    },
+    DocLink {
+        from: Operation::LinkIdentity,
+        statuses: CREATED,
+        name: "DeleteLinkedIdentity",
+        to: Operation::DeleteLinkedIdentity,
+        parameters: &[USER, PROVIDER],
+        request_body: None,
+        description: "Delete the identity just linked.",
+    },
+    DocLink {
+        from: Operation::LinkIdentity,
+        statuses: CREATED,
+        name: "LookUpLinkedIdentity",
+        to: Operation::SearchLinkedIdentities,
+        parameters: &[
+            PROVIDER,
+            (
+                "linked_user_id",
+                LinkValue::Expression("$response.body#/linked_user_id"),
+            ),
+        ],
+        request_body: None,
+        description:
+            "The login-time reverse lookup of the remote identity just linked: it finds this user.",
+    },
+    DocLink {
+        from: Operation::LinkIdentity,
+        statuses: &["201"],
+        name: "RetryLinkIdentity",
+        to: Operation::LinkIdentity,
+        parameters: &[USER],
+        request_body: Some("$request.body"),
+        description:
+            "The same link again, as a client retries: an idempotent 200 with the stored identity.",
+    },
+    DocLink {
+        from: Operation::GetLinkedIdentity,
+        statuses: &["200"],
+        name: "DeleteLinkedIdentity",
+        to: Operation::DeleteLinkedIdentity,
+        parameters: &[USER, PROVIDER],
+        request_body: None,
+        description: "Delete this identity.",
+    },
+    DocLink {
+        from: Operation::SearchLinkedIdentities,
+        statuses: &["200"],
+        name: "ListEvents",
+        to: Operation::ListEvents,
+        parameters: &[NO_WAIT],
+        request_body: None,
+        description: "The change feed: who made these links, and every change since.",
+    },
+    DocLink {
+        from: Operation::ListEvents,
+        statuses: &["200"],
+        name: "NextEvents",
+        to: Operation::ListEvents,
+        parameters: &[
+            ("after", LinkValue::Expression("$response.body#/next_after")),
+            NO_WAIT,
+        ],
+        request_body: None,
+        description: "The next page of the change feed.",
+    },
+];
+
+/// Finishes the document: the bearer scheme, the shared headers, one
+/// narrowed problem schema per error response, the shared error responses,
+/// each operation's error responses with an example per code, the
+/// `x-request-id` header on every response, and the links.
+struct Finish;
 
 const EXAMPLE_REQUEST_ID: &str = "5f0c6f0e-8f5e-4a8e-9a3c-2b1f7d4e6a10";
 
-impl Modify for Errors {
+impl Modify for Finish {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
@@ -185,108 +457,311 @@ impl Modify for Errors {
                     .build(),
             ),
         );
-        let request_id = HeaderBuilder::new()
-            .schema(Some(
-                utoipa::openapi::ObjectBuilder::new()
-                    .schema_type(utoipa::openapi::schema::Type::String),
-            ))
-            .description(Some(
-                "The request's id: the caller's `x-request-id` when sent and sane, else a new one.",
-            ))
-            .build();
+        components.headers.extend(
+            shared_headers()
+                .into_iter()
+                .map(|(name, header)| (name.to_string(), header.into())),
+        );
+        if let Some(RefOr::T(code)) = components.schemas.get_mut("ProblemCode") {
+            set_description(code, problem_code_table());
+        }
+        // Each narrowed problem schema, by name, with its codes.
+        let mut narrowed = BTreeMap::new();
+        for (name, answer) in shared_answers() {
+            narrowed.insert(answer.schema, answer.codes());
+            components
+                .responses
+                .insert(name.to_string(), error_response(&answer).into());
+        }
+
         for item in openapi.paths.paths.values_mut() {
             for operation in [&mut item.get, &mut item.post, &mut item.delete]
                 .into_iter()
                 .flatten()
             {
                 let id = operation.operation_id.clone().unwrap_or_default();
-                for (status, errors) in operation_errors(&id) {
-                    operation.responses.responses.insert(
-                        status.as_str().to_string(),
-                        error_response(status, &errors).into(),
-                    );
-                }
-                for response in operation.responses.responses.values_mut() {
+                let op = Operation::ALL
+                    .into_iter()
+                    .find(|op| op.id() == id)
+                    .expect("every documented operation is in the operations table");
+                add_error_responses(op, &mut operation.responses, &mut narrowed);
+                for (status, response) in operation.responses.responses.iter_mut() {
                     if let RefOr::T(response) = response {
-                        response
-                            .headers
-                            .insert("x-request-id".to_string(), request_id.clone().into());
+                        finish_response(op, status, response);
                     }
                 }
             }
         }
+
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, codes) in narrowed {
+            components
+                .schemas
+                .insert(name.to_string(), narrowed_problem(&codes).into());
+        }
     }
 }
 
-fn error_response(status: StatusCode, errors: &[ApiError]) -> utoipa::openapi::Response {
-    let codes: Vec<&str> = errors.iter().map(ApiError::code).collect();
-    let mut content = ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem")));
-    content = content.examples_from_iter(errors.iter().map(|error| {
-        let value = serde_json::to_value(error.to_problem(EXAMPLE_REQUEST_ID))
-            .expect("a problem serializes");
-        (
-            error.code().to_string(),
-            ExampleBuilder::new()
-                .summary(error.code())
-                .value(Some(value))
-                .build(),
-        )
-    }));
-    let mut response = ResponseBuilder::new()
-        .description(format!(
-            "{}: {}",
-            status.canonical_reason().unwrap_or("Error"),
-            codes.join(", ")
-        ))
-        .content("application/problem+json", content.build());
-    if status == StatusCode::UNAUTHORIZED {
-        response = response.header(
-            "WWW-Authenticate",
-            HeaderBuilder::new()
-                .schema(Some(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String)))
-                .description(Some("`Bearer` when no token was presented; `Bearer error=\"invalid_token\"` when a token was presented but is not valid (RFC 6750)."))
-                .build(),
-        );
+/// An operation's error responses: references to shared ones, its own
+/// inline. Notes each narrowed schema its own answers use.
+fn add_error_responses(
+    op: Operation,
+    responses: &mut utoipa::openapi::Responses,
+    narrowed: &mut BTreeMap<&'static str, Vec<ProblemCode>>,
+) {
+    for answer in operation_answers(op) {
+        let (status, response) = match answer {
+            Use::Shared(name) => {
+                let (_, shared) = shared_answers()
+                    .into_iter()
+                    .find(|(shared, _)| *shared == name)
+                    .expect("a shared answer by that name");
+                (shared.status(), RefOr::Ref(Ref::from_response_name(name)))
+            }
+            Use::Own(answer) => {
+                let codes = answer.codes();
+                let known = narrowed.entry(answer.schema).or_insert(codes.clone());
+                assert_eq!(
+                    *known, codes,
+                    "{} narrows to one set of codes",
+                    answer.schema
+                );
+                (answer.status(), error_response(&answer).into())
+            }
+        };
+        responses
+            .responses
+            .insert(status.as_str().to_string(), response);
     }
-    if status == StatusCode::TOO_MANY_REQUESTS {
-        use utoipa::openapi::schema::Type;
-        for (name, schema_type, description) in [
+}
+
+/// The request id header on a response of an operation, the `Location` of
+/// a 201, and the links that start at it.
+fn finish_response(op: Operation, status: &str, response: &mut Response) {
+    response.headers.insert(
+        "x-request-id".into(),
+        RefOr::Ref(Ref::new("#/components/headers/RequestId")),
+    );
+    if op == Operation::LinkIdentity && status == "201" {
+        response
+            .headers
+            .insert("Location".into(), location_header().into());
+    }
+    for link in LINKS
+        .iter()
+        .filter(|link| link.from == op && link.statuses.contains(&status))
+    {
+        let mut built = LinkBuilder::new()
+            .operation_id(link.to.id())
+            .description(link.description);
+        for (parameter, value) in link.parameters {
+            let (LinkValue::Expression(text) | LinkValue::Fixed(text)) = value;
+            built = built.parameter(*parameter, json!(text));
+        }
+        if let Some(body) = link.request_body {
+            built = built.request_body(Some(json!(body)));
+        }
+        response
+            .links
+            .insert(link.name.to_string(), built.build().into());
+    }
+}
+
+/// A header that every response of its kind carries.
+fn required_header(
+    schema_type: Type,
+    description: &str,
+    examples: &[(&str, serde_json::Value)],
+) -> Header {
+    let mut header = HeaderBuilder::new()
+        .schema(Some(ObjectBuilder::new().schema_type(schema_type)))
+        .description(Some(description))
+        // utoipa's Header has no `required`; OpenAPI's header object does.
+        .extensions(Some(Extensions::from_iter([("required", true)])));
+    header = match examples {
+        [(_, only)] => header.example(Some(only.clone())),
+        many => header.examples_from_iter(many.iter().map(|(name, value)| {
             (
-                "Retry-After",
+                *name,
+                ExampleBuilder::new().value(Some(value.clone())).build(),
+            )
+        })),
+    };
+    header.build()
+}
+
+/// `components/headers`, by name.
+fn shared_headers() -> Vec<(&'static str, Header)> {
+    vec![
+        (
+            "RequestId",
+            required_header(
+                Type::String,
+                "The request's id: the caller's `x-request-id` when sent and sane (1-128 \
+                 characters of letters, digits and `-_.:/+=@`), else a new UUID. Problem \
+                 bodies repeat it as `request_id`; the server's log names it.",
+                &[("", json!(EXAMPLE_REQUEST_ID))],
+            ),
+        ),
+        (
+            "WwwAuthenticate",
+            required_header(
+                Type::String,
+                "The RFC 6750 challenge: `Bearer` when no token was presented; \
+                 `Bearer error=\"invalid_token\"` when one was and it is not valid.",
+                &[
+                    ("UNAUTHENTICATED", json!("Bearer")),
+                    ("INVALID_TOKEN", json!("Bearer error=\"invalid_token\"")),
+                ],
+            ),
+        ),
+        (
+            "RetryAfter",
+            required_header(
                 Type::Integer,
                 "Seconds to wait before trying again.",
+                &[("", json!(2))],
             ),
-            (
-                "RateLimit-Limit",
+        ),
+        (
+            "RateLimitLimit",
+            required_header(
                 Type::Integer,
                 "The requests (or failed authentications) allowed at once.",
+                &[("", json!(100))],
             ),
-            (
-                "RateLimit-Remaining",
-                Type::Integer,
-                "Requests left now: 0.",
-            ),
-            (
-                "RateLimit-Reset",
+        ),
+        (
+            "RateLimitRemaining",
+            required_header(Type::Integer, "Requests left now: 0.", &[("", json!(0))]),
+        ),
+        (
+            "RateLimitReset",
+            required_header(
                 Type::Integer,
                 "Seconds until a request is allowed again.",
+                &[("", json!(12))],
             ),
-            (
-                "RateLimit-Policy",
+        ),
+        (
+            "RateLimitPolicy",
+            required_header(
                 Type::String,
                 "The quota: `<limit>;w=<window seconds>`.",
+                &[("", json!("100;w=60"))],
             ),
-        ] {
-            response = response.header(
-                name,
-                HeaderBuilder::new()
-                    .schema(Some(
-                        utoipa::openapi::ObjectBuilder::new().schema_type(schema_type),
-                    ))
-                    .description(Some(description))
+        ),
+    ]
+}
+
+fn location_header() -> Header {
+    required_header(
+        Type::String,
+        "The new linked identity's URL (getLinkedIdentity), path segments percent-encoded.",
+        &[(
+            "",
+            json!("/api/admin/users/v4/users/u-42/linked-identities/okta"),
+        )],
+    )
+}
+
+/// The `ProblemCode` schema's description: every code, its status and meaning.
+fn problem_code_table() -> String {
+    let mut text = String::from(
+        "A problem's stable code: what programs switch on. Each error response narrows it \
+         to the codes that response can carry.\n\n| code | status | when |\n|---|---|---|\n",
+    );
+    for code in ProblemCode::ALL {
+        text.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            code.as_str(),
+            code.status().as_u16(),
+            code.meaning().replace('|', "\\|")
+        ));
+    }
+    text
+}
+
+fn set_description(schema: &mut utoipa::openapi::Schema, description: String) {
+    if let utoipa::openapi::Schema::Object(object) = schema {
+        object.description = Some(description);
+    }
+}
+
+/// `Problem` with `code` narrowed to an error response's codes.
+fn narrowed_problem(codes: &[ProblemCode]) -> utoipa::openapi::Schema {
+    let status = codes[0].status();
+    let mut narrowing = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property(
+            "code",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(codes.iter().map(|code| code.as_str()))),
+        )
+        .required("code");
+    if codes == [ProblemCode::ValidationFailed] {
+        narrowing = narrowing.required("errors");
+    }
+    let listed: Vec<String> = codes
+        .iter()
+        .map(|code| format!("`{}`", code.as_str()))
+        .collect();
+    AllOfBuilder::new()
+        .item(Ref::from_schema_name("Problem"))
+        .item(narrowing)
+        .description(Some(format!(
+            "A {} problem: {}.",
+            status.as_u16(),
+            listed.join(" or ")
+        )))
+        .into()
+}
+
+fn error_response(answer: &Answer) -> Response {
+    let status = answer.status();
+    for error in &answer.examples {
+        assert_eq!(error.status(), status, "one status per error response");
+    }
+    let mut description = format!("{}.\n", status.canonical_reason().unwrap_or("Error"));
+    for code in answer.codes() {
+        description.push_str(&format!("\n- `{}`: {}", code.as_str(), code.meaning()));
+    }
+    let content = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name(answer.schema)))
+        .examples_from_iter(answer.examples.iter().map(|error| {
+            let value = serde_json::to_value(error.to_problem(EXAMPLE_REQUEST_ID))
+                .expect("a problem serializes");
+            (
+                error.code().as_str(),
+                ExampleBuilder::new()
+                    .summary(error.code().as_str())
+                    .value(Some(value))
                     .build(),
-            );
-        }
+            )
+        }))
+        .build();
+    let mut response = ResponseBuilder::new()
+        .description(description)
+        .header_ref("x-request-id", Ref::new("#/components/headers/RequestId"))
+        .content("application/problem+json", content);
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    if status == StatusCode::UNAUTHORIZED {
+        headers.push(("WWW-Authenticate", "WwwAuthenticate"));
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.push(("Retry-After", "RetryAfter"));
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        headers.extend([
+            ("RateLimit-Limit", "RateLimitLimit"),
+            ("RateLimit-Remaining", "RateLimitRemaining"),
+            ("RateLimit-Reset", "RateLimitReset"),
+            ("RateLimit-Policy", "RateLimitPolicy"),
+        ]);
+    }
+    for (name, component) in headers {
+        response = response.header_ref(name, Ref::new(format!("#/components/headers/{component}")));
     }
     response.build()
 }
@@ -299,7 +774,7 @@ const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// `/docs`: Swagger UI from files built into the binary, pointed at `/openapi.json`.
-pub fn docs() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+pub fn docs() -> impl Filter<Extract = (HttpResponse,), Error = Rejection> + Clone {
     let config = Arc::new(
         Config::from("/openapi.json")
             .validator_url("none")
@@ -320,9 +795,9 @@ async fn serve_docs(
     full: FullPath,
     tail: Tail,
     config: Arc<Config<'static>>,
-) -> Result<Response, Rejection> {
+) -> Result<HttpResponse, Rejection> {
     if full.as_str() == "/docs" {
-        let mut response = Response::new(Default::default());
+        let mut response = HttpResponse::new(Default::default());
         *response.status_mut() = StatusCode::FOUND;
         response
             .headers_mut()
@@ -331,7 +806,7 @@ async fn serve_docs(
     }
     match utoipa_swagger_ui::serve(tail.as_str(), config) {
         Ok(Some(file)) => {
-            let mut response = Response::new(file.bytes.into_owned().into());
+            let mut response = HttpResponse::new(file.bytes.into_owned().into());
             if let Ok(value) = HeaderValue::from_str(&file.content_type) {
                 response.headers_mut().insert(CONTENT_TYPE, value);
             }

@@ -51,16 +51,71 @@ pub fn clip(mut text: String, max: usize) -> String {
     text
 }
 
+/// Declares `ProblemCode` from one list: each code's text, HTTP status and
+/// meaning, so that the enum, its status and the document cannot drift apart.
+macro_rules! problem_codes {
+    ($($variant:ident = ($text:literal, $status:ident, $meaning:literal),)*) => {
+        /// A problem's stable code: what programs switch on. Each error
+        /// response of the document narrows it to the codes that response
+        /// can carry.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        pub enum ProblemCode {
+            $($variant,)*
+        }
+
+        impl ProblemCode {
+            pub const ALL: &'static [ProblemCode] = &[$(ProblemCode::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ProblemCode::$variant => $text,)*
+                }
+            }
+
+            pub fn status(self) -> StatusCode {
+                match self {
+                    $(ProblemCode::$variant => StatusCode::$status,)*
+                }
+            }
+
+            /// When a response carries this code, in a few words.
+            pub fn meaning(self) -> &'static str {
+                match self {
+                    $(ProblemCode::$variant => $meaning,)*
+                }
+            }
+        }
+    };
+}
+
+problem_codes! {
+    ValidationFailed = ("VALIDATION_FAILED", BAD_REQUEST, "a path segment, query value, header or body field is invalid; `errors` names each"),
+    MalformedJson = ("MALFORMED_JSON", BAD_REQUEST, "the body is not well-formed JSON"),
+    InvalidIdentityProvider = ("INVALID_IDENTITY_PROVIDER", BAD_REQUEST, "`provider_id` is not a configured, linkable identity provider"),
+    UserAlreadyLinked = ("USER_ALREADY_LINKED", BAD_REQUEST, "the user already has a (different) link; a user may be linked to one identity provider at a time"),
+    Unauthenticated = ("UNAUTHENTICATED", UNAUTHORIZED, "no bearer token was presented (`WWW-Authenticate: Bearer`)"),
+    InvalidToken = ("INVALID_TOKEN", UNAUTHORIZED, "the bearer token is malformed, forged, expired or revoked (`WWW-Authenticate: Bearer error=\"invalid_token\"`; `detail` says which)"),
+    Forbidden = ("FORBIDDEN", FORBIDDEN, "a valid token without the right for this request"),
+    CorsForbidden = ("CORS_FORBIDDEN", FORBIDDEN, "a cross-origin request from an origin not in `cors.allowed_origins`"),
+    LinkedIdentityNotFound = ("LINKED_IDENTITY_NOT_FOUND", NOT_FOUND, "the user has no link to that identity provider"),
+    NotFound = ("NOT_FOUND", NOT_FOUND, "no such path"),
+    MethodNotAllowed = ("METHOD_NOT_ALLOWED", METHOD_NOT_ALLOWED, "the path exists but not with this method (`Allow` lists those it has)"),
+    RequestTimeout = ("REQUEST_TIMEOUT", REQUEST_TIMEOUT, "the request body did not arrive within `server.body_timeout_secs`"),
+    IdentityAlreadyLinked = ("IDENTITY_ALREADY_LINKED", CONFLICT, "the remote identity is linked to another user"),
+    EventsExpired = ("EVENTS_EXPIRED", GONE, "retention pruned events after `after`; `detail` says where to continue"),
+    PayloadTooLarge = ("PAYLOAD_TOO_LARGE", PAYLOAD_TOO_LARGE, "the body is over 16 KiB"),
+    UnsupportedMediaType = ("UNSUPPORTED_MEDIA_TYPE", UNSUPPORTED_MEDIA_TYPE, "the body is not sent as `application/json`"),
+    RateLimited = ("RATE_LIMITED", TOO_MANY_REQUESTS, "too many failed authentications from this address, or requests with this token (`Retry-After`)"),
+    Internal = ("INTERNAL", INTERNAL_SERVER_ERROR, "a server fault; the server's log has the cause under the `request_id`"),
+    StoreUnavailable = ("STORE_UNAVAILABLE", SERVICE_UNAVAILABLE, "the database cannot be used now (`Retry-After`); service resumes by itself"),
+    TooManyStreams = ("TOO_MANY_STREAMS", SERVICE_UNAVAILABLE, "every slot for event streams and long polls (`events.max_streams`) is taken (`Retry-After`)"),
+    NotReady = ("NOT_READY", SERVICE_UNAVAILABLE, "`/readyz`: the database does not answer"),
+    StorageFull = ("STORAGE_FULL", INSUFFICIENT_STORAGE, "the disk holding the database is full; nothing was written"),
+}
+
 /// An RFC 9457 problem details body.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[schema(example = json!({
-    "type": "about:blank",
-    "title": "Bad Request",
-    "status": 400,
-    "detail": "user u-42 is already linked to identity provider okta; delete that link first",
-    "code": "USER_ALREADY_LINKED",
-    "request_id": "5f0c6f0e-8f5e-4a8e-9a3c-2b1f7d4e6a10"
-}))]
 pub struct Problem {
     /// Always `about:blank`: `code` says which problem this is.
     #[serde(rename = "type")]
@@ -72,15 +127,17 @@ pub struct Problem {
     /// What went wrong, for people.
     pub detail: String,
     /// A stable upper-case code, for programs.
-    pub code: String,
+    pub code: ProblemCode,
     /// The request's `x-request-id`.
     pub request_id: String,
-    /// For validation errors: each field that failed (at most 20).
+    /// `VALIDATION_FAILED` only: each field that failed (at most 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub errors: Option<Vec<FieldError>>,
     /// How many more field errors there were than `errors` lists; present
     /// only when the list was cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub errors_omitted: Option<usize>,
 }
 
@@ -230,53 +287,33 @@ impl From<AuthError> for ApiError {
 
 impl ApiError {
     pub fn status(&self) -> StatusCode {
-        match self {
-            ApiError::Validation(_)
-            | ApiError::MalformedJson(_)
-            | ApiError::InvalidIdentityProvider(_)
-            | ApiError::UserAlreadyLinked { .. } => StatusCode::BAD_REQUEST,
-            ApiError::IdentityAlreadyLinked { .. } => StatusCode::CONFLICT,
-            ApiError::LinkedIdentityNotFound { .. } | ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::MissingToken | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden | ApiError::CorsForbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) | ApiError::StoreUnavailable(_) | ApiError::TooManyStreams => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::EventsExpired { .. } => StatusCode::GONE,
-            ApiError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.code().status()
     }
 
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ProblemCode {
         match self {
-            ApiError::Validation(_) => "VALIDATION_FAILED",
-            ApiError::MalformedJson(_) => "MALFORMED_JSON",
-            ApiError::InvalidIdentityProvider(_) => "INVALID_IDENTITY_PROVIDER",
-            ApiError::UserAlreadyLinked { .. } => "USER_ALREADY_LINKED",
-            ApiError::IdentityAlreadyLinked { .. } => "IDENTITY_ALREADY_LINKED",
-            ApiError::LinkedIdentityNotFound { .. } => "LINKED_IDENTITY_NOT_FOUND",
-            ApiError::MissingToken => "UNAUTHENTICATED",
-            ApiError::InvalidToken(_) => "INVALID_TOKEN",
-            ApiError::Forbidden => "FORBIDDEN",
-            ApiError::CorsForbidden(_) => "CORS_FORBIDDEN",
-            ApiError::RateLimited(_) => "RATE_LIMITED",
-            ApiError::NotReady(_) => "NOT_READY",
-            ApiError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
-            ApiError::EventsExpired { .. } => "EVENTS_EXPIRED",
-            ApiError::TooManyStreams => "TOO_MANY_STREAMS",
-            ApiError::StorageFull(_) => "STORAGE_FULL",
-            ApiError::NotFound => "NOT_FOUND",
-            ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
-            ApiError::RequestTimeout(_) => "REQUEST_TIMEOUT",
-            ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
-            ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
-            ApiError::Internal(_) => "INTERNAL",
+            ApiError::Validation(_) => ProblemCode::ValidationFailed,
+            ApiError::MalformedJson(_) => ProblemCode::MalformedJson,
+            ApiError::InvalidIdentityProvider(_) => ProblemCode::InvalidIdentityProvider,
+            ApiError::UserAlreadyLinked { .. } => ProblemCode::UserAlreadyLinked,
+            ApiError::IdentityAlreadyLinked { .. } => ProblemCode::IdentityAlreadyLinked,
+            ApiError::LinkedIdentityNotFound { .. } => ProblemCode::LinkedIdentityNotFound,
+            ApiError::MissingToken => ProblemCode::Unauthenticated,
+            ApiError::InvalidToken(_) => ProblemCode::InvalidToken,
+            ApiError::Forbidden => ProblemCode::Forbidden,
+            ApiError::CorsForbidden(_) => ProblemCode::CorsForbidden,
+            ApiError::RateLimited(_) => ProblemCode::RateLimited,
+            ApiError::NotReady(_) => ProblemCode::NotReady,
+            ApiError::StoreUnavailable(_) => ProblemCode::StoreUnavailable,
+            ApiError::EventsExpired { .. } => ProblemCode::EventsExpired,
+            ApiError::TooManyStreams => ProblemCode::TooManyStreams,
+            ApiError::StorageFull(_) => ProblemCode::StorageFull,
+            ApiError::NotFound => ProblemCode::NotFound,
+            ApiError::MethodNotAllowed => ProblemCode::MethodNotAllowed,
+            ApiError::RequestTimeout(_) => ProblemCode::RequestTimeout,
+            ApiError::PayloadTooLarge(_) => ProblemCode::PayloadTooLarge,
+            ApiError::UnsupportedMediaType => ProblemCode::UnsupportedMediaType,
+            ApiError::Internal(_) => ProblemCode::Internal,
         }
     }
 
@@ -319,7 +356,7 @@ impl ApiError {
             title: status.canonical_reason().unwrap_or("Error").to_string(),
             status: status.as_u16(),
             detail: self.to_string(),
-            code: self.code().to_string(),
+            code: self.code(),
             request_id: request_id.to_string(),
             errors: match self {
                 ApiError::Validation(fields) => {
@@ -375,4 +412,35 @@ pub(super) fn problem_response(error: &ApiError, request_id: &str) -> Response {
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_problem_code_is_written_as_its_text_and_listed_once() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ProblemCode::ALL {
+            assert_eq!(
+                serde_json::to_value(code).unwrap(),
+                serde_json::json!(code.as_str())
+            );
+            assert!(seen.insert(code.as_str()), "{code:?} listed twice");
+            assert!(!code.meaning().is_empty());
+        }
+    }
+
+    #[test]
+    fn an_error_has_the_status_of_its_code() {
+        assert_eq!(ApiError::MissingToken.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            ApiError::TooManyStreams.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ApiError::StorageFull("x".into()).status(),
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+    }
 }

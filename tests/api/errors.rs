@@ -85,9 +85,9 @@ async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
             "GET",
         ),
         (
-            reqwest::Method::GET,
+            reqwest::Method::PUT,
             "/api/admin/users/v4/users/u-1/linked-identities/okta",
-            "DELETE",
+            "GET, DELETE",
         ),
         (reqwest::Method::DELETE, "/healthz", "GET"),
     ];

@@ -419,6 +419,17 @@ impl TestApp {
         .await
     }
 
+    pub async fn get_link(&self, token: &str, user: &str, provider: &str, query: &str) -> Response {
+        self.client
+            .get(self.api(&format!(
+                "/users/{user}/linked-identities/{provider}{query}"
+            )))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn delete(&self, token: &str, user: &str, provider: &str) -> Response {
         self.client
             .delete(self.api(&format!("/users/{user}/linked-identities/{provider}")))

@@ -23,17 +23,21 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SERVER_CONFIG = HERE / "linkid-test.toml"
 SCHEMATHESIS_CONFIG = HERE / "schemathesis.toml"
+SCHEMATHESIS_HOOKS = HERE / "hooks.py"
 
 STARTUP_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 15.0
 SCHEMATHESIS_TIMEOUT_S = 420
 
-# The four operations, as schemathesis labels them.
+# Every operation, as schemathesis labels them (by operationId).
 OPERATIONS = {
     "listIdentityProviders": "GET /api/admin/users/v4/users/identity-providers",
     "listLinkedIdentities": "GET /api/admin/users/v4/users/{user_id}/linked-identities",
     "linkIdentity": "POST /api/admin/users/v4/users/{user_id}/linked-identities",
+    "getLinkedIdentity": "GET /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
     "deleteLinkedIdentity": "DELETE /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
+    "searchLinkedIdentities": "GET /api/admin/users/v4/linked-identities",
+    "listEvents": "GET /api/admin/users/v4/linked-identities/events",
 }
 
 
@@ -233,6 +237,7 @@ def run_schemathesis(location: str, token: str, reports: Path, name: str, *args:
     ]
     env = base_env()
     env["LINKID_TOKEN"] = token
+    env["SCHEMATHESIS_HOOKS"] = str(SCHEMATHESIS_HOOKS)
     env["COLUMNS"] = "160"
     result = subprocess.run(
         command,

@@ -3,10 +3,15 @@
 One server (fresh temp dir for its database and key, free loopback port,
 the binary from $LINKID_BIN) and one admin token from `linkid token mint
 --admin`. Schemathesis loads the document the server serves at
-/openapi.json and runs, for all four operations, its examples, coverage,
+/openapi.json and runs, for every operation, its examples, coverage,
 fuzzing and stateful phases with `--checks all`. The stateful phase follows
-the document's own OpenAPI links (linkIdentity 201/200 -> listLinkedIdentities,
-deleteLinkedIdentity).
+the document's own OpenAPI links: from a new link (linkIdentity 201/200) to
+getLinkedIdentity, listLinkedIdentities, deleteLinkedIdentity and the
+login-time lookup (searchLinkedIdentities), from the lookup to the change
+feed (listEvents) and along the feed.
+
+listEvents is always asked with wait=0 (schemathesis.toml says why), so no
+case long-polls; test_event_feed.py covers long polls and the event stream.
 
 Knobs (environment):
   LINKID_CONTRACT_MAX_EXAMPLES  test cases per operation and phase (default 75)
@@ -22,6 +27,7 @@ import json
 import os
 import subprocess
 import tomllib
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -87,17 +93,26 @@ def documented_links(document: dict) -> set[str]:
     return links
 
 
+# The links the stateful phase must follow: (from, statuses, name, to).
+EXPECTED_LINKS = [
+    ("linkIdentity", ("201", "200"), "GetLinkedIdentity", "getLinkedIdentity"),
+    ("linkIdentity", ("201", "200"), "ListLinkedIdentities", "listLinkedIdentities"),
+    ("linkIdentity", ("201", "200"), "DeleteLinkedIdentity", "deleteLinkedIdentity"),
+    ("linkIdentity", ("201", "200"), "LookUpLinkedIdentity", "searchLinkedIdentities"),
+    ("linkIdentity", ("201",), "RetryLinkIdentity", "linkIdentity"),
+    ("getLinkedIdentity", ("200",), "DeleteLinkedIdentity", "deleteLinkedIdentity"),
+    ("searchLinkedIdentities", ("200",), "ListEvents", "listEvents"),
+    ("listEvents", ("200",), "NextEvents", "listEvents"),
+]
+
+
 def test_document_links_and_dictionary_match_the_server(document):
     """The links the stateful phase must follow are in the served document, and
     the schemathesis dictionary names exactly the linkable providers."""
-    link = OPERATIONS["linkIdentity"]
     assert documented_links(document) == {
-        f"{link} -> [{status}] {name} -> {OPERATIONS[target]}"
-        for status in ("201", "200")
-        for name, target in (
-            ("ListLinkedIdentities", "listLinkedIdentities"),
-            ("DeleteLinkedIdentity", "deleteLinkedIdentity"),
-        )
+        f"{OPERATIONS[source]} -> [{status}] {name} -> {OPERATIONS[target]}"
+        for source, statuses, name, target in EXPECTED_LINKS
+        for status in statuses
     }
     server_config = tomllib.loads(SERVER_CONFIG.read_text())
     linkable = [p["id"] for p in server_config["identity_providers"] if p.get("linkable", True)]
@@ -116,17 +131,33 @@ class Pass:
         # Responses by operation and status, and the links the stateful phase followed.
         self.statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.links_followed: collections.Counter = collections.Counter()
+        self.queries: dict[str, list[dict]] = collections.defaultdict(list)
+        # Test cases of the examples phase, by operation.
+        self.example_cases: collections.Counter = collections.Counter()
         self.requests = 0
         for phase, recorder in ndjson_scenarios(reports / f"{name}.ndjson"):
             for case_id, node in recorder.get("cases", {}).items():
                 case = node["value"]
+                if phase == "examples":
+                    self.example_cases[f"{case['method']} {case['path']}"] += 1
                 interaction = recorder.get("interactions", {}).get(case_id)
                 if interaction and interaction.get("response"):
                     self.requests += 1
-                    self.statuses[f"{case['method']} {case['path']}"][interaction["response"]["status_code"]] += 1
+                    label = f"{case['method']} {case['path']}"
+                    self.statuses[label][interaction["response"]["status_code"]] += 1
+                    self.queries[label].append(interaction["request"]["uri"])
                 transition = node.get("transition")
                 if phase == "stateful" and transition and node.get("is_transition_applied"):
                     self.links_followed[transition["id"]] += 1
+
+    def query_values(self, label: str, name: str) -> list[str]:
+        """Every value of query parameter `name` sent to an operation."""
+        return [
+            value
+            for uri in self.queries[label]
+            for key, value in urllib.parse.parse_qsl(urllib.parse.urlsplit(uri).query, keep_blank_values=True)
+            if key == name
+        ]
 
     def describe(self) -> str:
         cases = self.report["test_cases"]
@@ -151,13 +182,36 @@ class Pass:
 
 
 ALL_PHASES = ("examples", "coverage", "fuzzing", "stateful")
-# Stateful-only passes (positive data, the three operations the links join,
-# twice the examples) run after the main one while some documented link has
-# not been followed yet: which steps a scenario takes is random, and the 200
-# links need an identical link to be repeated first. Each one alone follows
-# every link most of the time; when this was written the main pass with the
-# default seed followed them all, so the default run needed none.
-EXTRA_STATEFUL_PASSES = 4
+# Statuses the main pass must reach on each operation: more than its 400s.
+REACHED = {
+    "listIdentityProviders": (200,),
+    "listLinkedIdentities": (200, 400),
+    "linkIdentity": (201, 200, 400, 409),
+    "getLinkedIdentity": (200, 404),
+    "deleteLinkedIdentity": (200, 404),
+    "searchLinkedIdentities": (200, 400),
+    "listEvents": (200, 400),
+}
+# Schemathesis' stateful phase starts its scenarios at "entry point"
+# operations, and when a GET without path parameters has outgoing links
+# (searchLinkedIdentities -> listEvents) it starts there only: a POST under
+# /users/{user_id} (linkIdentity) is then never an entry point, and no link
+# from a new link is ever followed. So the main pass walks the lookup and the
+# feed (searchLinkedIdentities -> listEvents -> listEvents), and a second,
+# stateful-only pass (positive data, twice the examples) over the operations
+# below, without listEvents, starts at linkIdentity and walks every link from
+# a new link (get, list, delete, the lookup, the retry) and from the retry's
+# 200, and getLinkedIdentity -> deleteLinkedIdentity. Which steps a scenario
+# takes is random, so that pass is repeated with the next seed while a link
+# has not been followed yet.
+LINK_PASS_OPERATIONS = (
+    "linkIdentity",
+    "getLinkedIdentity",
+    "listLinkedIdentities",
+    "deleteLinkedIdentity",
+    "searchLinkedIdentities",
+)
+LINK_PASSES = 5
 
 
 def test_schemathesis_finds_no_contract_violation(server, document, report_dir, summary):
@@ -180,23 +234,27 @@ def test_schemathesis_finds_no_contract_violation(server, document, report_dir, 
         assert main.report["operations"]["selected"] == main.report["operations"]["tested"] == len(OPERATIONS), main.output
         assert main.report["test_cases"]["generated"] >= 10 * len(OPERATIONS), main.output
         # The run reached the interesting paths, not only the 400s.
-        link_statuses = main.statuses[OPERATIONS["linkIdentity"]]
-        for status in (201, 200, 400, 409):
-            assert link_statuses[status] > 0, f"linkIdentity never answered {status}: {dict(link_statuses)}"
-        delete_statuses = main.statuses[OPERATIONS["deleteLinkedIdentity"]]
-        for status in (200, 404):
-            assert delete_statuses[status] > 0, f"deleteLinkedIdentity never answered {status}: {dict(delete_statuses)}"
+        for operation, statuses in REACHED.items():
+            seen = main.statuses[OPERATIONS[operation]]
+            for status in statuses:
+                assert seen[status] > 0, f"{operation} never answered {status}: {dict(seen)}"
+        # The examples phase found examples for every operation that takes
+        # any input (listIdentityProviders takes none, so it has none to find).
+        for operation, label in OPERATIONS.items():
+            if operation != "listIdentityProviders":
+                assert main.example_cases[label] > 0, f"no examples for {operation}: {dict(main.example_cases)}"
+        # No case long-polled: every listEvents request asked with wait=0.
+        waits = main.query_values(OPERATIONS["listEvents"], "wait")
+        assert waits and set(waits) == {"0"}, collections.Counter(waits)
 
-        for extra in range(1, EXTRA_STATEFUL_PASSES + 1):
-            if all(followed[link] for link in links):
+        for extra in range(1, LINK_PASSES + 1):
+            if extra > 1 and all(followed[link] for link in links):
                 break
             more = run(
-                f"stateful-{extra}", "--phases", "stateful", "--mode", "positive",
-                "--include-operation-id", "linkIdentity",
-                "--include-operation-id", "listLinkedIdentities",
-                "--include-operation-id", "deleteLinkedIdentity",
+                f"stateful-links-{extra}", "--phases", "stateful", "--mode", "positive",
+                *[arg for operation in LINK_PASS_OPERATIONS for arg in ("--include-operation-id", operation)],
                 seed=None if base_seed is None else base_seed + extra,
-                max_examples=2 * MAX_EXAMPLES,
+                max_examples=3 * MAX_EXAMPLES,
             )
             passes.append(more)
             more.assert_clean(("stateful",))
