@@ -52,6 +52,11 @@
 #   STRICT=1         exit 3 when a target is missed (default: report only)
 #   PG=0             skip the PostgreSQL rows (default 1: installs PostgreSQL
 #                    through scripts/pg-cluster.sh when it is missing)
+#   SCENARIOS=a,b    run only these rows (names as in the report's first
+#                    column ids: baseline, list-small, providers, list-big,
+#                    write-group, write-single, lookup-big, feed, pg-list,
+#                    pg-list-x2, pg-write, pg-write-x2, pg-lookup-big,
+#                    pg-feed; default: all). The baseline always runs.
 #
 # Exit status: 0 when every scenario ran clean; 1 when a scenario saw a
 # non-2xx answer or a socket error, or a server failed (the report is still
@@ -86,6 +91,7 @@ STRICT=${STRICT:-0}
 WAIT_IDLE=${WAIT_IDLE:-300}
 ROUNDS=${ROUNDS:-1}
 PG=${PG:-1}
+SCENARIOS=${SCENARIOS:-all}
 WRK_TIMEOUT=10s
 RSS_LIMIT_KIB=65536 # 64 MiB
 
@@ -94,6 +100,14 @@ for n in DURATION_S WARMUP_S CONNECTIONS THREADS LINKS BIG_LINKS PORT WAIT_IDLE 
 done
 (( DURATION_S > 0 )) || { echo "bench: DURATION must be at least 1s" >&2; exit 2; }
 (( ROUNDS > 0 )) || { echo "bench: ROUNDS must be at least 1" >&2; exit 2; }
+
+# want NAME...: whether any of these rows is to run (SCENARIOS).
+want() {
+    [[ $SCENARIOS == all ]] && return 0
+    local n
+    for n in "$@"; do [[ ",$SCENARIOS," == *",$n,"* ]] && return 0; done
+    return 1
+}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf '\033[1;31mbench: %s\033[0m\n' "$*" >&2; exit 1; }
@@ -375,6 +389,7 @@ commas() { sed ':a;s/\B[0-9]\{3\}\>/,&/;ta' <<<"$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0) print "n/a"; else printf "%.2f", a / b}'; }
 
 RUN_ID=$(date +%s)-$$
+FSYNC_GROUP_US=? FSYNC_SINGLE_US=? LIST_BODY_BYTES=?
 # The first mint makes the root key, in $OUT.
 TOKEN=$(env LINKID_AUTH__PRIVATE_KEY_FILE="$KEY" LINKID_LOG__LEVEL=warn "$LINKID" token mint --admin 2>"$OUT/mint.log") \
     || die "cannot mint a token; see $OUT/mint.log"
@@ -386,15 +401,18 @@ seed() { # seed DBPATH N
     env LINKID_DATABASE__PATH="$1" LINKID_AUTH__PRIVATE_KEY_FILE="$KEY" LINKID_LOG__LEVEL=warn \
         "$LINKID" seed --links "$2" >"$1.seed.log" 2>&1 || die "seeding $1 failed; see $1.seed.log"
 }
-say "seeding $LINKS links (list, providers) and $BIG_LINKS links (list-big)"
+say "seeding $LINKS links (list, providers, writes) and $BIG_LINKS links (list-big, lookup-big, the imports)"
 mkdir -p "$OUT/db-small" "$OUT/db-big" "$OUT/db-write-group" "$OUT/db-write-single"
 seed "$OUT/db-small/linkid.db" "$LINKS"
-SEED_START=$(date +%s.%N)
-seed "$OUT/db-big/linkid.db" "$BIG_LINKS"
-SEED_SECS=$(awk -v a="$SEED_START" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
-seed "$OUT/db-write-group/linkid.db" "$LINKS"
-seed "$OUT/db-write-single/linkid.db" "$LINKS"
-BIG_DB_MIB=$(du -m "$OUT/db-big/linkid.db" | cut -f1)
+SEED_SECS=? BIG_DB_MIB=?
+if want list-big lookup-big feed pg-feed; then
+    SEED_START=$(date +%s.%N)
+    seed "$OUT/db-big/linkid.db" "$BIG_LINKS"
+    SEED_SECS=$(awk -v a="$SEED_START" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+    BIG_DB_MIB=$(du -m "$OUT/db-big/linkid.db" | cut -f1)
+fi
+want write-group && seed "$OUT/db-write-group/linkid.db" "$LINKS"
+want write-single && seed "$OUT/db-write-single/linkid.db" "$LINKS"
 
 # What one durable write costs on this disk now: 4 KiB appends, each synced
 # (run just before each write scenario; other disk traffic makes it vary).
@@ -438,83 +456,99 @@ measure baseline "examples/baseline" "$SERVER_PID" bench/get.lua "http://127.0.0
 stop_server "$SERVER_PID" 143 baseline # no signal handler: killed by SIGTERM
 
 # 2. list, LINKS links
-port=$((PORT + 1))
-wait_idle list-small
-start_server list-small "$port" env $(linkid_env "$port" "$OUT/db-small/linkid.db") "$LINKID" serve
-probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/seed-user-1233/linked-identities") \
-    || die "the list request fails before the load starts; see $OUT/list-small.server.log"
-[[ $probe == *'"linked_user_id":"seed-remote-1233"'* ]] || die "unexpected list answer: $probe"
-LIST_BODY_BYTES=${#probe}
-export BENCH_USERS=$LINKS
-measure list-small "linkid" "$SERVER_PID" bench/list.lua "http://127.0.0.1:$port/" -H "$AUTH"
-stop_server "$SERVER_PID" 0 list-small
+if want list-small; then
+    port=$((PORT + 1))
+    wait_idle list-small
+    start_server list-small "$port" env $(linkid_env "$port" "$OUT/db-small/linkid.db") "$LINKID" serve
+    probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/seed-user-1233/linked-identities") \
+        || die "the list request fails before the load starts; see $OUT/list-small.server.log"
+    [[ $probe == *'"linked_user_id":"seed-remote-1233"'* ]] || die "unexpected list answer: $probe"
+    LIST_BODY_BYTES=${#probe}
+    export BENCH_USERS=$LINKS
+    measure list-small "linkid" "$SERVER_PID" bench/list.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 list-small
+fi
 
 # 3. identity providers
-port=$((PORT + 2))
-wait_idle providers
-start_server providers "$port" env $(linkid_env "$port" "$OUT/db-small/linkid.db") "$LINKID" serve
-probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/identity-providers") \
-    || die "the identity providers request fails before the load starts"
-measure providers "linkid" "$SERVER_PID" bench/get.lua "http://127.0.0.1:$port$API/identity-providers" -H "$AUTH"
-stop_server "$SERVER_PID" 0 providers
+if want providers; then
+    port=$((PORT + 2))
+    wait_idle providers
+    start_server providers "$port" env $(linkid_env "$port" "$OUT/db-small/linkid.db") "$LINKID" serve
+    probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/identity-providers") \
+        || die "the identity providers request fails before the load starts"
+    measure providers "linkid" "$SERVER_PID" bench/get.lua "http://127.0.0.1:$port$API/identity-providers" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 providers
+fi
 
 # 4. list, BIG_LINKS links
-port=$((PORT + 3))
-wait_idle list-big
-start_server list-big "$port" env $(linkid_env "$port" "$OUT/db-big/linkid.db") "$LINKID" serve
-probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/seed-user-$((BIG_LINKS - 1))/linked-identities") \
-    || die "the list request (big database) fails before the load starts"
-[[ $probe == *"seed-remote-$((BIG_LINKS - 1))"* ]] || die "unexpected list answer: $probe"
-export BENCH_USERS=$BIG_LINKS
-measure list-big "linkid" "$SERVER_PID" bench/list.lua "http://127.0.0.1:$port/" -H "$AUTH"
-stop_server "$SERVER_PID" 0 list-big
+if want list-big; then
+    port=$((PORT + 3))
+    wait_idle list-big
+    start_server list-big "$port" env $(linkid_env "$port" "$OUT/db-big/linkid.db") "$LINKID" serve
+    probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/seed-user-$((BIG_LINKS - 1))/linked-identities") \
+        || die "the list request (big database) fails before the load starts"
+    [[ $probe == *"seed-remote-$((BIG_LINKS - 1))"* ]] || die "unexpected list answer: $probe"
+    export BENCH_USERS=$BIG_LINKS
+    measure list-big "linkid" "$SERVER_PID" bench/list.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 list-big
+fi
 
 # 5. write mix, group commit (the configured default)
-port=$((PORT + 4))
-wait_idle write-group
-FSYNC_GROUP_US=$(fsync_us)
-start_server write-group "$port" env $(linkid_env "$port" "$OUT/db-write-group/linkid.db") "$LINKID" serve
-measure write-group "linkid" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
-stop_server "$SERVER_PID" 0 write-group
+if want write-group; then
+    port=$((PORT + 4))
+    wait_idle write-group
+    FSYNC_GROUP_US=$(fsync_us)
+    start_server write-group "$port" env $(linkid_env "$port" "$OUT/db-write-group/linkid.db") "$LINKID" serve
+    measure write-group "linkid" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 write-group
+fi
 
 # 6. write mix, one commit per request
-port=$((PORT + 5))
-wait_idle write-single
-FSYNC_SINGLE_US=$(fsync_us)
-start_server write-single "$port" env $(linkid_env "$port" "$OUT/db-write-single/linkid.db") \
-    LINKID_DATABASE__MAX_BATCH=1 "$LINKID" serve
-measure write-single "linkid max_batch=1" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
-stop_server "$SERVER_PID" 0 write-single
+if want write-single; then
+    port=$((PORT + 5))
+    wait_idle write-single
+    FSYNC_SINGLE_US=$(fsync_us)
+    start_server write-single "$port" env $(linkid_env "$port" "$OUT/db-write-single/linkid.db") \
+        LINKID_DATABASE__MAX_BATCH=1 "$LINKID" serve
+    measure write-single "linkid max_batch=1" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 write-single
+fi
 
 # 7. reverse lookup, BIG_LINKS links
-port=$((PORT + 6))
-wait_idle lookup-big
-start_server lookup-big "$port" env $(linkid_env "$port" "$OUT/db-big/linkid.db") "$LINKID" serve
-probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port/api/admin/users/v4/linked-identities?provider_id=okta&linked_user_id=seed-remote-1") \
-    || die "the lookup fails before the load starts"
-[[ $probe == *'"user_id":"seed-user-1"'* ]] || die "unexpected lookup answer: $probe"
-export BENCH_USERS=$BIG_LINKS BENCH_PROVIDERS=azure-ad,okta,corporate-saml
-measure lookup-big "linkid" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
-stop_server "$SERVER_PID" 0 lookup-big
+if want lookup-big; then
+    port=$((PORT + 6))
+    wait_idle lookup-big
+    start_server lookup-big "$port" env $(linkid_env "$port" "$OUT/db-big/linkid.db") "$LINKID" serve
+    probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port/api/admin/users/v4/linked-identities?provider_id=okta&linked_user_id=seed-remote-1") \
+        || die "the lookup fails before the load starts"
+    [[ $probe == *'"user_id":"seed-user-1"'* ]] || die "unexpected lookup answer: $probe"
+    export BENCH_USERS=$BIG_LINKS BENCH_PROVIDERS=azure-ad,okta,corporate-saml
+    measure lookup-big "linkid" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 lookup-big
+fi
 
 # The import: an export of the big database into an empty one (its events
 # feed the feed row).
-say "exporting $BIG_LINKS links, importing them into an empty database"
-env LINKID_DATABASE__PATH="$OUT/db-big/linkid.db" LINKID_AUTH__PRIVATE_KEY_FILE="$KEY" LINKID_LOG__LEVEL=warn \
-    "$LINKID" export --out "$OUT/links.jsonl" 2>"$OUT/export.log" || die "the export failed; see $OUT/export.log"
-mkdir -p "$OUT/db-feed"
-timed_import import-sqlite LINKID_DATABASE__PATH="$OUT/db-feed/linkid.db" -- "$OUT/links.jsonl"
+if want feed pg-feed; then
+    say "exporting $BIG_LINKS links, importing them into an empty database"
+    env LINKID_DATABASE__PATH="$OUT/db-big/linkid.db" LINKID_AUTH__PRIVATE_KEY_FILE="$KEY" LINKID_LOG__LEVEL=warn \
+        "$LINKID" export --out "$OUT/links.jsonl" 2>"$OUT/export.log" || die "the export failed; see $OUT/export.log"
+    mkdir -p "$OUT/db-feed"
+    timed_import import-sqlite LINKID_DATABASE__PATH="$OUT/db-feed/linkid.db" -- "$OUT/links.jsonl"
+fi
 
 # 8. the change feed
-port=$((PORT + 7))
-wait_idle feed
-start_server feed "$port" env $(linkid_env "$port" "$OUT/db-feed/linkid.db") "$LINKID" serve
-export BENCH_EVENTS=$BIG_LINKS BENCH_LIMIT=100
-measure feed "linkid" "$SERVER_PID" bench/feed.lua "http://127.0.0.1:$port/" -H "$AUTH"
-stop_server "$SERVER_PID" 0 feed
+if want feed; then
+    port=$((PORT + 7))
+    wait_idle feed
+    start_server feed "$port" env $(linkid_env "$port" "$OUT/db-feed/linkid.db") "$LINKID" serve
+    export BENCH_EVENTS=$BIG_LINKS BENCH_LIMIT=100
+    measure feed "linkid" "$SERVER_PID" bench/feed.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 feed
+fi
 
 # 9.-11. PostgreSQL
-if (( PG )); then
+if (( PG )) && want pg-list pg-list-x2 pg-write pg-write-x2 pg-lookup-big pg-feed; then
     say "starting a throwaway PostgreSQL (scripts/pg-cluster.sh)"
     PG_DIR=$(mktemp -d /tmp/linkid-bench-pg.XXXXXX)
     pg_exports=$(scripts/pg-cluster.sh start "$PG_DIR" 2>"$OUT/pg-cluster.log") || die "cannot start PostgreSQL; see $OUT/pg-cluster.log"
@@ -531,52 +565,63 @@ if (( PG )); then
             "$LINKID" seed --links "$2" >"$OUT/$1.seed.log" 2>&1 || die "seeding $1 failed; see $OUT/$1.seed.log"
     }
     say "seeding PostgreSQL: $LINKS links (list, writes) and $BIG_LINKS links (lookup)"
-    pg_seed bench_small "$LINKS"
-    pg_seed bench_write "$LINKS"
-    PG_SEED_START=$(date +%s.%N)
-    pg_seed bench_big "$BIG_LINKS"
-    PG_SEED_SECS=$(awk -v a="$PG_SEED_START" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
-    timed_import import-postgres LINKID_DATABASE__URL="$(pg_url bench_feed)" -- "$OUT/links.jsonl"
+    want pg-list pg-list-x2 && pg_seed bench_small "$LINKS"
+    want pg-write pg-write-x2 && pg_seed bench_write "$LINKS"
+    PG_SEED_SECS=?
+    if want pg-lookup-big; then
+        PG_SEED_START=$(date +%s.%N)
+        pg_seed bench_big "$BIG_LINKS"
+        PG_SEED_SECS=$(awk -v a="$PG_SEED_START" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+    fi
+    want pg-feed && timed_import import-postgres LINKID_DATABASE__URL="$(pg_url bench_feed)" -- "$OUT/links.jsonl"
 
-    export BENCH_USERS=$LINKS
-    port=$((PORT + 8))
-    wait_idle pg-list
-    start_server pg-list "$port" env $(pg_env "$port" bench_small) "$LINKID" serve
-    curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/seed-user-1233/linked-identities" | grep -q seed-remote-1233 \
-        || die "the list request on PostgreSQL fails before the load starts"
-    measure pg-list "linkid, PostgreSQL" "$SERVER_PID" bench/list.lua "http://127.0.0.1:$port/" -H "$AUTH"
-    first=$SERVER_PID
-    start_server pg-list-x2 "$((port + 1))" env $(pg_env "$((port + 1))" bench_small) "$LINKID" serve
-    wait_idle pg-list-x2
-    measure2 pg-list-x2 "2 × linkid, PostgreSQL" "$first" "$SERVER_PID" bench/list.lua \
-        "http://127.0.0.1:$port/" "http://127.0.0.1:$((port + 1))/" -H "$AUTH"
-    stop_server "$SERVER_PID" 0 pg-list-x2
-    stop_server "$first" 0 pg-list
+    if want pg-list pg-list-x2; then
+        export BENCH_USERS=$LINKS
+        port=$((PORT + 8))
+        wait_idle pg-list
+        start_server pg-list "$port" env $(pg_env "$port" bench_small) "$LINKID" serve
+        curl -fsS -H "$AUTH" "http://127.0.0.1:$port$API/seed-user-1233/linked-identities" | grep -q seed-remote-1233 \
+            || die "the list request on PostgreSQL fails before the load starts"
+        measure pg-list "linkid, PostgreSQL" "$SERVER_PID" bench/list.lua "http://127.0.0.1:$port/" -H "$AUTH"
+        first=$SERVER_PID
+        start_server pg-list-x2 "$((port + 1))" env $(pg_env "$((port + 1))" bench_small) "$LINKID" serve
+        wait_idle pg-list-x2
+        measure2 pg-list-x2 "2 × linkid, PostgreSQL" "$first" "$SERVER_PID" bench/list.lua \
+            "http://127.0.0.1:$port/" "http://127.0.0.1:$((port + 1))/" -H "$AUTH"
+        stop_server "$SERVER_PID" 0 pg-list-x2
+        stop_server "$first" 0 pg-list
+    fi
 
-    port=$((PORT + 10))
-    wait_idle pg-write
-    start_server pg-write "$port" env $(pg_env "$port" bench_write) "$LINKID" serve
-    measure pg-write "linkid, PostgreSQL" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
-    first=$SERVER_PID
-    start_server pg-write-x2 "$((port + 1))" env $(pg_env "$((port + 1))" bench_write) "$LINKID" serve
-    wait_idle pg-write-x2
-    measure2 pg-write-x2 "2 × linkid, PostgreSQL" "$first" "$SERVER_PID" bench/write.lua \
-        "http://127.0.0.1:$port/" "http://127.0.0.1:$((port + 1))/" -H "$AUTH"
-    stop_server "$SERVER_PID" 0 pg-write-x2
-    stop_server "$first" 0 pg-write
+    if want pg-write pg-write-x2; then
+        port=$((PORT + 10))
+        wait_idle pg-write
+        start_server pg-write "$port" env $(pg_env "$port" bench_write) "$LINKID" serve
+        measure pg-write "linkid, PostgreSQL" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
+        first=$SERVER_PID
+        start_server pg-write-x2 "$((port + 1))" env $(pg_env "$((port + 1))" bench_write) "$LINKID" serve
+        wait_idle pg-write-x2
+        measure2 pg-write-x2 "2 × linkid, PostgreSQL" "$first" "$SERVER_PID" bench/write.lua \
+            "http://127.0.0.1:$port/" "http://127.0.0.1:$((port + 1))/" -H "$AUTH"
+        stop_server "$SERVER_PID" 0 pg-write-x2
+        stop_server "$first" 0 pg-write
+    fi
 
-    port=$((PORT + 12))
-    wait_idle pg-lookup-big
-    start_server pg-lookup-big "$port" env $(pg_env "$port" bench_big) "$LINKID" serve
-    export BENCH_USERS=$BIG_LINKS
-    measure pg-lookup-big "linkid, PostgreSQL" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
-    stop_server "$SERVER_PID" 0 pg-lookup-big
+    if want pg-lookup-big; then
+        port=$((PORT + 12))
+        wait_idle pg-lookup-big
+        start_server pg-lookup-big "$port" env $(pg_env "$port" bench_big) "$LINKID" serve
+        export BENCH_USERS=$BIG_LINKS
+        measure pg-lookup-big "linkid, PostgreSQL" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
+        stop_server "$SERVER_PID" 0 pg-lookup-big
+    fi
 
-    port=$((PORT + 13))
-    wait_idle pg-feed
-    start_server pg-feed "$port" env $(pg_env "$port" bench_feed) "$LINKID" serve
-    measure pg-feed "linkid, PostgreSQL" "$SERVER_PID" bench/feed.lua "http://127.0.0.1:$port/" -H "$AUTH"
-    stop_server "$SERVER_PID" 0 pg-feed
+    if want pg-feed; then
+        port=$((PORT + 13))
+        wait_idle pg-feed
+        start_server pg-feed "$port" env $(pg_env "$port" bench_feed) "$LINKID" serve
+        measure pg-feed "linkid, PostgreSQL" "$SERVER_PID" bench/feed.lua "http://127.0.0.1:$port/" -H "$AUTH"
+        stop_server "$SERVER_PID" 0 pg-feed
+    fi
 fi
 
 # ---------------------------------------------------------------- report
@@ -625,11 +670,18 @@ verdict() { # verdict AWK_CONDITION -> met / **MISSED**
     if awk "BEGIN {exit !($1)}"; then echo "met"; else echo "**MISSED**"; fi
 }
 
+# has NAME...: whether every one of these rows was measured.
+has() {
+    local n
+    for n in "$@"; do [[ -n ${RPS[$n]:-} ]] || return 1; done
+}
+
 targets() {
     local b=baseline r v
     echo "| target | measured | verdict |"
     echo "|---|---|---|"
     for n in list-small providers; do
+        has "$n" || continue
         r=$(ratio "${RPS[$n]}" "${RPS[$b]}")
         v=$(verdict "$r >= 0.5")
         echo "| ${LABEL[$n]}: throughput ≥ 0.50 × baseline | $r × ($(printf %.0f "${RPS[$n]}") vs $(printf %.0f "${RPS[$b]}") req/s$(awk -v a="${RPS[$n]}" -v b="${RPS[$b]}" 'BEGIN {if (a < 0.5 * b) printf "; needs %.2f × more", 0.5 * b / a}')) | $v |"
@@ -637,18 +689,24 @@ targets() {
         v=$(verdict "$r <= 2.0")
         echo "| ${LABEL[$n]}: p99 ≤ 2 × baseline | $r × ($(ms "${P99[$n]}") vs $(ms "${P99[$b]}") ms) | $v |"
     done
-    r=$(ratio "${RPS[write-group]}" "${RPS[write-single]}")
-    v=$(verdict "$r >= 5")
-    echo "| writes, $CONNECTIONS connections: group commit ≥ 5 × one commit per request | $r × ($(printf %.0f "${RPS[write-group]}") vs $(printf %.0f "${RPS[write-single]}") req/s) | $v |"
-    v=$(verdict "${RSS[list-big]} < $RSS_LIMIT_KIB")
-    echo "| peak RSS < 64 MiB with $(commas "$BIG_LINKS") links stored | $(mib "${RSS[list-big]}") MiB (database file $BIG_DB_MIB MiB) | $v |"
-    r=$(awk -v a="${P50[list-big]}" -v b="${P50[list-small]}" 'BEGIN {printf "%+.1f", (a / b - 1) * 100}')
-    v=$(verdict "${P50[list-big]} <= 1.10 * ${P50[list-small]}")
-    echo "| list p50 with $(commas "$BIG_LINKS") links within 10 % of $(commas "$LINKS") | $r % ($(ms "${P50[list-big]}") vs $(ms "${P50[list-small]}") ms) | $v |"
-    r=$(awk -v a="${P99[list-big]}" -v b="${P99[list-small]}" 'BEGIN {printf "%+.1f", (a / b - 1) * 100}')
-    local t
-    t=$(awk -v a="${RPS[list-big]}" -v b="${RPS[list-small]}" 'BEGIN {printf "%+.1f", (a / b - 1) * 100}')
-    echo "| (for reference) list p99 and throughput, $(commas "$BIG_LINKS") vs $(commas "$LINKS") links | p99 $r % ($(ms "${P99[list-big]}") vs $(ms "${P99[list-small]}") ms), throughput $t % | — |"
+    if has write-group write-single; then
+        r=$(ratio "${RPS[write-group]}" "${RPS[write-single]}")
+        v=$(verdict "$r >= 5")
+        echo "| writes, $CONNECTIONS connections: group commit ≥ 5 × one commit per request | $r × ($(printf %.0f "${RPS[write-group]}") vs $(printf %.0f "${RPS[write-single]}") req/s) | $v |"
+    fi
+    if has list-big; then
+        v=$(verdict "${RSS[list-big]} < $RSS_LIMIT_KIB")
+        echo "| peak RSS < 64 MiB with $(commas "$BIG_LINKS") links stored | $(mib "${RSS[list-big]}") MiB (database file $BIG_DB_MIB MiB) | $v |"
+    fi
+    if has list-big list-small; then
+        r=$(awk -v a="${P50[list-big]}" -v b="${P50[list-small]}" 'BEGIN {printf "%+.1f", (a / b - 1) * 100}')
+        v=$(verdict "${P50[list-big]} <= 1.10 * ${P50[list-small]}")
+        echo "| list p50 with $(commas "$BIG_LINKS") links within 10 % of $(commas "$LINKS") | $r % ($(ms "${P50[list-big]}") vs $(ms "${P50[list-small]}") ms) | $v |"
+        r=$(awk -v a="${P99[list-big]}" -v b="${P99[list-small]}" 'BEGIN {printf "%+.1f", (a / b - 1) * 100}')
+        local t
+        t=$(awk -v a="${RPS[list-big]}" -v b="${RPS[list-small]}" 'BEGIN {printf "%+.1f", (a / b - 1) * 100}')
+        echo "| (for reference) list p99 and throughput, $(commas "$BIG_LINKS") vs $(commas "$LINKS") links | p99 $r % ($(ms "${P99[list-big]}") vs $(ms "${P99[list-small]}") ms), throughput $t % | — |"
+    fi
 }
 
 CPU_MODEL=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)
