@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
@@ -274,6 +274,64 @@ struct VerifiedToken {
     heap_bytes: u64,
     /// Set once it is in the cache, so a hit does not insert it again.
     cached: AtomicBool,
+    /// Which request facts its answer can depend on.
+    depends: Depends,
+    /// Answers already given (see `Depends`).
+    decisions: Mutex<Vec<(DecisionKey, bool)>>,
+}
+
+/// What an authorization's answer can depend on besides the operation. The
+/// answer is the token's datalog run with the request's facts; when no rule
+/// or check of the token mentions `user`, `provider` or `time` (its
+/// time-only checks aside: `check_current` runs those on every request),
+/// those facts cannot change it, and an answer once given can be given
+/// again without running the datalog. Revocation is checked on every
+/// request all the same.
+#[derive(Debug, Clone, Copy)]
+struct Depends {
+    user: bool,
+    provider: bool,
+    time: bool,
+}
+
+/// An access, reduced to the facts a token's answer can depend on.
+type DecisionKey = (Right, Option<Box<str>>, Option<Box<str>>);
+
+/// The most answers one token keeps; past it they are forgotten.
+const MAX_DECISIONS: usize = 32;
+
+impl VerifiedToken {
+    /// The memo key of an access, or `None` when the answer may change
+    /// with time.
+    fn decision_key(&self, access: &Access<'_>) -> Option<DecisionKey> {
+        if self.depends.time {
+            return None;
+        }
+        Some((
+            access.right,
+            access.user.filter(|_| self.depends.user).map(Box::from),
+            access
+                .provider
+                .filter(|_| self.depends.provider)
+                .map(Box::from),
+        ))
+    }
+
+    fn decided(&self, key: &DecisionKey) -> Option<bool> {
+        let decisions = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        decisions
+            .iter()
+            .find(|(known, _)| known == key)
+            .map(|(_, allowed)| *allowed)
+    }
+
+    fn decide(&self, key: DecisionKey, allowed: bool) {
+        let mut decisions = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        if decisions.len() >= MAX_DECISIONS {
+            decisions.clear();
+        }
+        decisions.push((key, allowed));
+    }
 }
 
 impl Bearer {
@@ -438,11 +496,11 @@ impl Authority {
             ));
         }
         if let Some(bearer) = self.verified.get(token) {
-            metrics::counter!("linkid_token_cache_hits_total").increment(1);
+            crate::telemetry::token_cache_hit();
             self.check_current(&bearer)?;
             return Ok(bearer);
         }
-        metrics::counter!("linkid_token_cache_misses_total").increment(1);
+        crate::telemetry::token_cache_miss();
         let bearer = self.verify(token)?;
         self.check_current(&bearer)?;
         if bearer.0.work > WORK_BUDGET {
@@ -518,6 +576,19 @@ impl Authority {
                 .map_err(|_| AuthError::invalid("malformed"))?;
             Some(builder.set_limits(self.limits.clone()))
         };
+        let mentions = |name: &str| {
+            rules.iter().any(|r| r.body.iter().any(|p| p.name == name))
+                || checks
+                    .iter()
+                    .filter(|c| !check_is_time_only(c))
+                    .flat_map(|c| &c.queries)
+                    .any(|q| q.body.iter().any(|p| p.name == name))
+        };
+        let depends = Depends {
+            user: mentions("user"),
+            provider: mentions("provider"),
+            time: mentions("time"),
+        };
         Ok(Bearer(Arc::new(VerifiedToken {
             text: Arc::from(text),
             revocation_ids: token.revocation_identifiers().iter().map(hex).collect(),
@@ -526,6 +597,8 @@ impl Authority {
             work: estimate.work,
             heap_bytes: estimate.heap_bytes,
             cached: AtomicBool::new(false),
+            depends,
+            decisions: Mutex::new(Vec::new()),
             token,
         })))
     }
@@ -557,6 +630,14 @@ impl Authority {
     /// allows it. Tokens that are not trivially cheap run on the blocking
     /// pool, a bounded number at once. A token that passes enters the cache.
     pub async fn authorize(&self, bearer: &Bearer, access: Access<'_>) -> Result<(), AuthError> {
+        let key = bearer.0.decision_key(&access);
+        if let Some(allowed) = key.as_ref().and_then(|key| bearer.0.decided(key)) {
+            return if allowed {
+                Ok(())
+            } else {
+                Err(AuthError::Forbidden)
+            };
+        }
         let outcome = match self.authorizer_for(access) {
             Ok(builder) if bearer.0.work <= INLINE_WORK => run(builder, bearer),
             Ok(builder) => self.run_blocking(builder, bearer).await,
@@ -565,6 +646,9 @@ impl Authority {
         match outcome {
             Ok(_) => {
                 self.remember(bearer);
+                if let Some(key) = key {
+                    bearer.0.decide(key, true);
+                }
                 Ok(())
             }
             Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. }))
@@ -576,7 +660,12 @@ impl Authority {
                 tracing::warn!(token = %bearer.log_id(), %limit, "a token hit the authorizer's limits");
                 Err(AuthError::hit_limit(&limit))
             }
-            Err(_) => Err(AuthError::Forbidden),
+            Err(_) => {
+                if let Some(key) = key {
+                    bearer.0.decide(key, false);
+                }
+                Err(AuthError::Forbidden)
+            }
         }
     }
 

@@ -19,8 +19,11 @@ use crate::store::{self, DatabaseCheck, Store};
 /// within this period, plus one read).
 pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
 
-/// How often metrics are folded and idle rate-limit keys forgotten.
+/// How often idle rate-limit keys are forgotten (and old events pruned).
 const HOUSEKEEPING: Duration = Duration::from_secs(2);
+
+/// How often recorded metrics are folded.
+const UPKEEP: Duration = Duration::from_millis(250);
 
 /// A bound, ready-to-run server.
 pub struct Application {
@@ -162,9 +165,6 @@ impl Application {
                 let mut last_prune: Option<std::time::Instant> = None;
                 loop {
                     every.tick().await;
-                    // Folds recorded histogram samples into their buckets;
-                    // without it they pile up in memory until a scrape.
-                    crate::telemetry::prometheus().run_upkeep();
                     state.limits.forget_idle();
                     if retention_days > 0 && last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY)
                     {
@@ -174,6 +174,18 @@ impl Application {
                 }
             })
         };
+        // Folds recorded histogram samples into their buckets; without it
+        // they pile up in memory until a scrape. Often, in small batches, on
+        // the blocking pool: a big batch on an async thread would hold up
+        // the requests queued behind it.
+        let upkeep = tokio::spawn(async {
+            let mut every = tokio::time::interval(UPKEEP);
+            loop {
+                every.tick().await;
+                let _ = tokio::task::spawn_blocking(|| crate::telemetry::prometheus().run_upkeep())
+                    .await;
+            }
+        });
         let poller = {
             let store = store.clone();
             let revoked = self.revoked.clone();
@@ -219,6 +231,7 @@ impl Application {
         .await;
         poller.abort();
         housekeeping.abort();
+        upkeep.abort();
         store.close().await;
         tracing::info!("stopped");
         Ok(())

@@ -104,24 +104,43 @@ pub fn record_request(operation: &'static str, status: u16, elapsed: Duration) {
         OnceLock::new();
     let handles = HANDLES.get_or_init(Default::default);
     let key = (operation, status);
-    let cached = handles
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .cloned();
-    let (counter, histogram) = cached.unwrap_or_else(|| {
-        let made = (
-            metrics::counter!("linkid_requests_total", "operation" => operation, "status" => status_label(status)),
-            metrics::histogram!("linkid_request_duration_seconds", "operation" => operation),
-        );
-        handles
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, made.clone());
-        made
-    });
+    if let Some((counter, histogram)) = handles.read().unwrap_or_else(|e| e.into_inner()).get(&key)
+    {
+        counter.increment(1);
+        histogram.record(elapsed.as_secs_f64());
+        return;
+    }
+    let (counter, histogram) = (
+        metrics::counter!("linkid_requests_total", "operation" => operation, "status" => status_label(status)),
+        metrics::histogram!("linkid_request_duration_seconds", "operation" => operation),
+    );
     counter.increment(1);
     histogram.record(elapsed.as_secs_f64());
+    handles
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, (counter, histogram));
+}
+
+/// A token found verified in the cache.
+pub fn token_cache_hit() {
+    static HITS: OnceLock<metrics::Counter> = OnceLock::new();
+    HITS.get_or_init(|| {
+        prometheus();
+        metrics::counter!("linkid_token_cache_hits_total")
+    })
+    .increment(1);
+}
+
+/// A token whose signature had to be checked.
+pub fn token_cache_miss() {
+    static MISSES: OnceLock<metrics::Counter> = OnceLock::new();
+    MISSES
+        .get_or_init(|| {
+            prometheus();
+            metrics::counter!("linkid_token_cache_misses_total")
+        })
+        .increment(1);
 }
 
 fn status_label(status: u16) -> &'static str {

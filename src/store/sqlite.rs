@@ -11,9 +11,10 @@
 //! `Unavailable` or `Full` (never a success that a restart would lose), and
 //! service resumes by itself when the cause is gone.
 
+use std::cell::RefCell;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -84,6 +85,9 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// The SQLite store: a pool of readers and one writer thread.
 #[derive(Clone)]
 pub struct SqliteStore {
+    /// Tells this store's inline read connections from other stores' (tests
+    /// run many in one process).
+    id: u64,
     readers: Pool<SqliteConnectionManager>,
     writer: mpsc::Sender<Message>,
     path: PathBuf,
@@ -183,6 +187,22 @@ enum Message {
 
 const PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL;";
 
+/// What every read connection runs first.
+const READER_PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA query_only = 1;";
+
+/// Numbers the stores of this process (see `SqliteStore::id`).
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The most inline read connections one thread keeps (one per store; more
+/// only in a process that opens many stores, such as the tests).
+const INLINE_READERS_PER_THREAD: usize = 4;
+
+thread_local! {
+    /// This thread's own read connections, by store id: a short read runs on
+    /// the async thread that asks for it (see `SqliteStore::read_inline`).
+    static INLINE_READERS: RefCell<Vec<(u64, Connection)>> = const { RefCell::new(Vec::new()) };
+}
+
 /// How often an idle writer looks at the file.
 const FILE_CHECK: Duration = Duration::from_secs(1);
 
@@ -198,8 +218,8 @@ impl SqliteStore {
         let identity = FileIdentity::of(path)
             .with_context(|| format!("database.path {} vanished at start", path.display()))?;
 
-        let manager = SqliteConnectionManager::file(path)
-            .with_init(|c| c.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = 1;"));
+        let manager =
+            SqliteConnectionManager::file(path).with_init(|c| c.execute_batch(READER_PRAGMAS));
         let readers = Pool::builder()
             .max_size(pool_size)
             .min_idle(Some(1))
@@ -224,6 +244,7 @@ impl SqliteStore {
             .spawn(move || writer_state.run(receiver, max_batch))
             .context("cannot start the writer thread")?;
         Ok(SqliteStore {
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             readers,
             writer: sender,
             path: path.to_path_buf(),
@@ -251,10 +272,9 @@ impl SqliteStore {
         &self.path
     }
 
-    /// A user's linked identities, oldest first.
+    /// A user's linked identities, oldest first (one index seek, inline).
     pub async fn list(&self, user: &UserId) -> Result<Vec<LinkRecord>, StoreError> {
-        let user = user.clone();
-        self.read(move |conn| {
+        self.read_inline(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
                  FROM linked_identities WHERE user_id = ?1 ORDER BY id",
@@ -262,7 +282,6 @@ impl SqliteStore {
             let rows = stmt.query_map([user.as_str()], record_from_row)?;
             rows.collect::<Result<Vec<_>, _>>()
         })
-        .await
     }
 
     /// Links a remote identity to a user (see `LinkOutcome`).
@@ -303,30 +322,14 @@ impl SqliteStore {
     /// `one_user_per_remote_identity` index; with the provider alone it
     /// walks `links_by_provider`, and without filters the `user_id` index.
     pub async fn search(&self, query: SearchQuery) -> Result<SearchPage, StoreError> {
-        self.read(move |conn| {
-            let after = query.after_user.clone().unwrap_or_default();
-            let fetch = i64::from(query.limit) + 1;
-            let mut links = match (&query.provider_id, &query.linked_user_id) {
-                (Some(provider), Some(remote)) => conn
-                    .prepare_cached(LOOKUP)?
-                    .query_map(params![provider, remote, after], record_from_row)?
-                    .collect::<Result<Vec<_>, _>>()?,
-                (Some(provider), None) => conn
-                    .prepare_cached(PAGE_OF_PROVIDER)?
-                    .query_map(params![provider, after, fetch], record_from_row)?
-                    .collect::<Result<Vec<_>, _>>()?,
-                _ => conn
-                    .prepare_cached(PAGE)?
-                    .query_map(params![after, fetch], record_from_row)?
-                    .collect::<Result<Vec<_>, _>>()?,
-            };
-            let more = links.len() > query.limit as usize;
-            links.truncate(query.limit as usize);
-            Ok(SearchPage { links, more })
-        })
-        .await
+        // The lookup is one seek: inline. A page may walk a thousand rows:
+        // off the async threads.
+        if query.provider_id.is_some() && query.linked_user_id.is_some() {
+            self.read_inline(|conn| search_in(conn, &query))
+        } else {
+            self.read(move |conn| search_in(conn, &query)).await
+        }
     }
-
     /// Up to `limit` events after `after`, in `seq` order.
     pub async fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
         let (pruned_through, events) = self
@@ -409,6 +412,36 @@ impl SqliteStore {
             Ok((ids, newest))
         })
         .await
+    }
+
+    /// Runs a short read — an index seek that returns a row or two — on
+    /// this thread's own connection, inline: the hand-off to a blocking
+    /// thread and back costs several times what SQLite takes to answer from
+    /// its page cache. Reads that may walk many rows use `read`.
+    fn read_inline<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        if self.health.file_gone.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(FILE_GONE.into()));
+        }
+        INLINE_READERS.with(|readers| {
+            let mut readers = readers.borrow_mut();
+            let at = match readers.iter().position(|(id, _)| *id == self.id) {
+                Some(at) => at,
+                None => {
+                    let conn = Connection::open(&self.path)
+                        .and_then(|c| c.execute_batch(READER_PRAGMAS).map(|()| c))
+                        .or_store("cannot open a read connection")?;
+                    if readers.len() >= INLINE_READERS_PER_THREAD {
+                        readers.remove(0);
+                    }
+                    readers.push((self.id, conn));
+                    readers.len() - 1
+                }
+            };
+            f(&readers[at].1).or_store("a read query failed")
+        })
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -576,9 +609,30 @@ pub(crate) fn check(path: &Path) -> Result<Option<u32>, Vec<Problem>> {
     }
 }
 
+/// Turns off SQLite's memory statistics, once, before the process's first
+/// connection: with them on, every allocation SQLite makes takes a global
+/// mutex that all connections share. (Too late — another connection came
+/// first — it changes nothing and says so with an error code we ignore.)
+fn configure_sqlite() {
+    static CONFIGURED: std::sync::Once = std::sync::Once::new();
+    CONFIGURED.call_once(|| {
+        // SAFETY: SQLITE_CONFIG_MEMSTATUS takes one int, as passed; before
+        // sqlite3_initialize SQLite is not in use by any other thread
+        // through this process's connections, and after it the call is a
+        // refused no-op (SQLITE_MISUSE).
+        unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::ffi::c_int,
+            );
+        }
+    });
+}
+
 /// Opens the database for writing, creating the file (0600) and its
 /// directory when missing, in WAL mode.
 fn open_writer(path: &Path) -> anyhow::Result<Connection> {
+    configure_sqlite();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the database directory {}", dir.display()))?;
@@ -656,6 +710,28 @@ fn migrate(conn: &mut Connection, path: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn search_in(conn: &Connection, query: &SearchQuery) -> rusqlite::Result<SearchPage> {
+    let after = query.after_user.clone().unwrap_or_default();
+    let fetch = i64::from(query.limit) + 1;
+    let mut links = match (&query.provider_id, &query.linked_user_id) {
+        (Some(provider), Some(remote)) => conn
+            .prepare_cached(LOOKUP)?
+            .query_map(params![provider, remote, after], record_from_row)?
+            .collect::<Result<Vec<_>, _>>()?,
+        (Some(provider), None) => conn
+            .prepare_cached(PAGE_OF_PROVIDER)?
+            .query_map(params![provider, after, fetch], record_from_row)?
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => conn
+            .prepare_cached(PAGE)?
+            .query_map(params![after, fetch], record_from_row)?
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let more = links.len() > query.limit as usize;
+    links.truncate(query.limit as usize);
+    Ok(SearchPage { links, more })
 }
 
 /// The login-time reverse lookup: one seek on `one_user_per_remote_identity`.

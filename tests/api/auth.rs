@@ -282,3 +282,39 @@ async fn a_token_signed_by_another_key_is_told_which_public_key_this_server_trus
     assert!(trusted.starts_with("ed25519/"), "{trusted}");
     assert!(detail.contains(&trusted), "{detail}");
 }
+
+#[tokio::test]
+async fn answers_stay_exact_per_user_provider_and_time_when_a_token_is_reused() {
+    let app = spawn_app().await;
+    let one_user = attenuate(&app.admin, &app.keypair, r#"check if user("u-1");"#);
+    let one_provider = attenuate(
+        &app.admin,
+        &app.keypair,
+        r#"check if provider("okta") or operation("linked_identities:list");"#,
+    );
+    // Mentions time outside a time-only check: never answered from memory.
+    let until_2000 = attenuate(
+        &app.admin,
+        &app.keypair,
+        r#"check if time($t), user($u), $u != "nobody", $t < 2000-01-01T00:00:00Z;"#,
+    );
+
+    for _ in 0..3 {
+        assert_eq!(app.list(&one_user, "u-1", "").await.status(), 200);
+        assert_eq!(app.list(&one_user, "u-2", "").await.status(), 403);
+        assert_eq!(
+            app.link(&one_provider, "u-3", &link_body("azure-ad", "r-3", "n"))
+                .await
+                .status(),
+            403
+        );
+        assert_eq!(app.list(&until_2000, "u-1", "").await.status(), 403);
+    }
+    assert_eq!(
+        app.link(&one_provider, "u-3", &link_body("okta", "r-3", "n"))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(app.delete(&one_provider, "u-3", "okta").await.status(), 200);
+}
