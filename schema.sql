@@ -30,9 +30,10 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
 CREATE INDEX IF NOT EXISTS links_by_provider ON linked_identities (provider_id, user_id);
 
 -- The change feed: every change, recorded in the change's own transaction.
--- AUTOINCREMENT: a seq is never reused, even after pruning.
+-- A seq is the rowid: one more than the newest event's. Pruning always keeps
+-- the newest event, so a seq is never handed out twice.
 CREATE TABLE IF NOT EXISTS events (
-    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq             INTEGER PRIMARY KEY,
     type            TEXT NOT NULL CHECK (type IN ('LINKED', 'UPDATED', 'UNLINKED')),
     occurred_at     TEXT NOT NULL,
     user_id         TEXT NOT NULL,

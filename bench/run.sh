@@ -52,6 +52,8 @@
 #   STRICT=1         exit 3 when a target is missed (default: report only)
 #   PG=0             skip the PostgreSQL rows (default 1: installs PostgreSQL
 #                    through scripts/pg-cluster.sh when it is missing)
+#   LOG_LEVEL=info   linkid's log.level (default info, the shipped default:
+#                    one line per request, into OUT/NAME.server.log)
 #   SCENARIOS=a,b    run only these rows (names as in the report's first
 #                    column ids: baseline, list-small, providers, list-big,
 #                    write-group, write-single, lookup-big, feed, pg-list,
@@ -92,6 +94,7 @@ WAIT_IDLE=${WAIT_IDLE:-300}
 ROUNDS=${ROUNDS:-1}
 PG=${PG:-1}
 SCENARIOS=${SCENARIOS:-all}
+LOG_LEVEL=${LOG_LEVEL:-info}
 WRK_TIMEOUT=10s
 RSS_LIMIT_KIB=65536 # 64 MiB
 
@@ -195,12 +198,12 @@ stop_server() {
 
 linkid_env() { # linkid_env PORT DBPATH -> env assignments
     echo "LINKID_SERVER__ADDR=127.0.0.1:$1" "LINKID_DATABASE__PATH=$2" \
-        "LINKID_AUTH__PRIVATE_KEY_FILE=$KEY" "LINKID_LOG__LEVEL=warn" "LINKID_LOG__FORMAT=text"
+        "LINKID_AUTH__PRIVATE_KEY_FILE=$KEY" "LINKID_LOG__LEVEL=$LOG_LEVEL" "LINKID_LOG__FORMAT=text"
 }
 
 pg_env() { # pg_env PORT DBNAME -> env assignments for a server on PostgreSQL
     echo "LINKID_SERVER__ADDR=127.0.0.1:$1" "LINKID_DATABASE__URL=$(pg_url "$2")" \
-        "LINKID_AUTH__PRIVATE_KEY_FILE=$KEY" "LINKID_LOG__LEVEL=warn" "LINKID_LOG__FORMAT=text"
+        "LINKID_AUTH__PRIVATE_KEY_FILE=$KEY" "LINKID_LOG__LEVEL=$LOG_LEVEL" "LINKID_LOG__FORMAT=text"
 }
 
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
@@ -758,7 +761,7 @@ grep -q 'MISSED' <<<"$TARGETS" && MISSED=1
     echo "- build: \`cargo build --release\`, $(rustc --version 2>/dev/null), linkid at commit $GIT"
     echo "- load generator: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION_S}s --timeout $WRK_TIMEOUT --latency\`, after a ${WARMUP_S}s warm-up per scenario with the same settings; $ROUNDS measured run(s) per scenario, the median-throughput run reported"
     echo "- each scenario runs against a freshly started server; peak RSS is that process's VmHWM after warm-up and measurement; server CPU is its user+system time during the measured ${DURATION_S}s"
-    echo "- linkid: log level warn, database.pool_size $POOL (config.toml), WAL with synchronous = FULL; group commit = database.max_batch $GROUP_BATCH (config.toml), one commit per request = LINKID_DATABASE__MAX_BATCH=1"
+    echo "- linkid: log level $LOG_LEVEL (one line per request at info, written to the server's log file), database.pool_size $POOL (config.toml), WAL with synchronous = FULL; group commit = database.max_batch $GROUP_BATCH (config.toml), one commit per request = LINKID_DATABASE__MAX_BATCH=1"
     echo "- data: $(commas "$LINKS") seeded links (users seed-user-0 .. seed-user-$((LINKS - 1)), spread over the linkable providers) for the list, providers and write rows; $(commas "$BIG_LINKS") for the big list row ($BIG_DB_MIB MiB database, seeded in $SEED_SECS s by \`linkid seed\`)"
     echo "- list requests: a random seeded user per request (bench/list.lua); the baseline body is ${#BASE_BODY} bytes, linkid's list answer for seed-user-1233 is $LIST_BODY_BYTES bytes"
     echo "- write mix (bench/write.lua): POST a link to okta for a new user with a new remote id (JSON body, Content-Type: application/json), and once it is answered 201, DELETE it; every answer's status is counted (statuses seen: group ${NOTE[write-group]:-?}; single ${NOTE[write-single]:-?})"

@@ -271,7 +271,7 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => {
-            crate::telemetry::init_tracing(&config.log);
+            let _log = crate::telemetry::init_tracing(&config.log);
             let app = Application::build(&config).await?;
             tracing::info!(addr = %app.local_addr(), "listening; docs at /docs");
             app.run_until_stopped(startup::shutdown_signal()).await

@@ -9,20 +9,31 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Sets up logging: `log.level` (or `RUST_LOG`) and `log.format`.
-pub fn init_tracing(config: &LogConfig) {
+/// Sets up logging: `log.level` (or `RUST_LOG`) and `log.format`. Lines
+/// are written to stderr by a thread of their own, so a request's line
+/// costs its thread the formatting, not the write; keep the returned guard
+/// until the process ends (dropping it writes what is still queued). When
+/// the queue is full, a request waits for room rather than a line being
+/// lost.
+#[must_use = "dropping the guard stops the log writer"]
+pub fn init_tracing(config: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     // warp's own per-request events would double our one line per request.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{},warp::filters::trace=off", config.level)));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("linkid-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match config.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    guard
 }
 
 /// The process-wide Prometheus recorder, installed on first use.

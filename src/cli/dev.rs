@@ -48,7 +48,7 @@ pub(super) async fn run(mut config: Config, options: Options) -> anyhow::Result<
             (temporary.path().to_path_buf(), Some(temporary))
         }
     };
-    crate::telemetry::init_tracing(&config.log);
+    let _log = crate::telemetry::init_tracing(&config.log);
     if config.auth.public_key.take().is_some() {
         tracing::warn!("linkid dev ignores auth.public_key: it signs its own tokens");
     }

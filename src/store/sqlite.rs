@@ -55,10 +55,12 @@ const MIGRATIONS: [&str; 2] = [
     ) STRICT;",
     // 2: search by provider, the change feed. Links made before it enter
     // the feed as LINKED events by `upgrade`, so that replaying the feed
-    // from the start rebuilds every stored link.
+    // from the start rebuilds every stored link. (A seq is the rowid, one
+    // more than the newest; pruning always keeps the newest event, so a
+    // seq is never handed out twice.)
     "CREATE INDEX links_by_provider ON linked_identities (provider_id, user_id);
     CREATE TABLE events (
-        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        seq             INTEGER PRIMARY KEY,
         type            TEXT NOT NULL CHECK (type IN ('LINKED', 'UPDATED', 'UNLINKED')),
         occurred_at     TEXT NOT NULL,
         user_id         TEXT NOT NULL,
@@ -985,33 +987,43 @@ fn apply_batch(
     conn: &mut Connection,
     batch: &[WriteJob],
 ) -> Result<Vec<Result<WriteResult, StoreError>>, StoreError> {
-    let mut tx = conn
+    let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .or_store("cannot begin a write transaction")?;
     let stamp = now();
     let mut results = Vec::with_capacity(batch.len());
+    // Savepoints through prepared statements: parsed once, not per write.
+    let step = |sql: &str, what: &'static str| -> Result<(), StoreError> {
+        tx.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map(drop)
+            .or_store(what)
+    };
     for job in batch {
-        let mut sp = tx.savepoint().or_store("cannot open a savepoint")?;
+        step("SAVEPOINT write", "cannot open a savepoint")?;
         let result = match &job.op {
             WriteOp::Link { user, link, actor } => {
-                link_in(&sp, user, link, actor, &stamp).map(WriteResult::Link)
+                link_in(&tx, user, link, actor, &stamp).map(WriteResult::Link)
             }
             WriteOp::Unlink {
                 user,
                 provider,
                 actor,
-            } => unlink_in(&sp, user, provider, actor, &stamp).map(WriteResult::Unlink),
-            WriteOp::Revoke { ids } => revoke_in(&sp, ids, &stamp).map(WriteResult::Revoke),
+            } => unlink_in(&tx, user, provider, actor, &stamp).map(WriteResult::Unlink),
+            WriteOp::Revoke { ids } => revoke_in(&tx, ids, &stamp).map(WriteResult::Revoke),
             WriteOp::PruneEvents { cutoff } => {
-                prune_events_in(&sp, cutoff).map(WriteResult::PruneEvents)
+                prune_events_in(&tx, cutoff).map(WriteResult::PruneEvents)
             }
         };
         match &result {
-            Ok(_) => sp.commit().or_store("cannot release a savepoint")?,
+            Ok(_) => step("RELEASE write", "cannot release a savepoint")?,
             Err(error @ (StoreError::Full(_) | StoreError::Unavailable(_))) => {
                 return Err(error.clone())
             }
-            Err(_) => sp.rollback().or_store("cannot roll back a savepoint")?,
+            Err(_) => {
+                step("ROLLBACK TO write", "cannot roll back a savepoint")?;
+                step("RELEASE write", "cannot release a savepoint")?;
+            }
         }
         results.push(result);
     }
@@ -1139,10 +1151,15 @@ fn unlink_in(
 }
 
 /// Deletes events older than `cutoff` and remembers the newest one deleted,
-/// so a consumer asking for them learns they are gone.
+/// so a consumer asking for them learns they are gone. The newest event of
+/// all is kept whatever its age: the next seq is one more than it, and a
+/// seq must never be handed out twice.
 fn prune_events_in(conn: &Connection, cutoff: &str) -> Result<u64, StoreError> {
     let through: Option<i64> = conn
-        .prepare_cached("SELECT max(seq) FROM events WHERE occurred_at < ?1")
+        .prepare_cached(
+            "SELECT max(seq) FROM events WHERE occurred_at < ?1 \
+             AND seq < (SELECT max(seq) FROM events)",
+        )
         .and_then(|mut s| s.query_row([cutoff], |r| r.get(0)))
         .or_store("cannot find old events")?;
     let Some(through) = through else {
@@ -1277,6 +1294,30 @@ mod tests {
                 "{plan}"
             );
         }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_event_so_no_seq_is_handed_out_twice() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        let link = LinkRecord {
+            user_id: "u".into(),
+            provider_id: "okta".into(),
+            linked_user_id: "r".into(),
+            linked_username: "n".into(),
+            created_at: "2020-01-01T00:00:00Z".into(),
+            updated_at: "2020-01-01T00:00:00Z".into(),
+        };
+        let old = "2020-01-01T00:00:00Z";
+        for _ in 0..3 {
+            record_event(&conn, EventType::Linked, &link, &Actor::import(), old).unwrap();
+        }
+
+        let pruned = prune_events_in(&conn, "2021-01-01T00:00:00Z").unwrap();
+        let next = record_event(&conn, EventType::Unlinked, &link, &Actor::import(), old).unwrap();
+
+        assert_eq!(pruned, 2, "all are old, the newest is kept");
+        assert_eq!(next, 4, "the next seq follows the newest ever handed out");
     }
 
     #[test]
