@@ -6,14 +6,61 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::cell::RefCell;
+
 use warp::http::header::HeaderValue;
 use warp::http::HeaderMap;
 use warp::Filter;
+
+use crate::auth::Bearer;
 
 /// The TCP peer of the connection a request came on (a request extension
 /// the server loop sets).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PeerAddr(pub SocketAddr);
+
+/// Whom a request was served for, for its log line.
+#[derive(Clone, Default)]
+pub(crate) enum ServedAs {
+    /// No token was asked for (or none was looked at yet).
+    #[default]
+    Nobody,
+    /// A token was asked for and did not authenticate.
+    Anonymous,
+    Token(Bearer),
+}
+
+tokio::task_local! {
+    /// The server loop gives each request its own (`ServedAs::scope`).
+    static SERVED_AS: RefCell<ServedAs>;
+}
+
+impl ServedAs {
+    /// Runs a request's future with a place for whom it was served for.
+    pub(crate) fn scope<F: std::future::Future>(
+        request: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        SERVED_AS.scope(RefCell::new(ServedAs::Nobody), request)
+    }
+
+    /// Records whom the request is served for.
+    pub(crate) fn record(served: ServedAs) {
+        let _ = SERVED_AS.try_with(|slot| *slot.borrow_mut() = served);
+    }
+
+    /// The log id of whom the request was served for: the token's, or
+    /// `anonymous`, or `-` when no token was asked for.
+    pub(crate) fn with_log_id<R>(f: impl FnOnce(&str) -> R) -> R {
+        let served = SERVED_AS
+            .try_with(|slot| slot.borrow().clone())
+            .unwrap_or_default();
+        match &served {
+            ServedAs::Nobody => f("-"),
+            ServedAs::Anonymous => f("anonymous"),
+            ServedAs::Token(bearer) => f(bearer.log_id()),
+        }
+    }
+}
 
 /// Per-request context taken before routing: the request id and the start time.
 #[derive(Debug, Clone)]

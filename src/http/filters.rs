@@ -11,7 +11,7 @@ use warp::http::header::{HeaderValue, CONTENT_TYPE};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::context::{client, optional_header, request_id, Client};
+use super::context::{client, optional_header, request_id, Client, ServedAs};
 use super::problem::ApiError;
 use super::server::BodyTimedOut;
 use super::{handlers, AppState, MAX_BODY_BYTES};
@@ -214,7 +214,6 @@ async fn authenticate(
     client: Option<Client>,
     header: Option<HeaderValue>,
 ) -> Result<Bearer, Rejection> {
-    let span = tracing::Span::current();
     state
         .limits
         .check_address(client.as_ref())
@@ -224,7 +223,7 @@ async fn authenticate(
         .authenticate(header.as_ref().map(HeaderValue::as_bytes))
     {
         Ok(bearer) => {
-            span.record("token", tracing::field::display(bearer.log_id()));
+            ServedAs::record(ServedAs::Token(bearer.clone()));
             state
                 .limits
                 .check_token(bearer.id())
@@ -232,7 +231,7 @@ async fn authenticate(
             Ok(bearer)
         }
         Err(error) => {
-            span.record("token", tracing::field::display("anonymous"));
+            ServedAs::record(ServedAs::Anonymous);
             Err(state
                 .limits
                 .failed_authentication(client.as_ref())

@@ -31,7 +31,7 @@ use warp::http::header::{HeaderValue, CONNECTION};
 use warp::http::{Request, Uri};
 use warp::reply::Response;
 
-use super::context::{PeerAddr, RequestId};
+use super::context::{PeerAddr, RequestId, ServedAs};
 use crate::config::ServerConfig;
 
 /// Clients past `max_connections` wait in the kernel's accept queue; this
@@ -397,7 +397,7 @@ async fn serve_connection<S>(
         hyper::service::service_fn(move |request: Request<Incoming>| {
             connection.set_phase(|_| Phase::Busy);
             let request = prepare(request, peer, &settings, &connection);
-            let answer = app.clone().call(request);
+            let answer = ServedAs::scope(app.clone().call(request));
             let connection = connection.clone();
             async move {
                 let Ok(mut response) = answer.await;

@@ -414,7 +414,7 @@ async fn readyz_and_metrics_are_listed_in_the_request_log_by_route() {
         .split("token=")
         .nth(1)
         .unwrap()
-        .split('}')
+        .split(|c: char| c == '}' || c.is_whitespace())
         .next()
         .unwrap();
     assert_eq!(token_id.len(), 16, "{line}");
