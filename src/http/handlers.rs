@@ -45,18 +45,7 @@ pub async fn list_identity_providers(
     state: Arc<AppState>,
     bearer: Bearer,
 ) -> Result<Response, Rejection> {
-    state
-        .authority
-        .authorize(
-            &bearer,
-            Access {
-                right: Right::IdentityProvidersList,
-                user: None,
-                provider: None,
-            },
-        )
-        .await
-        .map_err(ApiError::from)?;
+    authorize(&state, &bearer, Right::IdentityProvidersList, None, None).await?;
     let list = IdentityProviderList {
         identity_providers: state
             .linkable_providers()
@@ -103,18 +92,14 @@ pub async fn list_linked_identities(
 ) -> Result<Response, Rejection> {
     let (user, embed) =
         gather(parse_user(&raw_user), parse_embed(&query)).map_err(ApiError::from)?;
-    state
-        .authority
-        .authorize(
-            &bearer,
-            Access {
-                right: Right::LinkedIdentitiesList,
-                user: Some(user.as_str()),
-                provider: None,
-            },
-        )
-        .await
-        .map_err(ApiError::from)?;
+    authorize(
+        &state,
+        &bearer,
+        Right::LinkedIdentitiesList,
+        Some(user.as_str()),
+        None,
+    )
+    .await?;
     let mut identities: Vec<LinkedIdentity> = state
         .store
         .list(&user)
@@ -204,18 +189,14 @@ pub async fn link_identity(
     let (user, (embed, fields)) =
         gather(parse_user(&raw_user), gather(parse_embed(&query), fields))
             .map_err(ApiError::from)?;
-    state
-        .authority
-        .authorize(
-            &bearer,
-            Access {
-                right: Right::LinkedIdentitiesCreate,
-                user: Some(user.as_str()),
-                provider: Some(&fields.provider_id),
-            },
-        )
-        .await
-        .map_err(ApiError::from)?;
+    authorize(
+        &state,
+        &bearer,
+        Right::LinkedIdentitiesCreate,
+        Some(user.as_str()),
+        Some(&fields.provider_id),
+    )
+    .await?;
     let provider = state
         .linkable_providers()
         .find(|p| p.id == fields.provider_id)
@@ -291,18 +272,14 @@ pub async fn get_linked_identity(
         parse_embed(&query),
     )
     .map_err(ApiError::from)?;
-    state
-        .authority
-        .authorize(
-            &bearer,
-            Access {
-                right: Right::LinkedIdentitiesList,
-                user: Some(user.as_str()),
-                provider: Some(provider.as_str()),
-            },
-        )
-        .await
-        .map_err(ApiError::from)?;
+    authorize(
+        &state,
+        &bearer,
+        Right::LinkedIdentitiesList,
+        Some(user.as_str()),
+        Some(provider.as_str()),
+    )
+    .await?;
     // A user has at most one link, so the user's list is the lookup.
     let mut identity = state
         .store
@@ -351,18 +328,14 @@ pub async fn delete_linked_identity(
 ) -> Result<Response, Rejection> {
     let (user, provider) =
         gather(parse_user(&raw_user), parse_provider(&raw_provider)).map_err(ApiError::from)?;
-    state
-        .authority
-        .authorize(
-            &bearer,
-            Access {
-                right: Right::LinkedIdentitiesDelete,
-                user: Some(user.as_str()),
-                provider: Some(provider.as_str()),
-            },
-        )
-        .await
-        .map_err(ApiError::from)?;
+    authorize(
+        &state,
+        &bearer,
+        Right::LinkedIdentitiesDelete,
+        Some(user.as_str()),
+        Some(provider.as_str()),
+    )
+    .await?;
     let identity = state
         .store
         .unlink(user, provider, actor(&bearer, request))
@@ -370,6 +343,29 @@ pub async fn delete_linked_identity(
         .map_err(ApiError::from)?
         .into_identity();
     Ok(json_response(StatusCode::OK, &identity))
+}
+
+/// Whether the bearer may do `right` to this user's link at this provider
+/// now: the authorizer's answer, as the API's error when it is no.
+async fn authorize(
+    state: &AppState,
+    bearer: &Bearer,
+    right: Right,
+    user: Option<&str>,
+    provider: Option<&str>,
+) -> Result<(), ApiError> {
+    state
+        .authority
+        .authorize(
+            bearer,
+            Access {
+                right,
+                user,
+                provider,
+            },
+        )
+        .await
+        .map_err(ApiError::from)
 }
 
 /// Who is making a change, as the change feed records it.
@@ -662,18 +658,14 @@ pub async fn search_linked_identities(
     bearer: Bearer,
 ) -> Result<Response, Rejection> {
     let search = parse_search(&query).map_err(ApiError::from)?;
-    state
-        .authority
-        .authorize(
-            &bearer,
-            Access {
-                right: Right::LinkedIdentitiesSearch,
-                user: None,
-                provider: search.provider_id.as_deref(),
-            },
-        )
-        .await
-        .map_err(ApiError::from)?;
+    authorize(
+        &state,
+        &bearer,
+        Right::LinkedIdentitiesSearch,
+        None,
+        search.provider_id.as_deref(),
+    )
+    .await?;
     let page = state
         .store
         .search(search.clone())
@@ -840,18 +832,7 @@ pub async fn list_events(
             .into())
         }
     };
-    state
-        .authority
-        .authorize(
-            &bearer,
-            Access {
-                right: Right::EventsList,
-                user: None,
-                provider: None,
-            },
-        )
-        .await
-        .map_err(ApiError::from)?;
+    authorize(&state, &bearer, Right::EventsList, None, None).await?;
     let streaming = accept
         .as_ref()
         .and_then(|v| v.to_str().ok())
