@@ -23,6 +23,38 @@ use crate::domain::{
 };
 use crate::store::{LinkOutcome, SearchQuery};
 
+/// The user of the operations on one user's links, for the document (the
+/// handlers take it as [`UserId`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[expect(dead_code, reason = "it only describes the parameter in the document")]
+struct UserPath {
+    /// Unique identifier of a user.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$",
+        example = "u-42"
+    )]
+    user_id: String,
+}
+
+/// The provider of one link, for the document (the handlers take it as
+/// [`ProviderId`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[expect(dead_code, reason = "it only describes the parameter in the document")]
+struct ProviderPath {
+    /// Identifier of the linked identity provider: the unique alias assigned to it in the configuration.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$",
+        example = "okta"
+    )]
+    provider_id: String,
+}
+
 /// List linkable identity providers.
 ///
 /// Provides a list of configured identity providers that can be linked to a user.
@@ -68,7 +100,7 @@ pub async fn list_identity_providers(
     operation_id = "listLinkedIdentities",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "u-42"),
+        UserPath,
         ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform now on each identity (`DELETE`) and on the list (`CREATE`). Comma-separated (`embed=ACTIONS`); repeating the parameter (`embed=ACTIONS&embed=ACTIONS`) is accepted too. An unknown or empty value is a 400.", style = Form, explode = false, min_items = 1),
     ),
     responses(
@@ -153,7 +185,7 @@ pub async fn list_linked_identities(
     operation_id = "linkIdentity",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "u-42"),
+        UserPath,
         ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform now on the identity (`DELETE`). Comma-separated (`embed=ACTIONS`); repeating the parameter (`embed=ACTIONS&embed=ACTIONS`) is accepted too. An unknown or empty value is a 400.", style = Form, explode = false, min_items = 1),
     ),
     request_body(content = crate::domain::LinkRequest, content_type = "application/json"),
@@ -244,8 +276,8 @@ pub async fn link_identity(
     operation_id = "getLinkedIdentity",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "u-42"),
-        ("provider_id" = String, Path, description = "Identifier of the linked identity provider: the unique alias assigned to it in the configuration.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "okta"),
+        UserPath,
+        ProviderPath,
         ("embed" = Option<Vec<Embed>>, Query, description = "Options for embedding additional data: `ACTIONS` includes the actions this bearer may perform now on the identity (`DELETE`). Comma-separated (`embed=ACTIONS`); repeating the parameter (`embed=ACTIONS&embed=ACTIONS`) is accepted too. An unknown or empty value is a 400.", style = Form, explode = false, min_items = 1),
     ),
     responses(
@@ -309,8 +341,8 @@ pub async fn get_linked_identity(
     operation_id = "deleteLinkedIdentity",
     tag = "Linked Identities",
     params(
-        ("user_id" = String, Path, description = "Unique identifier of a user.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "u-42"),
-        ("provider_id" = String, Path, description = "Identifier of the linked identity provider: the unique alias assigned to it in the configuration.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "okta"),
+        UserPath,
+        ProviderPath,
     ),
     responses(
         (status = 200, description = "The link was deleted; the body is the deleted identity.", body = LinkedIdentity,
