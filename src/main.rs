@@ -17,6 +17,9 @@ fn main() {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .max_blocking_threads(config.database.pool_size as usize + 2)
+                // An idle thread's SQLite snapshot would keep the WAL from
+                // being reset: let it go.
+                .on_thread_park(linkid::store::end_inline_reads)
                 .build()?
                 .block_on(cli::run(cli, config))
         });

@@ -160,20 +160,36 @@ pub(super) fn client(
     trusted: Arc<Vec<IpAddr>>,
 ) -> impl Filter<Extract = (Option<Client>,), Error = Infallible> + Clone {
     warp::ext::optional::<PeerAddr>()
-        .and(warp::header::headers_cloned())
-        .map(move |peer: Option<PeerAddr>, headers: HeaderMap| {
-            let peer = peer?.0.ip().to_canonical();
-            let lines: Vec<_> = headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .map(|line| String::from_utf8_lossy(line.as_bytes()))
-                .collect();
-            Some(resolve_client(
-                peer,
-                lines.iter().map(|line| line.as_ref()),
-                &trusted,
-            ))
-        })
+        .and(warp::ext::optional::<ForwardedFor>())
+        .map(
+            move |peer: Option<PeerAddr>, forwarded: Option<ForwardedFor>| {
+                let peer = peer?.0.ip().to_canonical();
+                let lines = forwarded.as_ref().map_or(&[][..], |f| &f.0[..]);
+                Some(resolve_client(
+                    peer,
+                    lines.iter().map(String::as_str),
+                    &trusted,
+                ))
+            },
+        )
+}
+
+/// A request's `X-Forwarded-For` lines, in order (a request extension the
+/// server loop sets when there are any, so that a request without them
+/// copies no headers).
+#[derive(Debug, Clone)]
+pub(crate) struct ForwardedFor(pub Vec<String>);
+
+impl ForwardedFor {
+    /// The lines of these headers, if any.
+    pub(crate) fn of(headers: &HeaderMap) -> Option<ForwardedFor> {
+        let lines: Vec<String> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|line| String::from_utf8_lossy(line.as_bytes()).into_owned())
+            .collect();
+        (!lines.is_empty()).then_some(ForwardedFor(lines))
+    }
 }
 
 /// The client of a request from `peer` with these `X-Forwarded-For` lines.

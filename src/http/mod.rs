@@ -173,16 +173,14 @@ fn finish(
     // One line per request, no span: a span per request costs more than
     // the line. The token's log id was recorded when it authenticated.
     ServedAs::with_log_id(|token| {
-        tracing::info!(
-            target: "linkid::request",
-            method = %method,
-            route = %route.map_or("unknown", |r| r.template),
-            status = response.status().as_u16(),
-            latency_us = elapsed.as_micros() as u64,
-            request_id = %context.id,
-            token = %token,
-            "request"
-        )
+        crate::telemetry::log_request(&crate::telemetry::RequestLine {
+            method: method.as_str(),
+            route: route.map_or("unknown", |r| r.template),
+            status: response.status().as_u16(),
+            latency_us: elapsed.as_micros() as u64,
+            request_id: &context.id,
+            token,
+        })
     });
     response
 }

@@ -23,7 +23,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -31,7 +31,7 @@ use warp::http::header::{HeaderValue, CONNECTION};
 use warp::http::{Request, Uri};
 use warp::reply::Response;
 
-use super::context::{PeerAddr, RequestId, ServedAs};
+use super::context::{ForwardedFor, PeerAddr, RequestId, ServedAs};
 use crate::config::ServerConfig;
 
 /// Clients past `max_connections` wait in the kernel's accept queue; this
@@ -77,6 +77,12 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The shortest wait a phase change can start: how often, at most, a
+    /// connection's task looks at its phase.
+    fn tick(&self) -> Duration {
+        self.header_read_timeout.min(self.keep_alive_timeout)
+    }
+
     /// The settings from the config, with the soft file limit raised to the
     /// hard one and `max_connections` lowered to fit under it.
     pub(crate) fn from_config(config: &ServerConfig) -> anyhow::Result<Settings> {
@@ -301,6 +307,16 @@ impl Phase {
         }
     }
 
+    /// When the connection's task looks at the phase next, at `now`: its
+    /// deadline, but at most one `tick` away. Phases change without waking
+    /// the task (three times a request), and no change brings a deadline
+    /// nearer than one tick from when it happens, so a timer set this way
+    /// is never late and a request costs no timer of its own.
+    fn check_at(self, now: Instant, settings: &Settings) -> Instant {
+        let next = now + settings.tick();
+        self.deadline(settings).map_or(next, |due| due.min(next))
+    }
+
     /// Bytes arrived from the client.
     fn on_bytes(self, now: Instant) -> Phase {
         match self {
@@ -316,8 +332,6 @@ impl Phase {
 #[derive(Debug)]
 struct Connection {
     phase: Mutex<Phase>,
-    /// Wakes the connection's task when the phase changes its deadline.
-    changed: Notify,
     /// When shutdown began, if it has.
     stopping_since: Mutex<Option<Instant>>,
     /// The request body waiting for bytes, to wake when shutdown begins.
@@ -333,7 +347,6 @@ impl Connection {
                 since: now,
                 first: true,
             }),
-            changed: Notify::new(),
             stopping_since: Mutex::new(None),
             body_waiting: Mutex::new(None),
             body_timed_out: AtomicBool::new(false),
@@ -344,13 +357,11 @@ impl Connection {
         *lock(&self.phase)
     }
 
+    /// Changes the phase. The connection's task is not woken: its timer is
+    /// never later than the deadline a change can bring (see `Phase::check_at`).
     fn set_phase(&self, change: impl FnOnce(Phase) -> Phase) {
         let mut phase = lock(&self.phase);
-        let next = change(*phase);
-        if next != *phase {
-            *phase = next;
-            self.changed.notify_one();
-        }
+        *phase = change(*phase);
     }
 
     fn begin_stopping(&self, now: Instant) {
@@ -420,8 +431,9 @@ async fn serve_connection<S>(
     let conn = http.serve_connection(io, service);
     tokio::pin!(conn);
     let mut stopped = false;
+    let timer = tokio::time::sleep_until(Instant::now() + settings.tick());
+    tokio::pin!(timer);
     loop {
-        let deadline = connection.phase().deadline(&settings);
         tokio::select! {
             served = conn.as_mut() => {
                 if let Err(error) = served {
@@ -429,13 +441,14 @@ async fn serve_connection<S>(
                 }
                 return;
             }
-            () = connection.changed.notified() => {}
-            () = sleep_until(deadline) => {
+            () = timer.as_mut() => {
                 let now = Instant::now();
-                if connection.phase().deadline(&settings).is_some_and(|due| due <= now) {
-                    tracing::debug!(%peer, phase = ?connection.phase(), "connection timed out");
+                let phase = connection.phase();
+                if phase.deadline(&settings).is_some_and(|due| due <= now) {
+                    tracing::debug!(%peer, ?phase, "connection timed out");
                     return;
                 }
+                timer.as_mut().reset(phase.check_at(now, &settings));
             }
             _ = stopping.changed(), if !stopped => {
                 stopped = true;
@@ -450,13 +463,6 @@ async fn serve_connection<S>(
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Readies a request for the app: its peer, a target warp can route, and
 /// a body with a deadline.
 fn prepare(
@@ -466,6 +472,9 @@ fn prepare(
     connection: &Arc<Connection>,
 ) -> Request<TimedBody> {
     request.extensions_mut().insert(PeerAddr(peer));
+    if let Some(forwarded) = ForwardedFor::of(request.headers()) {
+        request.extensions_mut().insert(forwarded);
+    }
     // Decided once, so the response, the log line and the change feed agree.
     let id = RequestId::choose(request.headers().get("x-request-id"));
     request.extensions_mut().insert(id);

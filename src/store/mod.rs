@@ -12,6 +12,13 @@ pub(crate) mod postgres;
 pub(crate) mod sqlite;
 pub mod transfer;
 
+/// Ends the calling thread's open inline read transactions (SQLite keeps
+/// one open between reads while nobody commits). The server's runtime calls
+/// it whenever a worker thread goes idle.
+pub fn end_inline_reads() {
+    sqlite::end_inline_reads();
+}
+
 /// Every way a store operation can fail, in the store's own words; the HTTP
 /// layer maps each to a status once.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -32,6 +32,11 @@ use crate::domain::{Actor, Event, EventType, LinkRecord, NewLink, ProviderId, Us
 
 pub(crate) mod admin;
 pub(crate) mod lock;
+mod row_cache;
+mod wal_stamp;
+
+use row_cache::{Read, RowCache};
+use wal_stamp::{WalIndex, WalStamp};
 
 /// Each schema version's upgrade from the one before, in order:
 /// `MIGRATIONS[i]` makes version `i + 1`. Released versions never change.
@@ -98,6 +103,11 @@ pub struct SqliteStore {
     newest_event: Arc<watch::Sender<i64>>,
     /// A server's hold on the file (see `lock`); released by `close`.
     serving: Arc<Mutex<Option<lock::ServingLock>>>,
+    /// The file's WAL index, which tells whether anyone committed (see
+    /// `read_inline`); `None` when it cannot be mapped.
+    wal: Option<Arc<WalIndex>>,
+    /// Short reads' answers, served while nobody has committed since.
+    rows: Arc<RowCache>,
 }
 
 /// What the writer has learned about the file and its disk; reads and
@@ -200,9 +210,42 @@ static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
 const INLINE_READERS_PER_THREAD: usize = 4;
 
 thread_local! {
-    /// This thread's own read connections, by store id: a short read runs on
-    /// the async thread that asks for it (see `SqliteStore::read_inline`).
-    static INLINE_READERS: RefCell<Vec<(u64, Connection)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's own read connections, one per store: a short read runs
+    /// on the async thread that asks for it (see `SqliteStore::read_inline`).
+    static INLINE_READERS: RefCell<Vec<InlineReader>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One thread's read connection to one store.
+struct InlineReader {
+    store: u64,
+    conn: Connection,
+    /// When this connection has a read transaction open: the WAL-index
+    /// header from just before it began. While the header is unchanged
+    /// nobody has committed since, so the transaction's snapshot is the
+    /// newest state and the next read may use it too, sparing SQLite's
+    /// per-transaction locking (a system call and a mutex every other
+    /// thread's reads contend for).
+    open_since: Option<WalStamp>,
+}
+
+impl InlineReader {
+    /// Ends the open read transaction, if any.
+    fn end(&mut self) {
+        if self.open_since.take().is_some() && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// Ends this thread's open inline read transactions. The runtime calls it
+/// when a worker thread goes idle, so that an idle thread's snapshot does
+/// not keep the WAL from being reset.
+pub(crate) fn end_inline_reads() {
+    let _ = INLINE_READERS.try_with(|readers| {
+        if let Ok(mut readers) = readers.try_borrow_mut() {
+            readers.iter_mut().for_each(InlineReader::end);
+        }
+    });
 }
 
 /// How often an idle writer looks at the file.
@@ -253,6 +296,8 @@ impl SqliteStore {
             health,
             newest_event,
             serving: Arc::new(Mutex::new(None)),
+            wal: WalIndex::open(path).map(Arc::new),
+            rows: Arc::new(RowCache::new(row_cache::CAPACITY_BYTES)),
         })
     }
 
@@ -276,7 +321,10 @@ impl SqliteStore {
 
     /// A user's linked identities, oldest first (one index seek, inline).
     pub async fn list(&self, user: &UserId) -> Result<Vec<LinkRecord>, StoreError> {
-        self.read_inline(|conn| {
+        let read = Read::Links {
+            user: user.as_str(),
+        };
+        self.read_cached(read, |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
                  FROM linked_identities WHERE user_id = ?1 ORDER BY id",
@@ -326,7 +374,16 @@ impl SqliteStore {
     pub async fn search(&self, query: SearchQuery) -> Result<SearchPage, StoreError> {
         // The lookup is one seek: inline. A page may walk a thousand rows:
         // off the async threads.
-        if query.provider_id.is_some() && query.linked_user_id.is_some() {
+        if let (Some(provider), Some(remote), None) =
+            (&query.provider_id, &query.linked_user_id, &query.after_user)
+        {
+            let read = Read::Lookup { provider, remote };
+            let links = self.read_cached(read, |conn| Ok(search_in(conn, &query)?.links))?;
+            Ok(SearchPage {
+                more: links.len() > query.limit as usize,
+                links,
+            })
+        } else if query.provider_id.is_some() && query.linked_user_id.is_some() {
             self.read_inline(|conn| search_in(conn, &query))
         } else {
             self.read(move |conn| search_in(conn, &query)).await
@@ -416,10 +473,36 @@ impl SqliteStore {
         .await
     }
 
+    /// A short read through the row cache: the kept answer while nobody
+    /// has committed since it was read, else `read_inline`'s.
+    fn read_cached(
+        &self,
+        read: Read<'_>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<Vec<LinkRecord>>,
+    ) -> Result<Vec<LinkRecord>, StoreError> {
+        if self.health.file_gone.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(FILE_GONE.into()));
+        }
+        let before = self.wal.as_ref().and_then(|wal| wal.stamp());
+        if let Some(links) = before.and_then(|now| self.rows.get(&read, now)) {
+            return Ok(links);
+        }
+        let links = self.read_inline(f)?;
+        if let Some(before) = before {
+            self.rows.put(&read, before, &links);
+        }
+        Ok(links)
+    }
+
     /// Runs a short read — an index seek that returns a row or two — on
     /// this thread's own connection, inline: the hand-off to a blocking
     /// thread and back costs several times what SQLite takes to answer from
     /// its page cache. Reads that may walk many rows use `read`.
+    ///
+    /// The thread's connection keeps its read transaction open from one
+    /// read to the next for as long as nobody commits (the WAL index's
+    /// header is unchanged), so every read still sees every commit made
+    /// before it began, by this process or any other.
     fn read_inline<T>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
@@ -429,7 +512,7 @@ impl SqliteStore {
         }
         INLINE_READERS.with(|readers| {
             let mut readers = readers.borrow_mut();
-            let at = match readers.iter().position(|(id, _)| *id == self.id) {
+            let at = match readers.iter().position(|r| r.store == self.id) {
                 Some(at) => at,
                 None => {
                     let conn = Connection::open(&self.path)
@@ -438,11 +521,34 @@ impl SqliteStore {
                     if readers.len() >= INLINE_READERS_PER_THREAD {
                         readers.remove(0);
                     }
-                    readers.push((self.id, conn));
+                    readers.push(InlineReader {
+                        store: self.id,
+                        conn,
+                        open_since: None,
+                    });
                     readers.len() - 1
                 }
             };
-            f(&readers[at].1).or_store("a read query failed")
+            let reader = &mut readers[at];
+            let now = self.wal.as_ref().and_then(|wal| wal.stamp());
+            if now.is_none() || reader.open_since != now {
+                reader.end();
+                if let Some(now) = now {
+                    // Deferred: the snapshot is taken by the first read,
+                    // after `now`, so it holds every commit `now` shows.
+                    reader
+                        .conn
+                        .prepare_cached("BEGIN")
+                        .and_then(|mut begin| begin.execute([]))
+                        .or_store("cannot begin a read")?;
+                    reader.open_since = Some(now);
+                }
+            }
+            let read = f(&reader.conn);
+            if read.is_err() {
+                reader.end();
+            }
+            read.or_store("a read query failed")
         })
     }
 

@@ -17,6 +17,7 @@ mod errors;
 mod faults;
 mod feed;
 mod first_start;
+mod freshness;
 mod get;
 mod hostile;
 mod hostile_tokens;
