@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use std::cell::RefCell;
 
-use warp::http::header::HeaderValue;
+use warp::http::header::{self, HeaderName, HeaderValue};
 use warp::http::HeaderMap;
 use warp::Filter;
 
@@ -71,15 +71,15 @@ pub struct RequestContext {
 
 pub(super) fn request_context(
 ) -> impl Filter<Extract = (RequestContext,), Error = Infallible> + Clone {
-    request_id().map(|id: RequestId| RequestContext {
-        id: id.0,
+    head().map(|head: Arc<Head>| RequestContext {
+        id: head.id.0.clone(),
         started: Instant::now(),
     })
 }
 
 /// The request's id: the caller's `x-request-id` when sane, else a new one.
-/// The server loop decides it once per request and puts it in the request's
-/// extensions, so handlers (for the change feed) and the response agree.
+/// The server loop decides it once per request (in the request's [`Head`]),
+/// so handlers (for the change feed) and the response agree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub String);
 
@@ -97,11 +97,86 @@ impl RequestId {
 }
 
 pub(super) fn request_id() -> impl Filter<Extract = (RequestId,), Error = Infallible> + Clone {
-    warp::ext::optional::<RequestId>()
-        .and(optional_header("x-request-id"))
-        .map(|decided: Option<RequestId>, given: Option<HeaderValue>| {
-            decided.unwrap_or_else(|| RequestId::choose(given.as_ref()))
-        })
+    head().map(|head: Arc<Head>| head.id.clone())
+}
+
+/// `x-request-id`, which requests may send and every response carries.
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// The headers the app reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Header {
+    Authorization,
+    ContentType,
+    ContentLength,
+    Accept,
+    LastEventId,
+}
+
+impl Header {
+    const ALL: [Header; 5] = [
+        Header::Authorization,
+        Header::ContentType,
+        Header::ContentLength,
+        Header::Accept,
+        Header::LastEventId,
+    ];
+
+    /// Its name, as a constant: looking a header up by a `&str` parses
+    /// and hashes the name every time.
+    fn name(self) -> &'static HeaderName {
+        static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+        match self {
+            Header::Authorization => &header::AUTHORIZATION,
+            Header::ContentType => &header::CONTENT_TYPE,
+            Header::ContentLength => &header::CONTENT_LENGTH,
+            Header::Accept => &header::ACCEPT,
+            Header::LastEventId => &LAST_EVENT_ID,
+        }
+    }
+}
+
+/// What the app reads from a request's head, taken once by the server loop
+/// and shared as a request extension: warp's header and query filters
+/// reject — an allocation each — when a header or the query is missing,
+/// and most requests lack most of them.
+#[derive(Debug)]
+pub(crate) struct Head {
+    /// The request's id (see [`RequestId`]).
+    pub id: RequestId,
+    /// The raw query string, "" when there is none.
+    pub query: String,
+    /// Whether the request says it carries a body.
+    pub declares_body: bool,
+    /// The first value of each header the app reads, raw.
+    headers: [Option<HeaderValue>; Header::ALL.len()],
+}
+
+impl Head {
+    /// The head of a request with this target and these headers.
+    pub(crate) fn of(query: Option<&str>, headers: &HeaderMap) -> Head {
+        let length = headers.get(header::CONTENT_LENGTH);
+        Head {
+            id: RequestId::choose(headers.get(&X_REQUEST_ID)),
+            query: query.unwrap_or("").to_owned(),
+            declares_body: headers.contains_key(header::TRANSFER_ENCODING)
+                || length.is_some_and(|n| n.as_bytes() != b"0"),
+            headers: Header::ALL.map(|h| headers.get(h.name()).cloned()),
+        }
+    }
+
+    pub(crate) fn header(&self, header: Header) -> Option<HeaderValue> {
+        self.headers[header as usize].clone()
+    }
+}
+
+/// The request's [`Head`] (one made here for a request that did not come
+/// through the server loop).
+fn head() -> impl Filter<Extract = (Arc<Head>,), Error = Infallible> + Clone {
+    warp::ext::optional::<Arc<Head>>().map(|head: Option<Arc<Head>>| {
+        head.unwrap_or_else(|| Arc::new(Head::of(None, &HeaderMap::new())))
+    })
 }
 
 /// A caller's request id is echoed only when it is short and plain.
@@ -115,23 +190,19 @@ fn is_sane_request_id(id: &str) -> bool {
 
 /// A header's raw value, if present (never rejects, whatever its bytes).
 pub(super) fn optional_header(
-    name: &'static str,
+    header: Header,
 ) -> impl Filter<Extract = (Option<HeaderValue>,), Error = Infallible> + Clone {
-    warp::header::value(name)
-        .map(Some)
-        .or(warp::any().map(|| None))
-        .unify()
+    head().map(move |head: Arc<Head>| head.header(header))
+}
+
+/// The raw query string ("" when there is none).
+pub(super) fn query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    head().map(|head: Arc<Head>| head.query.clone())
 }
 
 /// Whether the request says it carries a body.
 pub(super) fn declares_body() -> impl Filter<Extract = (bool,), Error = Infallible> + Clone {
-    optional_header("content-length")
-        .and(optional_header("transfer-encoding"))
-        .map(
-            |length: Option<HeaderValue>, encoding: Option<HeaderValue>| {
-                encoding.is_some() || length.is_some_and(|n| n.as_bytes() != b"0")
-            },
-        )
+    head().map(|head: Arc<Head>| head.declares_body)
 }
 
 /// Who sent a request, as far as the server can tell.
@@ -184,7 +255,7 @@ impl ForwardedFor {
     /// The lines of these headers, if any.
     pub(crate) fn of(headers: &HeaderMap) -> Option<ForwardedFor> {
         let lines: Vec<String> = headers
-            .get_all("x-forwarded-for")
+            .get_all(&X_FORWARDED_FOR)
             .iter()
             .map(|line| String::from_utf8_lossy(line.as_bytes()).into_owned())
             .collect();

@@ -11,7 +11,7 @@ use warp::http::header::{HeaderValue, CONTENT_TYPE};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::context::{client, optional_header, request_id, Client, ServedAs};
+use super::context::{client, optional_header, query, request_id, Client, Header, ServedAs};
 use super::problem::ApiError;
 use super::server::BodyTimedOut;
 use super::{handlers, AppState, MAX_BODY_BYTES};
@@ -63,13 +63,8 @@ fn bearer(state: &Arc<AppState>) -> impl Filter<Extract = (Bearer,), Error = Rej
     let trusted_proxies = Arc::new(state.trusted_proxies.clone());
     with_state(state)
         .and(client(trusted_proxies))
-        .and(optional_header("authorization"))
+        .and(optional_header(Header::Authorization))
         .and_then(authenticate)
-}
-
-/// The raw query string ("" when there is none).
-fn query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
-    warp::query::raw().or(warp::any().map(String::new)).unify()
 }
 
 /// GET /api/admin/users/v4/users/identity-providers
@@ -160,8 +155,8 @@ fn list_events(
         .and(warp::path!("linked-identities" / "events"))
         .and(warp::get())
         .and(query())
-        .and(optional_header("accept"))
-        .and(optional_header("last-event-id"))
+        .and(optional_header(Header::Accept))
+        .and(optional_header(Header::LastEventId))
         .and(with_state(state))
         .and(bearer(state))
         .and_then(handlers::list_events)
@@ -244,8 +239,8 @@ async fn authenticate(
 /// A JSON request body: declared as JSON (415 otherwise) and at most
 /// `MAX_BODY_BYTES` (413 otherwise, whether or not a length was declared).
 fn json_body() -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
-    optional_header("content-type")
-        .and(optional_header("content-length"))
+    optional_header(Header::ContentType)
+        .and(optional_header(Header::ContentLength))
         .and_then(
             |content_type: Option<HeaderValue>, length: Option<HeaderValue>| async move {
                 if !content_type.as_ref().is_some_and(is_json) {

@@ -165,7 +165,7 @@ fn finish(
         }
     };
     if let Ok(id) = HeaderValue::from_str(&context.id) {
-        response.headers_mut().insert("x-request-id", id);
+        response.headers_mut().insert(&context::X_REQUEST_ID, id);
     }
     let elapsed = context.started.elapsed();
     let label = route.map_or("other", |r| r.label(&method));
@@ -262,9 +262,21 @@ pub fn route_of(path: &str) -> Option<Route> {
             service: Some(label),
         });
     }
-    Operation::ALL
-        .into_iter()
-        .map(|op| op.spec().route)
+    // Each request looks its route up: compare segments only with the
+    // templates that have as many.
+    static TEMPLATES: OnceLock<Vec<(&'static str, usize)>> = OnceLock::new();
+    let templates = TEMPLATES.get_or_init(|| {
+        Operation::ALL
+            .into_iter()
+            .map(|op| op.spec().route)
+            .map(|t| (t, t.trim_matches('/').split('/').count()))
+            .collect()
+    });
+    let segments = path.split('/').count();
+    templates
+        .iter()
+        .filter(|(_, n)| *n == segments)
+        .map(|(template, _)| *template)
         .find(|template| template_matches(template, path))
         .map(|template| Route {
             template,

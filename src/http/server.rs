@@ -31,7 +31,7 @@ use warp::http::header::{HeaderValue, CONNECTION};
 use warp::http::{Request, Uri};
 use warp::reply::Response;
 
-use super::context::{ForwardedFor, PeerAddr, RequestId, ServedAs};
+use super::context::{ForwardedFor, Head, PeerAddr, ServedAs};
 use crate::config::ServerConfig;
 
 /// Clients past `max_connections` wait in the kernel's accept queue; this
@@ -475,9 +475,10 @@ fn prepare(
     if let Some(forwarded) = ForwardedFor::of(request.headers()) {
         request.extensions_mut().insert(forwarded);
     }
-    // Decided once, so the response, the log line and the change feed agree.
-    let id = RequestId::choose(request.headers().get("x-request-id"));
-    request.extensions_mut().insert(id);
+    // The request id is decided once, so the response, the log line and
+    // the change feed agree.
+    let head = Head::of(request.uri().query(), request.headers());
+    request.extensions_mut().insert(Arc::new(head));
     // An authority-form target (`CONNECT host:port`) has no path, and
     // warp's `path::full()` panics on it; give it the root path, which the
     // app then refuses.

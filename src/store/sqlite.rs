@@ -681,6 +681,8 @@ pub(crate) fn check(path: &Path) -> Result<Option<u32>, Vec<Problem>> {
         KEY,
         &dir.join(".linkid-wal-check"),
     ));
+    // This may be the process's first connection.
+    configure_sqlite();
     let version = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .and_then(|conn| {
             conn.busy_timeout(Duration::from_secs(5))?;
@@ -718,7 +720,7 @@ pub(crate) fn check(path: &Path) -> Result<Option<u32>, Vec<Problem>> {
 }
 
 /// Turns off SQLite's memory statistics, once, before the process's first
-/// connection: with them on, every allocation SQLite makes takes a global
+/// connection (every place that may open it first calls this): with them on, every allocation SQLite makes takes a global
 /// mutex that all connections share. (Too late — another connection came
 /// first — it changes nothing and says so with an error code we ignore.)
 fn configure_sqlite() {
@@ -1089,10 +1091,43 @@ impl Writer {
 /// Runs a batch in one transaction, each write in a savepoint. The outer
 /// error fails the whole batch (nothing was committed): the transaction
 /// itself failed, or one write met a full, read-only or vanished database.
+/// Runs a batch in one transaction; each job's outcome is its own. Jobs run
+/// without savepoints first: a refusal (`UserAlreadyLinked`,
+/// `IdentityAlreadyLinked`, `NotFound`) is decided before a job writes
+/// anything, so only another failure can leave a job half done — then the
+/// whole transaction is rolled back and the batch runs again with a
+/// savepoint per job, which undoes just the failed one. (A savepoint per job
+/// costs a copy of every page the job touches.)
 fn apply_batch(
     conn: &mut Connection,
     batch: &[WriteJob],
 ) -> Result<Vec<Result<WriteResult, StoreError>>, StoreError> {
+    match apply_batch_with(conn, batch, false)? {
+        Some(results) => Ok(results),
+        // With savepoints every job's failure is its own: never `None`.
+        None => apply_batch_with(conn, batch, true)?
+            .ok_or_else(|| anyhow::anyhow!("a batch with savepoints was given up").into()),
+    }
+}
+
+/// Whether a job's failure is known to leave nothing written.
+fn writes_nothing(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::UserAlreadyLinked { .. }
+            | StoreError::IdentityAlreadyLinked { .. }
+            | StoreError::NotFound { .. }
+    )
+}
+
+/// `apply_batch` with or without a savepoint per job; `None` when, without
+/// them, a job failed in a way that may have left it half done (nothing is
+/// committed then).
+fn apply_batch_with(
+    conn: &mut Connection,
+    batch: &[WriteJob],
+    savepoints: bool,
+) -> Result<Option<Vec<Result<WriteResult, StoreError>>>, StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .or_store("cannot begin a write transaction")?;
@@ -1106,7 +1141,9 @@ fn apply_batch(
             .or_store(what)
     };
     for job in batch {
-        step("SAVEPOINT write", "cannot open a savepoint")?;
+        if savepoints {
+            step("SAVEPOINT write", "cannot open a savepoint")?;
+        }
         let result = match &job.op {
             WriteOp::Link { user, link, actor } => {
                 link_in(&tx, user, link, actor, &stamp).map(WriteResult::Link)
@@ -1122,19 +1159,21 @@ fn apply_batch(
             }
         };
         match &result {
-            Ok(_) => step("RELEASE write", "cannot release a savepoint")?,
             Err(error @ (StoreError::Full(_) | StoreError::Unavailable(_))) => {
                 return Err(error.clone())
             }
-            Err(_) => {
+            Ok(_) if savepoints => step("RELEASE write", "cannot release a savepoint")?,
+            Err(_) if savepoints => {
                 step("ROLLBACK TO write", "cannot roll back a savepoint")?;
                 step("RELEASE write", "cannot release a savepoint")?;
             }
+            Err(error) if !writes_nothing(error) => return Ok(None),
+            _ => {}
         }
         results.push(result);
     }
     tx.commit().or_store("cannot commit a write transaction")?;
-    Ok(results)
+    Ok(Some(results))
 }
 
 fn link_in(

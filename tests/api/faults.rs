@@ -223,3 +223,54 @@ async fn a_full_disk_answers_507_then_service_resumes_when_space_frees() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_write_that_fails_half_done_is_undone_alone_and_its_batch_commits() {
+    if skipped_unless(
+        Backend::Sqlite,
+        "it is about the SQLite writer's batches (a trigger makes one job fail after it wrote)",
+    ) {
+        return;
+    }
+    let app = spawn_app().await;
+    // The link's insert succeeds, then its event's insert fails: the job
+    // has written something when it fails.
+    app.execute_sql(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON events WHEN NEW.user_id LIKE 'boom-%' \
+         BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+    );
+    for round in 0..5 {
+        let requests = (0..30).map(|i| {
+            let user = if i == 15 {
+                format!("boom-{round}")
+            } else {
+                format!("w-{round}-{i}")
+            };
+            let app = &app;
+            async move {
+                let status = app
+                    .link_as_admin(&user, "okta", &format!("r-{user}"))
+                    .await
+                    .status()
+                    .as_u16();
+                (user, status)
+            }
+        });
+        for (user, status) in futures_util::future::join_all(requests).await {
+            let expected = if user.starts_with("boom-") { 500 } else { 201 };
+            assert_eq!(status, expected, "{user}");
+        }
+    }
+    let conn = rusqlite::Connection::open(&app.config.database.path).unwrap();
+    let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        count("SELECT count(*) FROM linked_identities WHERE user_id LIKE 'boom-%'"),
+        0,
+        "a failed write left its link behind"
+    );
+    assert_eq!(count("SELECT count(*) FROM linked_identities"), 5 * 29);
+    assert_eq!(
+        count("SELECT count(*) FROM events WHERE type = 'LINKED'"),
+        5 * 29
+    );
+}
