@@ -10,15 +10,16 @@
 #   2. list-small   linkid: authenticated GET of a random seeded user's linked
 #                   identities, LINKS (10,000) links stored
 #   3. providers    linkid: authenticated GET identity providers
+#   3b. lookup-small linkid: the login-time reverse lookup (GET
+#                   /linked-identities?provider_id=&linked_user_id=) of a
+#                   random link, LINKS links stored (beside row 2)
 #   4. list-big     as list-small with BIG_LINKS (1,000,000) links stored
 #   5. write-group  linkid write mix (POST a new link, then DELETE it; a new
 #                   user and remote id for every link) with group commit
 #                   (database.max_batch as configured, 256 by default)
 #   6. write-single the same with LINKID_DATABASE__MAX_BATCH=1 (one commit
 #                   per request), same build
-#   7. lookup-big   linkid: the login-time reverse lookup (GET
-#                   /linked-identities?provider_id=&linked_user_id=) of a
-#                   random link, BIG_LINKS links stored
+#   7. lookup-big   as lookup-small with BIG_LINKS links stored
 #   8. feed         linkid: GET /linked-identities/events, a random `after`,
 #                   pages of 100, from BIG_LINKS events (made by an import)
 #   and, on a throwaway PostgreSQL (scripts/pg-cluster.sh; PG=0 skips them):
@@ -40,7 +41,7 @@
 #   THREADS=1        wrk threads, every scenario
 #   LINKS=10000      links seeded for list-small, providers and the write DBs
 #   BIG_LINKS=1000000  links seeded for list-big
-#   PORT=18700       first loopback port; scenarios use PORT .. PORT+5
+#   PORT=18700       first loopback port; scenarios use PORT .. PORT+14
 #   OUT=bench/out    scratch directory (databases, key, logs, raw wrk output);
 #                    emptied at the start, so it must be one this script made
 #   RESULTS=bench/RESULTS.md   where the report goes
@@ -55,7 +56,8 @@
 #   LOG_LEVEL=info   linkid's log.level (default info, the shipped default:
 #                    one line per request, into OUT/NAME.server.log)
 #   SCENARIOS=a,b    run only these rows (names as in the report's first
-#                    column ids: baseline, list-small, providers, list-big,
+#                    column ids: baseline, list-small, providers,
+#                    lookup-small, list-big,
 #                    write-group, write-single, lookup-big, feed, pg-list,
 #                    pg-list-x2, pg-write, pg-write-x2, pg-lookup-big,
 #                    pg-feed; default: all). The baseline always runs.
@@ -287,7 +289,7 @@ measure() {
     wrk_cpu=$(field "$line" wrk_cpu_s)
     REQS[$name]=$requests
     CPU[$name]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v d="$duration_us" 'BEGIN {printf "%.2f", (t / hz) / (d / 1e6)}')
-    CPUREQ[$name]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$requests" 'BEGIN {printf "%.0f", r ? (t / hz) * 1e6 / r : 0}')
+    CPUREQ[$name]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$requests" 'BEGIN {printf "%.1f", r ? (t / hz) * 1e6 / r : 0}')
     WRKCPU[$name]=$(awk -v w="$wrk_cpu" -v d="$duration_us" 'BEGIN {printf "%.2f", w / (d / 1e6)}')
     # Everything else the machine did meanwhile (should be about 0).
     OTHER[$name]=$(awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v w="$wrk_cpu" -v d="$duration_us" \
@@ -351,7 +353,7 @@ measure2() {
     RSS[$name]=$(awk -v a="$(vmhwm_kib "$pid1")" -v b="$(vmhwm_kib "$pid2")" 'BEGIN {print (a > b ? a : b)}')
     REQS[$name]=$(printf %.0f "$requests")
     CPU[$name]=$(awk -v t=$server_ticks -v hz="$CLK_TCK" -v d="$duration_us" 'BEGIN {printf "%.2f", (t / hz) / (d / 1e6)}')
-    CPUREQ[$name]=$(awk -v t=$server_ticks -v hz="$CLK_TCK" -v r="$requests" 'BEGIN {printf "%.0f", r ? (t / hz) * 1e6 / r : 0}')
+    CPUREQ[$name]=$(awk -v t=$server_ticks -v hz="$CLK_TCK" -v r="$requests" 'BEGIN {printf "%.1f", r ? (t / hz) * 1e6 / r : 0}')
     WRKCPU[$name]=$(awk -v w="$wrk_cpu" -v d="$duration_us" 'BEGIN {printf "%.2f", w / (d / 1e6)}')
     OTHER[$name]=$(awk -v s=$((s1 - s0)) -v t=$server_ticks -v hz="$CLK_TCK" -v w="$wrk_cpu" -v d="$duration_us" \
         'BEGIN {o = ((s - t) / hz - w) / (d / 1e6); if (o < 0) o = 0; printf "%.2f", o}')
@@ -481,6 +483,19 @@ if want providers; then
         || die "the identity providers request fails before the load starts"
     measure providers "linkid" "$SERVER_PID" bench/get.lua "http://127.0.0.1:$port$API/identity-providers" -H "$AUTH"
     stop_server "$SERVER_PID" 0 providers
+fi
+
+# 3b. reverse lookup, LINKS links (the lookup beside the list of row 2)
+if want lookup-small; then
+    port=$((PORT + 14))
+    wait_idle lookup-small
+    start_server lookup-small "$port" env $(linkid_env "$port" "$OUT/db-small/linkid.db") "$LINKID" serve
+    probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port/api/admin/users/v4/linked-identities?provider_id=okta&linked_user_id=seed-remote-1") \
+        || die "the lookup fails before the load starts"
+    [[ $probe == *'"user_id":"seed-user-1"'* ]] || die "unexpected lookup answer: $probe"
+    export BENCH_USERS=$LINKS BENCH_PROVIDERS=azure-ad,okta,corporate-saml
+    measure lookup-small "linkid" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 lookup-small
 fi
 
 # 4. list, BIG_LINKS links
@@ -635,6 +650,7 @@ declare -A LABEL=(
     [list-big]="GET list, $(commas "$BIG_LINKS") links stored"
     [write-group]="write mix POST+DELETE, group commit"
     [write-single]="write mix POST+DELETE, max_batch=1"
+    [lookup-small]="GET reverse lookup, $(commas "$LINKS") links stored"
     [lookup-big]="GET reverse lookup, $(commas "$BIG_LINKS") links stored"
     [feed]="GET events (100 a page), $(commas "$BIG_LINKS") stored"
     [pg-list]="PostgreSQL: GET list, $(commas "$LINKS") links"
@@ -685,7 +701,7 @@ targets() {
     echo "|---|---|---|"
     # Issue 12: an authenticated read within 2.5 × bare warp's server CPU
     # per request, at least half its throughput, p99 within 2 ×.
-    for n in list-small providers lookup-big; do
+    for n in list-small providers lookup-small lookup-big; do
         has "$n" || continue
         r=$(ratio "${CPUREQ[$n]}" "${CPUREQ[$b]}")
         v=$(verdict "$r <= 2.5")
@@ -700,7 +716,7 @@ targets() {
         v=$(verdict "$r >= 4")
         echo "| writes: group commit ≥ 4 × one commit per request (issue 12) | $r × | $v |"
     fi
-    for n in list-small providers lookup-big; do
+    for n in list-small providers lookup-small lookup-big; do
         has "$n" || continue
         r=$(ratio "${RPS[$n]}" "${RPS[$b]}")
         v=$(verdict "$r >= 0.5")

@@ -27,6 +27,14 @@ use std::sync::atomic::{fence, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct WalStamp([u32; HEADER_WORDS]);
 
+#[cfg(test)]
+impl WalStamp {
+    /// A stamp made up for tests of what compares stamps.
+    pub(crate) fn made_up(n: u32) -> WalStamp {
+        WalStamp([n; HEADER_WORDS])
+    }
+}
+
 const HEADER_WORDS: usize = 12;
 const HEADER_BYTES: usize = HEADER_WORDS * 4;
 /// `iVersion` of every WAL index since SQLite 3.7.0.
