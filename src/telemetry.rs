@@ -1,7 +1,6 @@
 //! Logging set-up and Prometheus metrics (the `metrics` facade with the
 //! Prometheus exporter's recorder; rendered at `GET /metrics`).
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -283,31 +282,37 @@ fn describe() {
     );
 }
 
-/// Records one answered request under its operation's label. Handles are
-/// looked up once per (operation, status) and kept, so the hot path only
-/// bumps atomics.
+/// Records one answered request under its operation's label. Each thread
+/// keeps the handles it has used, found by the label's address and the
+/// status, so the hot path takes no lock, hashes nothing and only bumps
+/// atomics.
 pub fn record_request(operation: &'static str, status: u16, elapsed: Duration) {
     type Handles = (metrics::Counter, metrics::Histogram);
-    static HANDLES: OnceLock<std::sync::RwLock<HashMap<(&'static str, u16), Handles>>> =
-        OnceLock::new();
-    let handles = HANDLES.get_or_init(Default::default);
-    let key = (operation, status);
-    if let Some((counter, histogram)) = handles.read().unwrap_or_else(|e| e.into_inner()).get(&key)
-    {
+    thread_local! {
+        static HANDLES: std::cell::RefCell<Vec<((usize, u16), Handles)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let key = (operation.as_ptr() as usize, status);
+    HANDLES.with(|handles| {
+        let mut handles = handles.borrow_mut();
+        let at = match handles.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                prometheus();
+                handles.push((
+                    key,
+                    (
+                        metrics::counter!("linkid_requests_total", "operation" => operation, "status" => status_label(status)),
+                        metrics::histogram!("linkid_request_duration_seconds", "operation" => operation),
+                    ),
+                ));
+                handles.len() - 1
+            }
+        };
+        let (counter, histogram) = &handles[at].1;
         counter.increment(1);
         histogram.record(elapsed.as_secs_f64());
-        return;
-    }
-    let (counter, histogram) = (
-        metrics::counter!("linkid_requests_total", "operation" => operation, "status" => status_label(status)),
-        metrics::histogram!("linkid_request_duration_seconds", "operation" => operation),
-    );
-    counter.increment(1);
-    histogram.record(elapsed.as_secs_f64());
-    handles
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, (counter, histogram));
+    });
 }
 
 /// A token found verified in the cache.

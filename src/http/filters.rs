@@ -17,22 +17,23 @@ use super::server::BodyTimedOut;
 use super::{handlers, AppState, MAX_BODY_BYTES};
 use crate::auth::Bearer;
 
-/// Every route: the API operations, then the service endpoints.
+/// Every route: the API operations, the ones a busy install calls most
+/// first, then the service endpoints.
 pub(super) fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    list_identity_providers(&state)
-        .or(list_linked_identities(&state))
-        .unify()
-        .or(link_identity(&state))
+    list_linked_identities(&state)
+        .or(search_linked_identities(&state))
         .unify()
         .or(get_linked_identity(&state))
+        .unify()
+        .or(list_identity_providers(&state))
+        .unify()
+        .or(link_identity(&state))
         .unify()
         .or(delete_linked_identity(&state))
         .unify()
         .or(list_events(&state))
-        .unify()
-        .or(search_linked_identities(&state))
         .unify()
         .or(healthz())
         .unify()

@@ -18,7 +18,7 @@ use super::WalStamp;
 use crate::domain::LinkRecord;
 
 /// What the cache holds: at most this many bytes of keys and records.
-pub(crate) const CAPACITY_BYTES: u64 = 8 * 1024 * 1024;
+pub(crate) const CAPACITY_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Reads per look at the hit rate.
 const WINDOW: u32 = 1024;
@@ -137,7 +137,10 @@ impl RowCache {
     pub(crate) fn put(&self, read: &Read<'_>, before: WalStamp, links: &[LinkRecord]) {
         let admit = self.worthwhile.load(Ordering::Relaxed)
             || self.entries.weight() < self.entries.capacity() / 10 * 9
-            || self.reads.load(Ordering::Relaxed) % SAMPLE_MISSES == 0;
+            || self
+                .reads
+                .load(Ordering::Relaxed)
+                .is_multiple_of(SAMPLE_MISSES);
         if admit {
             #[cfg(test)]
             self.admitted.fetch_add(1, Ordering::Relaxed);
@@ -182,11 +185,30 @@ mod tests {
         // The lookup's key never collides with a list's, nor with another
         // split of the same characters.
         assert!(cache
-            .get(&Read::Lookup { provider: "u-", remote: "1" }, stamp(1))
+            .get(
+                &Read::Lookup {
+                    provider: "u-",
+                    remote: "1"
+                },
+                stamp(1)
+            )
             .is_none());
-        cache.put(&Read::Lookup { provider: "ab", remote: "c" }, stamp(1), &[]);
+        cache.put(
+            &Read::Lookup {
+                provider: "ab",
+                remote: "c",
+            },
+            stamp(1),
+            &[],
+        );
         assert!(cache
-            .get(&Read::Lookup { provider: "a", remote: "bc" }, stamp(1))
+            .get(
+                &Read::Lookup {
+                    provider: "a",
+                    remote: "bc"
+                },
+                stamp(1)
+            )
             .is_none());
     }
 
