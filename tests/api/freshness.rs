@@ -4,9 +4,13 @@
 //! open read transactions between requests; these tests read first, so
 //! that whatever is kept is kept, then change the data and read at once.
 
-use serde_json::Value;
+use std::time::Duration;
 
-use crate::helpers::{link_body, spawn_app, TestApp};
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::cli::{mint, Server};
+use crate::helpers::{link_body, skipped_unless, spawn_app, Backend, TestApp};
 
 /// The usernames of a user's links, as listed.
 async fn listed(app: &TestApp, user: &str) -> Vec<String> {
@@ -139,4 +143,60 @@ async fn this_servers_own_writes_are_read_at_once_after_reads_of_the_same_keys()
         assert_eq!(listed(&app, "u-1").await, none);
         assert_eq!(looked_up(&app, "okta", &remote).await, none);
     }
+}
+
+#[tokio::test]
+async fn an_idle_server_holds_no_read_snapshot_that_would_keep_the_wal_from_being_reset() {
+    if skipped_unless(Backend::Sqlite, "it is about SQLite's WAL") {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let token = mint(dir.path(), &["--admin"]);
+    let server = Server::start(dir.path(), &[]);
+    let client = reqwest::Client::new();
+    let url = format!(
+        "{}/api/admin/users/v4/users/u-1/linked-identities",
+        server.base
+    );
+    let linked = client
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&link_body("okta", "r-1", "one"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(linked.status(), 201);
+    // Reads on every worker thread, each of which keeps its read
+    // transaction open while it is busy.
+    let reads = (0..64).map(|_| {
+        let (client, url, token) = (client.clone(), url.clone(), token.clone());
+        async move {
+            let response = client.get(&url).bearer_auth(&token).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    });
+    futures_util::future::join_all(reads).await;
+
+    // Idle now: a checkpoint that resets the WAL needs every reader gone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conn = rusqlite::Connection::open(dir.path().join("data/linkid.db")).unwrap();
+    conn.busy_timeout(Duration::from_millis(500)).unwrap();
+    let busy: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        busy, 0,
+        "a reader of the idle server still holds a snapshot"
+    );
+    // And the server reads on, after the reset.
+    let listed: Value = client
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usernames(&listed), ["one"]);
 }
