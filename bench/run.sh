@@ -485,17 +485,23 @@ if want providers; then
     stop_server "$SERVER_PID" 0 providers
 fi
 
-# 3b. reverse lookup, LINKS links (the lookup beside the list of row 2)
-if want lookup-small; then
-    port=$((PORT + 14))
-    wait_idle lookup-small
-    start_server lookup-small "$port" env $(linkid_env "$port" "$OUT/db-small/linkid.db") "$LINKID" serve
+# lookup_row NAME PORT DATABASE LINKS: the login-time reverse lookup of a
+# random seeded link, against a server on DATABASE (seeded with LINKS links).
+lookup_row() {
+    local name=$1 port=$2 db=$3 links=$4 probe
+    wait_idle "$name"
+    start_server "$name" "$port" env $(linkid_env "$port" "$db") "$LINKID" serve
     probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port/api/admin/users/v4/linked-identities?provider_id=okta&linked_user_id=seed-remote-1") \
         || die "the lookup fails before the load starts"
     [[ $probe == *'"user_id":"seed-user-1"'* ]] || die "unexpected lookup answer: $probe"
-    export BENCH_USERS=$LINKS BENCH_PROVIDERS=azure-ad,okta,corporate-saml
-    measure lookup-small "linkid" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
-    stop_server "$SERVER_PID" 0 lookup-small
+    export BENCH_USERS=$links BENCH_PROVIDERS=azure-ad,okta,corporate-saml
+    measure "$name" "linkid" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 "$name"
+}
+
+# 3b. reverse lookup, LINKS links (the lookup beside the list of row 2)
+if want lookup-small; then
+    lookup_row lookup-small $((PORT + 14)) "$OUT/db-small/linkid.db" "$LINKS"
 fi
 
 # 4. list, BIG_LINKS links
@@ -534,15 +540,7 @@ fi
 
 # 7. reverse lookup, BIG_LINKS links
 if want lookup-big; then
-    port=$((PORT + 6))
-    wait_idle lookup-big
-    start_server lookup-big "$port" env $(linkid_env "$port" "$OUT/db-big/linkid.db") "$LINKID" serve
-    probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port/api/admin/users/v4/linked-identities?provider_id=okta&linked_user_id=seed-remote-1") \
-        || die "the lookup fails before the load starts"
-    [[ $probe == *'"user_id":"seed-user-1"'* ]] || die "unexpected lookup answer: $probe"
-    export BENCH_USERS=$BIG_LINKS BENCH_PROVIDERS=azure-ad,okta,corporate-saml
-    measure lookup-big "linkid" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
-    stop_server "$SERVER_PID" 0 lookup-big
+    lookup_row lookup-big $((PORT + 6)) "$OUT/db-big/linkid.db" "$BIG_LINKS"
 fi
 
 # The import: an export of the big database into an empty one (its events
