@@ -151,6 +151,8 @@ pub(crate) struct Head {
     pub declares_body: bool,
     /// The first value of each header the app reads, raw.
     headers: [Option<HeaderValue>; Header::ALL.len()],
+    /// Every `X-Forwarded-For` line, in order (none copied when none came).
+    forwarded_for: Vec<String>,
 }
 
 impl Head {
@@ -163,6 +165,11 @@ impl Head {
             declares_body: headers.contains_key(header::TRANSFER_ENCODING)
                 || length.is_some_and(|n| n.as_bytes() != b"0"),
             headers: Header::ALL.map(|h| headers.get(h.name()).cloned()),
+            forwarded_for: headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .map(|line| String::from_utf8_lossy(line.as_bytes()).into_owned())
+                .collect(),
         }
     }
 
@@ -230,37 +237,16 @@ const MAX_NAMED_CLIENT: usize = 64;
 pub(super) fn client(
     trusted: Arc<Vec<IpAddr>>,
 ) -> impl Filter<Extract = (Option<Client>,), Error = Infallible> + Clone {
-    warp::ext::optional::<PeerAddr>()
-        .and(warp::ext::optional::<ForwardedFor>())
-        .map(
-            move |peer: Option<PeerAddr>, forwarded: Option<ForwardedFor>| {
-                let peer = peer?.0.ip().to_canonical();
-                let lines = forwarded.as_ref().map_or(&[][..], |f| &f.0[..]);
-                Some(resolve_client(
-                    peer,
-                    lines.iter().map(String::as_str),
-                    &trusted,
-                ))
-            },
-        )
-}
-
-/// A request's `X-Forwarded-For` lines, in order (a request extension the
-/// server loop sets when there are any, so that a request without them
-/// copies no headers).
-#[derive(Debug, Clone)]
-pub(crate) struct ForwardedFor(pub Vec<String>);
-
-impl ForwardedFor {
-    /// The lines of these headers, if any.
-    pub(crate) fn of(headers: &HeaderMap) -> Option<ForwardedFor> {
-        let lines: Vec<String> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .map(|line| String::from_utf8_lossy(line.as_bytes()).into_owned())
-            .collect();
-        (!lines.is_empty()).then_some(ForwardedFor(lines))
-    }
+    warp::ext::optional::<PeerAddr>().and(head()).map(
+        move |peer: Option<PeerAddr>, head: Arc<Head>| {
+            let peer = peer?.0.ip().to_canonical();
+            Some(resolve_client(
+                peer,
+                head.forwarded_for.iter().map(String::as_str),
+                &trusted,
+            ))
+        },
+    )
 }
 
 /// The client of a request from `peer` with these `X-Forwarded-For` lines.

@@ -31,7 +31,7 @@ use warp::http::header::{HeaderValue, CONNECTION};
 use warp::http::{Request, Uri};
 use warp::reply::Response;
 
-use super::context::{ForwardedFor, Head, PeerAddr, ServedAs};
+use super::context::{Head, PeerAddr, ServedAs};
 use crate::config::ServerConfig;
 
 /// Clients past `max_connections` wait in the kernel's accept queue; this
@@ -472,9 +472,6 @@ fn prepare(
     connection: &Arc<Connection>,
 ) -> Request<TimedBody> {
     request.extensions_mut().insert(PeerAddr(peer));
-    if let Some(forwarded) = ForwardedFor::of(request.headers()) {
-        request.extensions_mut().insert(forwarded);
-    }
     // The request id is decided once, so the response, the log line and
     // the change feed agree.
     let head = Head::of(request.uri().query(), request.headers());

@@ -487,7 +487,7 @@ impl SqliteStore {
         if let Some(links) = before.and_then(|now| self.rows.get(&read, now)) {
             return Ok(links);
         }
-        let links = self.read_inline(f)?;
+        let links = self.read_inline_as_of(before, f)?;
         if let Some(before) = before {
             self.rows.put(&read, before, &links);
         }
@@ -510,6 +510,16 @@ impl SqliteStore {
         if self.health.file_gone.load(Ordering::Relaxed) {
             return Err(StoreError::Unavailable(FILE_GONE.into()));
         }
+        self.read_inline_as_of(self.wal.as_ref().and_then(|wal| wal.stamp()), f)
+    }
+
+    /// `read_inline` with the WAL-index header the caller took just before
+    /// (`None`: unknown, so the read begins its own transaction).
+    fn read_inline_as_of<T>(
+        &self,
+        now: Option<WalStamp>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
         INLINE_READERS.with(|readers| {
             let mut readers = readers.borrow_mut();
             let at = match readers.iter().position(|r| r.store == self.id) {
@@ -530,7 +540,6 @@ impl SqliteStore {
                 }
             };
             let reader = &mut readers[at];
-            let now = self.wal.as_ref().and_then(|wal| wal.stamp());
             if now.is_none() || reader.open_since != now {
                 reader.end();
                 if let Some(now) = now {
