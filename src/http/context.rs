@@ -14,11 +14,6 @@ use warp::Filter;
 
 use crate::auth::Bearer;
 
-/// The TCP peer of the connection a request came on (a request extension
-/// the server loop sets).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PeerAddr(pub SocketAddr);
-
 /// Whom a request was served for, for its log line.
 #[derive(Clone, Default)]
 pub(crate) enum ServedAs {
@@ -60,21 +55,6 @@ impl ServedAs {
             ServedAs::Token(bearer) => f(bearer.log_id()),
         }
     }
-}
-
-/// Per-request context taken before routing: the request id and the start time.
-#[derive(Debug, Clone)]
-pub struct RequestContext {
-    pub id: String,
-    pub started: Instant,
-}
-
-pub(super) fn request_context(
-) -> impl Filter<Extract = (RequestContext,), Error = Infallible> + Clone {
-    head().map(|head: Arc<Head>| RequestContext {
-        id: head.id.0.clone(),
-        started: Instant::now(),
-    })
 }
 
 /// The request's id: the caller's `x-request-id` when sane, else a new one.
@@ -153,11 +133,17 @@ pub(crate) struct Head {
     headers: [Option<HeaderValue>; Header::ALL.len()],
     /// Every `X-Forwarded-For` line, in order (none copied when none came).
     forwarded_for: Vec<String>,
+    /// The TCP peer of the connection it came on (none for a request that
+    /// did not come through the server loop).
+    peer: Option<SocketAddr>,
+    /// When the server loop took it.
+    pub started: Instant,
 }
 
 impl Head {
-    /// The head of a request with this target and these headers.
-    pub(crate) fn of(query: Option<&str>, headers: &HeaderMap) -> Head {
+    /// The head of a request from this peer with this target and these
+    /// headers.
+    pub(crate) fn of(peer: Option<SocketAddr>, query: Option<&str>, headers: &HeaderMap) -> Head {
         let length = headers.get(header::CONTENT_LENGTH);
         Head {
             id: RequestId::choose(headers.get(&X_REQUEST_ID)),
@@ -170,7 +156,20 @@ impl Head {
                 .iter()
                 .map(|line| String::from_utf8_lossy(line.as_bytes()).into_owned())
                 .collect(),
+            peer,
+            started: Instant::now(),
         }
+    }
+
+    /// The request's client: the TCP peer, or, when the peer is a trusted
+    /// proxy, the client its `X-Forwarded-For` lines name.
+    pub(super) fn client(&self, trusted: &[IpAddr]) -> Option<Client> {
+        let peer = self.peer?.ip().to_canonical();
+        Some(resolve_client(
+            peer,
+            self.forwarded_for.iter().map(String::as_str),
+            trusted,
+        ))
     }
 
     pub(crate) fn header(&self, header: Header) -> Option<HeaderValue> {
@@ -180,9 +179,9 @@ impl Head {
 
 /// The request's [`Head`] (one made here for a request that did not come
 /// through the server loop).
-fn head() -> impl Filter<Extract = (Arc<Head>,), Error = Infallible> + Clone {
+pub(super) fn head() -> impl Filter<Extract = (Arc<Head>,), Error = Infallible> + Clone {
     warp::ext::optional::<Arc<Head>>().map(|head: Option<Arc<Head>>| {
-        head.unwrap_or_else(|| Arc::new(Head::of(None, &HeaderMap::new())))
+        head.unwrap_or_else(|| Arc::new(Head::of(None, None, &HeaderMap::new())))
     })
 }
 
@@ -207,11 +206,6 @@ pub(super) fn query() -> impl Filter<Extract = (String,), Error = Infallible> + 
     head().map(|head: Arc<Head>| head.query.clone())
 }
 
-/// Whether the request says it carries a body.
-pub(super) fn declares_body() -> impl Filter<Extract = (bool,), Error = Infallible> + Clone {
-    head().map(|head: Arc<Head>| head.declares_body)
-}
-
 /// Who sent a request, as far as the server can tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Client {
@@ -231,23 +225,6 @@ impl Client {
 
 /// The longest name of a `Client::Named` kept (it keys a rate limit).
 const MAX_NAMED_CLIENT: usize = 64;
-
-/// The request's client: the TCP peer, or, when the peer is a trusted
-/// proxy, the client its `X-Forwarded-For` lines name.
-pub(super) fn client(
-    trusted: Arc<Vec<IpAddr>>,
-) -> impl Filter<Extract = (Option<Client>,), Error = Infallible> + Clone {
-    warp::ext::optional::<PeerAddr>().and(head()).map(
-        move |peer: Option<PeerAddr>, head: Arc<Head>| {
-            let peer = peer?.0.ip().to_canonical();
-            Some(resolve_client(
-                peer,
-                head.forwarded_for.iter().map(String::as_str),
-                &trusted,
-            ))
-        },
-    )
-}
 
 /// The client of a request from `peer` with these `X-Forwarded-For` lines.
 /// Only a trusted peer's lines count. They are one list, in order (RFC 7230

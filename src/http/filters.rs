@@ -11,7 +11,7 @@ use warp::http::header::{HeaderValue, CONTENT_TYPE};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::context::{client, optional_header, query, request_id, Client, Header, ServedAs};
+use super::context::{head, optional_header, query, request_id, Client, Head, Header, ServedAs};
 use super::problem::ApiError;
 use super::server::BodyTimedOut;
 use super::{handlers, AppState, MAX_BODY_BYTES};
@@ -47,11 +47,6 @@ pub(super) fn routes(
         .unify()
 }
 
-/// `/api/admin/users/v4/…`
-fn api() -> impl Filter<Extract = (), Error = Rejection> + Clone {
-    warp::path!("api" / "admin" / "users" / "v4" / ..)
-}
-
 fn with_state(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Arc<AppState>,), Error = Infallible> + Clone {
@@ -59,23 +54,45 @@ fn with_state(
     warp::any().map(move || state.clone())
 }
 
-/// The bearer token, authenticated (after path and method matched).
-fn bearer(state: &Arc<AppState>) -> impl Filter<Extract = (Bearer,), Error = Rejection> + Clone {
-    let trusted_proxies = Arc::new(state.trusted_proxies.clone());
-    with_state(state)
-        .and(client(trusted_proxies))
-        .and(optional_header(Header::Authorization))
-        .and_then(authenticate)
+/// The state and the bearer token, authenticated (after path and method
+/// matched): one filter, so a request passes few combinators.
+fn bearer(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Arc<AppState>, Bearer), Error = Rejection> + Clone {
+    let state = state.clone();
+    head()
+        .and_then(move |head: Arc<Head>| {
+            let state = state.clone();
+            async move {
+                let bearer = authenticate(&state, &head)?;
+                Ok::<_, Rejection>((state, bearer))
+            }
+        })
+        .untuple_one()
+}
+
+/// The query string, the state and the authenticated bearer token.
+fn query_and_bearer(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (String, Arc<AppState>, Bearer), Error = Rejection> + Clone {
+    let state = state.clone();
+    head()
+        .and_then(move |head: Arc<Head>| {
+            let state = state.clone();
+            async move {
+                let bearer = authenticate(&state, &head)?;
+                Ok::<_, Rejection>((head.query.clone(), state, bearer))
+            }
+        })
+        .untuple_one()
 }
 
 /// GET /api/admin/users/v4/users/identity-providers
 fn list_identity_providers(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    api()
-        .and(warp::path!("users" / "identity-providers"))
+    warp::path!("api" / "admin" / "users" / "v4" / "users" / "identity-providers")
         .and(warp::get())
-        .and(with_state(state))
         .and(bearer(state))
         .and_then(handlers::list_identity_providers)
 }
@@ -84,12 +101,9 @@ fn list_identity_providers(
 fn list_linked_identities(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    api()
-        .and(warp::path!("users" / String / "linked-identities"))
+    warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities")
         .and(warp::get())
-        .and(query())
-        .and(with_state(state))
-        .and(bearer(state))
+        .and(query_and_bearer(state))
         .and_then(handlers::list_linked_identities)
 }
 
@@ -97,12 +111,9 @@ fn list_linked_identities(
 fn link_identity(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    api()
-        .and(warp::path!("users" / String / "linked-identities"))
+    warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities")
         .and(warp::post())
-        .and(query())
-        .and(with_state(state))
-        .and(bearer(state))
+        .and(query_and_bearer(state))
         .and(json_body())
         .and(request_id())
         .and_then(handlers::link_identity)
@@ -112,12 +123,9 @@ fn link_identity(
 fn get_linked_identity(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    api()
-        .and(warp::path!("users" / String / "linked-identities" / String))
+    warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities" / String)
         .and(warp::get())
-        .and(query())
-        .and(with_state(state))
-        .and(bearer(state))
+        .and(query_and_bearer(state))
         .and_then(handlers::get_linked_identity)
 }
 
@@ -125,10 +133,8 @@ fn get_linked_identity(
 fn delete_linked_identity(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    api()
-        .and(warp::path!("users" / String / "linked-identities" / String))
+    warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities" / String)
         .and(warp::delete())
-        .and(with_state(state))
         .and(bearer(state))
         .and(request_id())
         .and_then(handlers::delete_linked_identity)
@@ -138,12 +144,9 @@ fn delete_linked_identity(
 fn search_linked_identities(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    api()
-        .and(warp::path!("linked-identities"))
+    warp::path!("api" / "admin" / "users" / "v4" / "linked-identities")
         .and(warp::get())
-        .and(query())
-        .and(with_state(state))
-        .and(bearer(state))
+        .and(query_and_bearer(state))
         .and_then(handlers::search_linked_identities)
 }
 
@@ -152,13 +155,11 @@ fn search_linked_identities(
 fn list_events(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    api()
-        .and(warp::path!("linked-identities" / "events"))
+    warp::path!("api" / "admin" / "users" / "v4" / "linked-identities" / "events")
         .and(warp::get())
         .and(query())
         .and(optional_header(Header::Accept))
         .and(optional_header(Header::LastEventId))
-        .and(with_state(state))
         .and(bearer(state))
         .and_then(handlers::list_events)
 }
@@ -183,7 +184,7 @@ fn metrics(state: &Arc<AppState>) -> impl Filter<Extract = (Response,), Error = 
     warp::path!("metrics")
         .and(warp::get())
         .and(with_state(state))
-        .and(client(Arc::new(state.trusted_proxies.clone())))
+        .and(client(state))
         .and_then(handlers::metrics)
 }
 
@@ -203,13 +204,19 @@ fn openapi_json(
         })
 }
 
+/// The request's client (see `Head::client`).
+fn client(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Option<Client>,), Error = Infallible> + Clone {
+    let trusted = Arc::new(state.trusted_proxies.clone());
+    head().map(move |head: Arc<Head>| head.client(&trusted))
+}
+
 /// Authenticates the bearer, within the rate limits: a client that keeps
 /// failing is refused for a while, and a token may have a request budget.
-async fn authenticate(
-    state: Arc<AppState>,
-    client: Option<Client>,
-    header: Option<HeaderValue>,
-) -> Result<Bearer, Rejection> {
+fn authenticate(state: &AppState, head: &Head) -> Result<Bearer, Rejection> {
+    let client = head.client(&state.trusted_proxies);
+    let header = head.header(Header::Authorization);
     state
         .limits
         .check_address(client.as_ref())

@@ -27,7 +27,7 @@ mod query;
 pub(crate) mod rate_limit;
 pub(crate) mod server;
 
-use context::{declares_body, request_context, RequestContext, ServedAs};
+use context::{head, Head, ServedAs};
 use problem::{problem_response, ApiError};
 use rate_limit::RateLimits;
 
@@ -94,13 +94,12 @@ pub fn app(
         .and(routes)
         .map(Ok::<Response, Rejection>)
         .or_else(|rejection| async move { Ok::<_, Infallible>((Err(rejection),)) });
-    request_context()
+    head()
         .and(warp::method())
         .and(warp::path::full())
-        .and(declares_body())
         .and(outcome)
-        .map(move |context, method, path, declares_body, outcome| {
-            let mut response = finish(context, method, path, declares_body, outcome);
+        .map(move |head: Arc<Head>, method, path, outcome| {
+            let mut response = finish(&head, method, path, outcome);
             if cors {
                 // Answers differ by Origin: caches must keep them apart.
                 response
@@ -115,12 +114,12 @@ pub fn app(
 /// tunnels.
 fn no_tunnels() -> impl Filter<Extract = (), Error = Rejection> + Clone {
     warp::method()
-        .and_then(|method: Method| async move {
-            if method == Method::CONNECT {
+        .and_then(|method: Method| {
+            std::future::ready(if method == Method::CONNECT {
                 Err(warp::reject::custom(ApiError::MethodNotAllowed))
             } else {
                 Ok(())
-            }
+            })
         })
         .untuple_one()
 }
@@ -128,10 +127,9 @@ fn no_tunnels() -> impl Filter<Extract = (), Error = Rejection> + Clone {
 /// Turns every outcome into the response: problem details for errors, the
 /// request id on everything, and one metrics sample and log line each.
 fn finish(
-    context: RequestContext,
+    head: &Head,
     method: Method,
     path: FullPath,
-    declares_body: bool,
     outcome: Result<Response, Rejection>,
 ) -> Response {
     let route = route_of(path.as_str());
@@ -140,9 +138,9 @@ fn finish(
         Err(rejection) => {
             let error = ApiError::from_rejection(&rejection);
             if let ApiError::Internal(cause) = &error {
-                tracing::error!(request_id = %context.id, error = ?cause, "request failed");
+                tracing::error!(request_id = %head.id.0, error = ?cause, "request failed");
             }
-            let mut response = problem_response(&error, &context.id);
+            let mut response = problem_response(&error, &head.id.0);
             if matches!(error, ApiError::MethodNotAllowed) {
                 // Empty where the target is no resource here: nothing is
                 // allowed on it (RFC 9110 §10.2.1).
@@ -156,7 +154,7 @@ fn finish(
             // on the connection, and hyper then closes it without a word: a
             // keep-alive client would send its next request into the closing
             // socket and get a connection error. Say that it closes.
-            if declares_body {
+            if head.declares_body {
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -164,10 +162,10 @@ fn finish(
             response
         }
     };
-    if let Ok(id) = HeaderValue::from_str(&context.id) {
+    if let Ok(id) = HeaderValue::from_str(&head.id.0) {
         response.headers_mut().insert(&context::X_REQUEST_ID, id);
     }
-    let elapsed = context.started.elapsed();
+    let elapsed = head.started.elapsed();
     let label = route.map_or("other", |r| r.label(&method));
     crate::telemetry::record_request(label, response.status().as_u16(), elapsed);
     // One line per request, no span: a span per request costs more than
@@ -178,7 +176,7 @@ fn finish(
             route: route.map_or("unknown", |r| r.template),
             status: response.status().as_u16(),
             latency_us: elapsed.as_micros() as u64,
-            request_id: &context.id,
+            request_id: &head.id.0,
             token,
         })
     });

@@ -31,7 +31,7 @@ use warp::http::header::{HeaderValue, CONNECTION};
 use warp::http::{Request, Uri};
 use warp::reply::Response;
 
-use super::context::{Head, PeerAddr, ServedAs};
+use super::context::{Head, ServedAs};
 use crate::config::ServerConfig;
 
 /// Clients past `max_connections` wait in the kernel's accept queue; this
@@ -471,10 +471,9 @@ fn prepare(
     settings: &Settings,
     connection: &Arc<Connection>,
 ) -> Request<TimedBody> {
-    request.extensions_mut().insert(PeerAddr(peer));
     // The request id is decided once, so the response, the log line and
     // the change feed agree.
-    let head = Head::of(request.uri().query(), request.headers());
+    let head = Head::of(Some(peer), request.uri().query(), request.headers());
     request.extensions_mut().insert(Arc::new(head));
     // An authority-form target (`CONNECT host:port`) has no path, and
     // warp's `path::full()` panics on it; give it the root path, which the
