@@ -54,20 +54,27 @@ fn with_state(
     warp::any().map(move || state.clone())
 }
 
-/// The state and the bearer token, authenticated (after path and method
-/// matched): one filter, so a request passes few combinators.
-fn bearer(
+/// The request's head, the state and the bearer token, authenticated
+/// (after path and method matched): one filter, so that a request passes
+/// few combinators.
+fn authorized(
     state: &Arc<AppState>,
-) -> impl Filter<Extract = (Arc<AppState>, Bearer), Error = Rejection> + Clone {
+) -> impl Filter<Extract = (Arc<Head>, Arc<AppState>, Bearer), Error = Rejection> + Clone {
     let state = state.clone();
     head()
         .and_then(move |head: Arc<Head>| {
             let state = state.clone();
-            async move {
-                let bearer = authenticate(&state, &head)?;
-                Ok::<_, Rejection>((state, bearer))
-            }
+            std::future::ready(authenticate(&state, &head).map(|bearer| (head, state, bearer)))
         })
+        .untuple_one()
+}
+
+/// The state and the authenticated bearer token.
+fn bearer(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Arc<AppState>, Bearer), Error = Rejection> + Clone {
+    authorized(state)
+        .map(|_: Arc<Head>, state, bearer| (state, bearer))
         .untuple_one()
 }
 
@@ -75,15 +82,8 @@ fn bearer(
 fn query_and_bearer(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (String, Arc<AppState>, Bearer), Error = Rejection> + Clone {
-    let state = state.clone();
-    head()
-        .and_then(move |head: Arc<Head>| {
-            let state = state.clone();
-            async move {
-                let bearer = authenticate(&state, &head)?;
-                Ok::<_, Rejection>((head.query.clone(), state, bearer))
-            }
-        })
+    authorized(state)
+        .map(|head: Arc<Head>, state, bearer| (head.query.clone(), state, bearer))
         .untuple_one()
 }
 
