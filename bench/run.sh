@@ -590,6 +590,16 @@ if (( PG )) && want pg-list pg-list-x2 pg-write pg-write-x2 pg-lookup-big pg-fee
         PG_SEED_SECS=$(awk -v a="$PG_SEED_START" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
     fi
     want pg-feed && timed_import import-postgres LINKID_DATABASE__URL="$(pg_url bench_feed)" -- "$OUT/links.jsonl"
+    # The seeds and the import leave millions of fresh rows: vacuum them and
+    # checkpoint now, so that autovacuum and a checkpoint do not run in the
+    # middle of a measured row (with shared_buffers at 32 MB, a backend that
+    # must evict a dirty page waits for the WAL to reach the disk, which the
+    # checkpoint keeps busy: requests stalled for seconds).
+    say "vacuuming and checkpointing PostgreSQL before the measured rows"
+    for db in bench_small bench_big bench_write bench_feed; do
+        psql "$(pg_url "$db")" -qc "VACUUM ANALYZE" || die "cannot vacuum database $db"
+    done
+    psql "$PG_ADMIN_URL" -qc "CHECKPOINT" || die "cannot checkpoint PostgreSQL"
 
     if want pg-list pg-list-x2; then
         export BENCH_USERS=$LINKS
@@ -746,7 +756,7 @@ targets() {
 CPU_MODEL=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 FS=$(df -PT "$OUT" | awk 'NR == 2 {print $2 " on " $1}')
 GIT=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
-git diff --quiet HEAD 2>/dev/null || GIT="$GIT + uncommitted changes"
+git diff --quiet HEAD -- . ":(exclude)bench/RESULTS.md" 2>/dev/null || GIT="$GIT + uncommitted changes"
 EXTRA_ENV=$(env | grep '^LINKID_' | cut -d= -f1 | tr '\n' ' ' || true)
 GROUP_BATCH=$(awk -F'= *' '/^max_batch/ {print $2; exit}' config.toml 2>/dev/null || echo "?")
 POOL=$(awk -F'= *' '/^pool_size/ {print $2; exit}' config.toml 2>/dev/null || echo "?")
