@@ -1,8 +1,11 @@
 //! The SQLite backend, the embedded default: one function per operation.
 //!
-//! Reads run on a pooled connection in `spawn_blocking`. Writes go to one
-//! writer thread, which runs every write that is waiting in one transaction
-//! (each in its own savepoint, so outcomes stay exact per request) and
+//! Short reads (a user's links, one link, the reverse lookup) run inline on
+//! the async thread's own connection, through an exact row cache for the
+//! list and the lookup (see `read_inline`, `row_cache`); reads that may walk
+//! many rows run on a pooled connection in `spawn_blocking`. Writes go to
+//! one writer thread, which runs every write that is waiting in one
+//! transaction (outcomes stay exact per request; see `apply_batch`) and
 //! answers each request only after that transaction's commit is durable:
 //! WAL with `synchronous = FULL` syncs the log on every commit.
 //!
@@ -729,9 +732,10 @@ pub(crate) fn check(path: &Path) -> Result<Option<u32>, Vec<Problem>> {
 }
 
 /// Turns off SQLite's memory statistics, once, before the process's first
-/// connection (every place that may open it first calls this): with them on, every allocation SQLite makes takes a global
-/// mutex that all connections share. (Too late — another connection came
-/// first — it changes nothing and says so with an error code we ignore.)
+/// connection (every place that may open it first calls this): with them
+/// on, every allocation SQLite makes takes a global mutex that all
+/// connections share. (Too late — another connection came first — it
+/// changes nothing and says so with an error code we ignore.)
 fn configure_sqlite() {
     static CONFIGURED: std::sync::Once = std::sync::Once::new();
     CONFIGURED.call_once(|| {
@@ -1097,16 +1101,15 @@ impl Writer {
     }
 }
 
-/// Runs a batch in one transaction, each write in a savepoint. The outer
-/// error fails the whole batch (nothing was committed): the transaction
-/// itself failed, or one write met a full, read-only or vanished database.
-/// Runs a batch in one transaction; each job's outcome is its own. Jobs run
-/// without savepoints first: a refusal (`UserAlreadyLinked`,
-/// `IdentityAlreadyLinked`, `NotFound`) is decided before a job writes
-/// anything, so only another failure can leave a job half done — then the
-/// whole transaction is rolled back and the batch runs again with a
-/// savepoint per job, which undoes just the failed one. (A savepoint per job
-/// costs a copy of every page the job touches.)
+/// Runs a batch in one transaction; each job's outcome is its own. The
+/// outer error fails the whole batch (nothing was committed): the
+/// transaction itself failed, or one write met a full, read-only or
+/// vanished database. Jobs run without savepoints first: a refusal
+/// (`UserAlreadyLinked`, `IdentityAlreadyLinked`, `NotFound`) is decided
+/// before a job writes anything, so only another failure can leave a job
+/// half done — then the whole transaction is rolled back and the batch runs
+/// again with a savepoint per job, which undoes just the failed one. (A
+/// savepoint per job costs a copy of every page the job touches.)
 fn apply_batch(
     conn: &mut Connection,
     batch: &[WriteJob],
