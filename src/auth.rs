@@ -236,15 +236,30 @@ fn write_key_file(path: &Path, keypair: &KeyPair) -> Result<bool, ConfigError> {
 }
 
 /// Revocation ids (hex) the server refuses; refreshed from the database.
-#[derive(Default)]
 pub struct RevocationList {
     ids: RwLock<HashSet<String>>,
+    /// Counts the changes, so that long-lived requests re-check their
+    /// token the moment a revocation arrives.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for RevocationList {
+    fn default() -> Self {
+        RevocationList {
+            ids: RwLock::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl RevocationList {
     pub fn extend(&self, ids: impl IntoIterator<Item = String>) {
         let mut set = self.ids.write().unwrap_or_else(|e| e.into_inner());
+        let before = set.len();
         set.extend(ids);
+        if set.len() > before {
+            self.changes.send_modify(|n| *n += 1);
+        }
     }
 
     fn contains_any(&self, ids: &[String]) -> bool {
@@ -710,6 +725,19 @@ impl Authority {
     /// How many bytes the cache holds, as it weighs them.
     pub fn cached_token_bytes(&self) -> u64 {
         self.verified.weight()
+    }
+
+    /// Whether a token that was accepted earlier still is, for this access,
+    /// now: not revoked, not expired, and still authorized. Streams and
+    /// long polls ask it while they live.
+    pub async fn recheck(&self, bearer: &Bearer, access: Access<'_>) -> Result<(), AuthError> {
+        self.check_current(bearer)?;
+        self.authorize(bearer, access).await
+    }
+
+    /// Changes whenever new revocations arrive (see `recheck`).
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revoked.changes.subscribe()
     }
 
     /// Whether the bearer may perform this access now (for `embed=ACTIONS`).

@@ -103,6 +103,12 @@ pub struct ServerConfig {
     pub body_timeout_secs: u64,
     /// Connections served at once (clamped below the process's file limit).
     pub max_connections: u64,
+    /// How long a client may leave the server's bytes unread before its
+    /// connection is closed.
+    pub write_timeout_secs: u64,
+    /// The most bytes of answers, over all connections, that may wait for
+    /// clients to read them.
+    pub max_unsent_bytes: u64,
 }
 
 /// `server.addr`: an IP address and port, or a host name and port resolved
@@ -317,6 +323,9 @@ pub struct AuthConfig {
 /// The smallest `auth.token_cache_bytes`: room for a few dozen tokens.
 const MIN_TOKEN_CACHE_BYTES: u64 = 1024 * 1024;
 
+/// The smallest `server.max_unsent_bytes`: room for the largest answers.
+const MIN_UNSENT_BYTES: u64 = 8 * 1024 * 1024;
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -491,6 +500,7 @@ impl Config {
             ),
             ("server.body_timeout_secs", self.server.body_timeout_secs),
             ("server.max_connections", self.server.max_connections),
+            ("server.write_timeout_secs", self.server.write_timeout_secs),
         ] {
             if value == 0 {
                 problems.push(Problem::new(key, "is 0", one_or_more));
@@ -524,6 +534,15 @@ impl Config {
                 "auth.token_cache_bytes",
                 format!("is {}", self.auth.token_cache_bytes),
                 format!("set it to {MIN_TOKEN_CACHE_BYTES} (1 MiB) or more"),
+            ));
+        }
+        if self.server.max_unsent_bytes < MIN_UNSENT_BYTES {
+            problems.push(Problem::new(
+                "server.max_unsent_bytes",
+                format!("is {}", self.server.max_unsent_bytes),
+                format!(
+                    "set it to {MIN_UNSENT_BYTES} (8 MiB) or more: the largest answer (a page of 1000 events) can take 5 MiB"
+                ),
             ));
         }
         if self.auth.public_key.is_none() && self.auth.private_key_file.as_os_str().is_empty() {
@@ -759,6 +778,7 @@ mod tests {
             "keep_alive_timeout_secs",
             "body_timeout_secs",
             "max_connections",
+            "write_timeout_secs",
         ] {
             let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
                 .merge((format!("server.{key}"), 0))

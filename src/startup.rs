@@ -126,6 +126,12 @@ impl Application {
                 config.events.max_streams as usize,
             )),
             stopping: stopping_seen,
+            unsent: server.unsent.clone(),
+            // One page built per core at a time: more would only wait for
+            // the CPU while holding their rows.
+            pages: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         });
         Ok(Application {
             listener,

@@ -272,6 +272,11 @@ fn describe() {
         metrics::Unit::Bytes,
         "Estimated memory of the tokens in the cache (bounded by auth.token_cache_bytes)."
     );
+    metrics::describe_gauge!(
+        "linkid_unsent_answer_bytes",
+        metrics::Unit::Bytes,
+        "Bytes of answers made and not yet taken by their clients' sockets (bounded by server.max_unsent_bytes)."
+    );
     metrics::describe_counter!(
         "linkid_authorizations_offloaded_total",
         "Authorizations run on the blocking pool because their datalog is not trivially cheap."

@@ -138,6 +138,9 @@ pub(crate) struct Head {
     peer: Option<SocketAddr>,
     /// When the server loop took it.
     pub started: Instant,
+    /// Its connection's account with the budget of unsent answers (none
+    /// for a request that did not come through the server loop).
+    pub unsent: Option<super::server::UnsentAccount>,
 }
 
 impl Head {
@@ -158,6 +161,7 @@ impl Head {
                 .collect(),
             peer,
             started: Instant::now(),
+            unsent: None,
         }
     }
 

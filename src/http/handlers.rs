@@ -633,6 +633,7 @@ pub async fn metrics(
     metrics::gauge!("linkid_db_pool_idle_connections").set(idle);
     metrics::gauge!("linkid_token_cache_entries").set(state.authority.cached_tokens() as f64);
     metrics::gauge!("linkid_token_cache_bytes").set(state.authority.cached_token_bytes() as f64);
+    metrics::gauge!("linkid_unsent_answer_bytes").set(state.unsent.held() as f64);
     let mut response = Response::new(crate::telemetry::prometheus().render().into());
     response.headers_mut().insert(
         warp::http::header::CONTENT_TYPE,
@@ -643,9 +644,7 @@ pub async fn metrics(
 
 /// A JSON response with a status.
 fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
-    let mut response = warp::reply::json(value).into_response();
-    *response.status_mut() = status;
-    response
+    super::answer::json(status, value)
 }
 
 /// A page of all links.
@@ -698,6 +697,12 @@ pub async fn search_linked_identities(
         search.provider_id.as_deref(),
     )
     .await?;
+    // The reverse lookup answers one row; any other search may answer a
+    // thousand.
+    let slot = match (&search.provider_id, &search.linked_user_id) {
+        (Some(_), Some(_)) => None,
+        _ => Some(page_slot(&state).await?),
+    };
     let page = state
         .store
         .search(search.clone())
@@ -714,13 +719,57 @@ pub async fn search_linked_identities(
         ),
         _ => None,
     };
-    Ok(json_response(
+    let response = json_response(
         StatusCode::OK,
         &LinkPage {
             linked_identities: page.links,
             next_cursor,
         },
-    ))
+    );
+    Ok(PageSlot::ride_with(slot, response))
+}
+
+/// Room to build one answer of many rows (a search page, a feed page):
+/// few are built at once, each holding its slot until the answer is
+/// counted against the budget of unsent answers, so that clients that ask
+/// for big pages and never read them cannot make the server build
+/// hundreds at once. While that budget is full, a page is refused before
+/// any work (503 `SERVER_BUSY`).
+#[derive(Clone)]
+pub(super) struct PageSlot {
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl PageSlot {
+    /// The answer, carrying the slot until the server has counted it (an
+    /// extension is dropped when hyper takes the response).
+    fn ride_with(slot: Option<PageSlot>, mut response: Response) -> Response {
+        if let Some(slot) = slot {
+            response.extensions_mut().insert(slot);
+        }
+        response
+    }
+}
+
+async fn page_slot(state: &AppState) -> Result<PageSlot, ApiError> {
+    let busy = || ApiError::ServerBusy {
+        held: state.unsent.held(),
+    };
+    if state.unsent.is_full() {
+        return Err(busy());
+    }
+    let permit = state
+        .pages
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    if state.unsent.is_full() {
+        return Err(busy());
+    }
+    Ok(PageSlot {
+        _permit: Arc::new(permit),
+    })
 }
 
 pub(super) fn parse_search(query: &str) -> Fields<SearchQuery> {
@@ -870,20 +919,32 @@ pub async fn list_events(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if streaming {
-        return stream_events(state, resume.unwrap_or(feed.after)).await;
+        return stream_events(state, bearer, resume.unwrap_or(feed.after)).await;
     }
+    let mut slot = Some(page_slot(&state).await?);
     let mut events = state
         .store
         .events(feed.after, feed.limit)
         .await
         .map_err(ApiError::from)?;
     if events.is_empty() && !feed.wait.is_zero() {
+        // Nothing is built while it waits.
+        slot = None;
         let _permit = state
             .streams
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::TooManyStreams)?;
-        if wait_for_event(&state, feed.after, feed.wait).await {
+        let mut token = TokenWatch::new(&state, &bearer);
+        let woke = tokio::select! {
+            woke = wait_for_event(&state, feed.after, feed.wait) => woke,
+            lapsed = token.lapsed() => return Err(lapsed.into()),
+        };
+        // What the token may see is decided when the answer is, not when
+        // the wait began.
+        token.check().await?;
+        if woke {
+            slot = Some(page_slot(&state).await?);
             events = state
                 .store
                 .events(feed.after, feed.limit)
@@ -892,10 +953,72 @@ pub async fn list_events(
         }
     }
     let next_after = events.last().map_or(feed.after, |e| e.seq);
-    Ok(json_response(
-        StatusCode::OK,
-        &EventPage { events, next_after },
-    ))
+    let response = json_response(StatusCode::OK, &EventPage { events, next_after });
+    Ok(PageSlot::ride_with(slot, response))
+}
+
+/// How often, at the least, a stream or a long poll checks that its token
+/// still allows it; a revocation reaching this server makes it check at once.
+const RECHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A stream's or a long poll's hold on its token, which may expire or be
+/// revoked while the request lives: checked at least every
+/// `RECHECK_EVERY`, whenever revocations arrive, and whenever asked.
+struct TokenWatch {
+    state: Arc<AppState>,
+    bearer: Bearer,
+    /// `None` once the revocation list is gone (the server is stopping).
+    revocations: Option<tokio::sync::watch::Receiver<u64>>,
+    every: tokio::time::Interval,
+}
+
+impl TokenWatch {
+    fn new(state: &Arc<AppState>, bearer: &Bearer) -> TokenWatch {
+        let mut every =
+            tokio::time::interval_at(tokio::time::Instant::now() + RECHECK_EVERY, RECHECK_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        TokenWatch {
+            state: state.clone(),
+            bearer: bearer.clone(),
+            revocations: Some(state.authority.revocations()),
+            every,
+        }
+    }
+
+    /// Whether the token still allows reading the feed: not revoked, not
+    /// expired, still authorized.
+    async fn check(&self) -> Result<(), ApiError> {
+        let access = Access {
+            right: Right::EventsList,
+            user: None,
+            provider: None,
+        };
+        self.state
+            .authority
+            .recheck(&self.bearer, access)
+            .await
+            .map_err(ApiError::from)
+    }
+
+    /// Resolves, with the reason, once the token no longer allows reading
+    /// the feed.
+    async fn lapsed(&mut self) -> ApiError {
+        loop {
+            let revoked = async {
+                match &mut self.revocations {
+                    Some(revocations) => revocations.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.every.tick() => {}
+                arrived = revoked => if !arrived { self.revocations = None },
+            }
+            if let Err(lapsed) = self.check().await {
+                return lapsed;
+            }
+        }
+    }
 }
 
 /// Waits until an event after `after` is committed (true), the time is up
@@ -911,10 +1034,21 @@ async fn wait_for_event(state: &AppState, after: i64, wait: std::time::Duration)
     }
 }
 
+/// Events a stream reads from the store at a time, and hands to the
+/// response at most: with the response's own buffer, what a stream whose
+/// client stops reading holds (a few hundred KiB at the most).
+const STREAM_BATCH: u32 = 64;
+const STREAM_BUFFER: usize = 16;
+
 /// The feed as server-sent events from `after` on, until the client goes
-/// away, the store fails (the client resumes with `Last-Event-ID`) or the
-/// server stops.
-async fn stream_events(state: Arc<AppState>, after: i64) -> Result<Response, Rejection> {
+/// away, its token expires or is revoked (a last comment says so), the
+/// store fails (the client resumes with `Last-Event-ID`) or the server
+/// stops.
+async fn stream_events(
+    state: Arc<AppState>,
+    bearer: Bearer,
+    after: i64,
+) -> Result<Response, Rejection> {
     let permit = state
         .streams
         .clone()
@@ -923,22 +1057,28 @@ async fn stream_events(state: Arc<AppState>, after: i64) -> Result<Response, Rej
     // A stream that starts among pruned events says so before it starts.
     let first = state
         .store
-        .events(after, MAX_LIMIT)
+        .events(after, STREAM_BATCH)
         .await
         .map_err(ApiError::from)?;
     let heartbeat = std::time::Duration::from_secs(state.events.heartbeat_secs);
     // A task reads the store and hands events over, so the response's
     // stream holds only the channel; the task (and its stream slot) ends
-    // when the client goes away, the store fails or the server stops.
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Event>(MAX_LIMIT as usize);
+    // when the client goes away, the token lapses, the store fails or the
+    // server stops.
+    let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
         let _permit = permit;
+        let mut token = TokenWatch::new(&state, &bearer);
         let mut after = after;
         let mut batch = first;
         loop {
             for event in batch.drain(..) {
+                if let Err(lapsed) = token.check().await {
+                    let _ = sender.send(last_word(&lapsed)).await;
+                    return;
+                }
                 after = event.seq;
-                if sender.send(event).await.is_err() {
+                if sender.send(sse_event(&event)).await.is_err() {
                     return;
                 }
             }
@@ -950,10 +1090,14 @@ async fn stream_events(state: Arc<AppState>, after: i64) -> Result<Response, Rej
                     woke = wait_for_event(&state, after, std::time::Duration::from_secs(3600)) => {
                         if woke { break }
                     }
+                    lapsed = token.lapsed() => {
+                        let _ = sender.send(last_word(&lapsed)).await;
+                        return;
+                    }
                     () = sender.closed() => return,
                 }
             }
-            batch = match state.store.events(after, MAX_LIMIT).await {
+            batch = match state.store.events(after, STREAM_BATCH).await {
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::warn!(error = %error, "an event stream ended: the store failed");
@@ -964,15 +1108,25 @@ async fn stream_events(state: Arc<AppState>, after: i64) -> Result<Response, Rej
     });
     let events = futures_util::stream::unfold(receiver, |mut receiver| async move {
         let event = receiver.recv().await?;
-        let sse = warp::sse::Event::default()
-            .id(event.seq.to_string())
-            .event(event.event_type.as_str())
-            .data(serde_json::to_string(&event).unwrap_or_default());
-        Some((Ok::<_, std::convert::Infallible>(sse), receiver))
+        Some((Ok::<_, std::convert::Infallible>(event), receiver))
     });
     let stream = warp::sse::keep_alive()
         .interval(heartbeat)
         .text("heartbeat")
         .stream(events);
     Ok(warp::sse::reply(stream).into_response())
+}
+
+/// One change as a server-sent event.
+fn sse_event(event: &Event) -> warp::sse::Event {
+    warp::sse::Event::default()
+        .id(event.seq.to_string())
+        .event(event.event_type.as_str())
+        .data(serde_json::to_string(event).unwrap_or_default())
+}
+
+/// The comment that ends a stream whose token no longer allows it, e.g.
+/// `:closed: the bearer token is expired`.
+fn last_word(lapsed: &ApiError) -> warp::sse::Event {
+    warp::sse::Event::default().comment(format!("closed: {lapsed}"))
 }

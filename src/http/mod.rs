@@ -18,6 +18,7 @@ use crate::config::{EventsConfig, IdentityProviderConfig, MetricsConfig};
 use crate::domain::Operation;
 use crate::store::Store;
 
+mod answer;
 mod context;
 mod filters;
 mod handlers;
@@ -50,6 +51,10 @@ pub struct AppState {
     /// Turns true when the server starts shutting down: streams and long
     /// polls end then, so that draining does not wait for them.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// The budget of answers waiting for their clients to read them.
+    pub unsent: Arc<server::Unsent>,
+    /// Answers of many rows being built at once (see `handlers::PageSlot`).
+    pub pages: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -162,6 +167,9 @@ fn finish(
             response
         }
     };
+    if let Some(unsent) = &head.unsent {
+        response = within_unsent_budget(response, unsent, &head.id.0);
+    }
     if let Ok(id) = HeaderValue::from_str(&head.id.0) {
         response.headers_mut().insert(&context::X_REQUEST_ID, id);
     }
@@ -181,6 +189,39 @@ fn finish(
         })
     });
     response
+}
+
+/// The response, counted against the budget of unsent answers until its
+/// client's socket takes it; or, when it is large and the budget has no
+/// room for it, a 503 that closes the connection instead (a client that
+/// reads nothing could otherwise pipeline one after another).
+fn within_unsent_budget(
+    response: Response,
+    unsent: &server::UnsentAccount,
+    request_id: &str,
+) -> Response {
+    use hyper::body::Body as _;
+    let size = match response.extensions().get::<answer::AnswerSize>() {
+        Some(answer::AnswerSize(bytes)) => Some(*bytes as u64),
+        None => response.body().size_hint().exact(),
+    };
+    let Some(bytes) = size else {
+        // A stream of events: bounded by its own buffers.
+        return response;
+    };
+    let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+    if unsent.take(bytes) {
+        return response;
+    }
+    let error = ApiError::ServerBusy {
+        held: unsent.held_everywhere(),
+    };
+    let mut busy = problem_response(&error, request_id);
+    busy.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    // Small enough always to be taken.
+    let _ = unsent.take(busy.body().size_hint().exact().unwrap_or(0) as usize);
+    busy
 }
 
 /// A known path: its template and, through the operations table, its

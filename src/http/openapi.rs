@@ -188,6 +188,11 @@ fn store_unavailable() -> ApiError {
     )
 }
 
+/// A page refused while answers wait for clients that do not read them.
+fn server_busy() -> ApiError {
+    ApiError::ServerBusy { held: 33_000_000 }
+}
+
 /// What the parsers say about bad input, as a validation problem.
 fn invalid(errors: Vec<FieldError>) -> ApiError {
     assert!(!errors.is_empty(), "an example of bad input has errors");
@@ -283,7 +288,10 @@ fn operation_answers(operation: Operation) -> Vec<Use> {
                         .unwrap_or_default(),
                 )],
             )),
-            Shared("StoreUnavailable"),
+            Own(Answer::new(
+                "SearchUnavailableProblem",
+                vec![store_unavailable(), server_busy()],
+            )),
         ],
         Operation::ListEvents => vec![
             Own(Answer::new(
@@ -300,7 +308,7 @@ fn operation_answers(operation: Operation) -> Vec<Use> {
             )),
             Own(Answer::new(
                 "EventsUnavailableProblem",
-                vec![ApiError::TooManyStreams, store_unavailable()],
+                vec![ApiError::TooManyStreams, store_unavailable(), server_busy()],
             )),
         ],
     };

@@ -110,6 +110,7 @@ problem_codes! {
     Internal = ("INTERNAL", INTERNAL_SERVER_ERROR, "a server fault; the server's log has the cause under the `request_id`"),
     StoreUnavailable = ("STORE_UNAVAILABLE", SERVICE_UNAVAILABLE, "the database cannot be used now (`Retry-After`); service resumes by itself"),
     TooManyStreams = ("TOO_MANY_STREAMS", SERVICE_UNAVAILABLE, "every slot for event streams and long polls (`events.max_streams`) is taken (`Retry-After`)"),
+    ServerBusy = ("SERVER_BUSY", SERVICE_UNAVAILABLE, "answers waiting for clients that read slowly fill `server.max_unsent_bytes`; this answer (over 16 KiB) was not made to wait too (`Retry-After`)"),
     NotReady = ("NOT_READY", SERVICE_UNAVAILABLE, "`/readyz`: the database does not answer"),
     StorageFull = ("STORAGE_FULL", INSUFFICIENT_STORAGE, "the disk holding the database is full; nothing was written"),
 }
@@ -207,6 +208,9 @@ pub enum ApiError {
     /// 503 `TOO_MANY_STREAMS`: every slot for event streams and long polls is taken.
     #[error("too many event streams and long polls are open (events.max_streams); retry later")]
     TooManyStreams,
+    /// 503 `SERVER_BUSY`: the answer would pass the budget of unsent answers.
+    #[error("the server holds {held} bytes of answers that clients have not read yet, as many as server.max_unsent_bytes allows; retry in a moment, or ask for a smaller page")]
+    ServerBusy { held: usize },
     /// 503 `STORE_UNAVAILABLE`: the database cannot be used now; retry later.
     #[error("the database is unavailable ({0}); retry later")]
     StoreUnavailable(String),
@@ -307,6 +311,7 @@ impl ApiError {
             ApiError::StoreUnavailable(_) => ProblemCode::StoreUnavailable,
             ApiError::EventsExpired { .. } => ProblemCode::EventsExpired,
             ApiError::TooManyStreams => ProblemCode::TooManyStreams,
+            ApiError::ServerBusy { .. } => ProblemCode::ServerBusy,
             ApiError::StorageFull(_) => ProblemCode::StorageFull,
             ApiError::NotFound => ProblemCode::NotFound,
             ApiError::MethodNotAllowed => ProblemCode::MethodNotAllowed,
@@ -344,6 +349,7 @@ impl ApiError {
             ApiError::StoreUnavailable(_) | ApiError::TooManyStreams => {
                 vec![("retry-after", "2".to_string())]
             }
+            ApiError::ServerBusy { .. } => vec![("retry-after", "1".to_string())],
             _ => vec![],
         }
     }

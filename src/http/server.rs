@@ -8,12 +8,19 @@
 //! [`Phase`]); the socket wrapper, the request and response bodies and the
 //! connection's own task keep it current, and the task closes the
 //! connection when the phase's deadline passes.
+//!
+//! What a client that stops reading can make the server hold is bounded
+//! twice: a connection whose socket takes none of the server's bytes for
+//! `write_timeout` is closed, and every answer is counted against one
+//! budget of unsent bytes ([`Unsent`]) from the moment it is made until
+//! the socket has taken it, so that the app can refuse an answer that
+//! would pass the budget instead of holding it.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -74,13 +81,20 @@ pub(crate) struct Settings {
     pub max_connections: usize,
     /// How long requests in their handlers may take to finish at shutdown.
     pub shutdown_timeout: Duration,
+    /// How long the socket may take none of the server's bytes before the
+    /// connection is closed.
+    pub write_timeout: Duration,
+    /// Answers waiting for clients to read them, and the most there may be.
+    pub unsent: Arc<Unsent>,
 }
 
 impl Settings {
     /// The shortest wait a phase change can start: how often, at most, a
     /// connection's task looks at its phase.
     fn tick(&self) -> Duration {
-        self.header_read_timeout.min(self.keep_alive_timeout)
+        self.header_read_timeout
+            .min(self.keep_alive_timeout)
+            .min(self.write_timeout)
     }
 
     /// The settings from the config, with the soft file limit raised to the
@@ -109,6 +123,10 @@ impl Settings {
             body_timeout: Duration::from_secs(config.body_timeout_secs),
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
+            write_timeout: Duration::from_secs(config.write_timeout_secs),
+            unsent: Arc::new(Unsent::new(
+                usize::try_from(config.max_unsent_bytes).unwrap_or(usize::MAX),
+            )),
         })
     }
 }
@@ -327,6 +345,81 @@ impl Phase {
     }
 }
 
+/// The bytes of answers made but not yet taken by their clients' sockets,
+/// over all connections, and the most there may be.
+#[derive(Debug)]
+pub(crate) struct Unsent {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+/// Answers up to this size are always sent, whatever the budget holds: a
+/// client that does not read can hold one of them per connection at most,
+/// and the small reads a login needs never wait on the big pages.
+pub(crate) const SMALL_ANSWER_BYTES: usize = 16 * 1024;
+
+impl Unsent {
+    pub(crate) fn new(limit: usize) -> Unsent {
+        Unsent {
+            limit,
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts `bytes` in, unless they are more than `SMALL_ANSWER_BYTES`
+    /// and would pass the limit; says whether they were.
+    fn take(&self, bytes: usize) -> bool {
+        if bytes <= SMALL_ANSWER_BYTES {
+            self.held.fetch_add(bytes, Ordering::Relaxed);
+            return true;
+        }
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held.saturating_add(bytes) <= self.limit).then_some(held + bytes)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether no answer over `SMALL_ANSWER_BYTES` fits now.
+    pub(crate) fn is_full(&self) -> bool {
+        self.held() + SMALL_ANSWER_BYTES >= self.limit
+    }
+
+    /// The bytes held now.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// One connection's account with the [`Unsent`] budget, handed to the app
+/// in the request's head: it counts an answer in before sending it, and
+/// the socket counts the bytes out as it takes them.
+#[derive(Debug, Clone)]
+pub(crate) struct UnsentAccount {
+    connection: Arc<Connection>,
+}
+
+impl UnsentAccount {
+    /// Counts an answer of `bytes` in; false when the budget has no room
+    /// for it (it is larger than `SMALL_ANSWER_BYTES` and would pass it).
+    pub(crate) fn take(&self, bytes: usize) -> bool {
+        let taken = self.connection.budget.take(bytes);
+        if taken {
+            self.connection.unsent.fetch_add(bytes, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// The bytes held over all connections now.
+    pub(crate) fn held_everywhere(&self) -> usize {
+        self.connection.budget.held()
+    }
+}
+
 /// One connection's shared record: its phase, and what shutdown and the
 /// body timeout need to tell each other.
 #[derive(Debug)]
@@ -338,10 +431,19 @@ struct Connection {
     body_waiting: Mutex<Option<Waker>>,
     /// A body timed out: the connection closes after its answer.
     body_timed_out: AtomicBool,
+    /// When the connection opened: the origin of `write_blocked_since`.
+    opened: Instant,
+    /// Nanoseconds after `opened` from which the socket has taken none of
+    /// the bytes the server is trying to send, plus one; 0 while it takes them.
+    write_blocked_since: AtomicU64,
+    /// This connection's answer bytes counted in `budget` and not yet
+    /// taken by the socket.
+    unsent: AtomicUsize,
+    budget: Arc<Unsent>,
 }
 
 impl Connection {
-    fn new(now: Instant) -> Connection {
+    fn new(now: Instant, budget: Arc<Unsent>) -> Connection {
         Connection {
             phase: Mutex::new(Phase::Waiting {
                 since: now,
@@ -350,6 +452,44 @@ impl Connection {
             stopping_since: Mutex::new(None),
             body_waiting: Mutex::new(None),
             body_timed_out: AtomicBool::new(false),
+            opened: now,
+            write_blocked_since: AtomicU64::new(0),
+            unsent: AtomicUsize::new(0),
+            budget,
+        }
+    }
+
+    /// The socket took `written` bytes: the answer bytes among them leave
+    /// the budget, and writing is not blocked.
+    fn wrote(&self, written: usize) {
+        if self.write_blocked_since.load(Ordering::Relaxed) != 0 {
+            self.write_blocked_since.store(0, Ordering::Relaxed);
+        }
+        let unsent = self.unsent.load(Ordering::Relaxed);
+        if unsent > 0 && written > 0 {
+            let sent = unsent.min(written);
+            self.unsent.fetch_sub(sent, Ordering::Relaxed);
+            self.budget.give_back(sent);
+        }
+    }
+
+    /// The socket took none of the bytes offered: writing is blocked from
+    /// now, unless it already was.
+    fn write_blocked(&self, now: Instant) {
+        if self.write_blocked_since.load(Ordering::Relaxed) == 0 {
+            let since = now.saturating_duration_since(self.opened).as_nanos() as u64 + 1;
+            self.write_blocked_since.store(since, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the socket has taken none of the server's bytes for `timeout`.
+    fn write_stalled(&self, now: Instant, timeout: Duration) -> bool {
+        match self.write_blocked_since.load(Ordering::Relaxed) {
+            0 => false,
+            since => {
+                let since = self.opened + Duration::from_nanos(since - 1);
+                now.saturating_duration_since(since) >= timeout
+            }
         }
     }
 
@@ -376,6 +516,13 @@ impl Connection {
     }
 }
 
+impl Drop for Connection {
+    /// A closed connection's unsent answers are gone: out of the budget.
+    fn drop(&mut self) {
+        self.budget.give_back(*self.unsent.get_mut());
+    }
+}
+
 /// The data behind a lock; a panic while holding one of these leaves no
 /// half-made change, so poisoning is ignored.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -397,7 +544,7 @@ async fn serve_connection<S>(
         + 'static,
     S::Future: Send,
 {
-    let connection = Arc::new(Connection::new(Instant::now()));
+    let connection = Arc::new(Connection::new(Instant::now(), settings.unsent.clone()));
     let io = TokioIo::new(WatchedStream {
         stream,
         connection: connection.clone(),
@@ -448,6 +595,10 @@ async fn serve_connection<S>(
                     tracing::debug!(%peer, ?phase, "connection timed out");
                     return;
                 }
+                if connection.write_stalled(now, settings.write_timeout) {
+                    tracing::debug!(%peer, "connection closed: the client took none of the server's bytes in server.write_timeout_secs");
+                    return;
+                }
                 timer.as_mut().reset(phase.check_at(now, &settings));
             }
             _ = stopping.changed(), if !stopped => {
@@ -473,7 +624,10 @@ fn prepare(
 ) -> Request<TimedBody> {
     // The request id is decided once, so the response, the log line and
     // the change feed agree.
-    let head = Head::of(Some(peer), request.uri().query(), request.headers());
+    let mut head = Head::of(Some(peer), request.uri().query(), request.headers());
+    head.unsent = Some(UnsentAccount {
+        connection: connection.clone(),
+    });
     request.extensions_mut().insert(Arc::new(head));
     // An authority-form target (`CONNECT host:port`) has no path, and
     // warp's `path::full()` panics on it; give it the root path, which the
@@ -587,10 +741,21 @@ impl Drop for ResponseSent {
     }
 }
 
-/// The socket, noting when a request's first bytes arrive.
+/// The socket, noting when a request's first bytes arrive, and how the
+/// server's bytes leave.
 struct WatchedStream {
     stream: TcpStream,
     connection: Arc<Connection>,
+}
+
+impl WatchedStream {
+    fn note(&self, written: &Poll<std::io::Result<usize>>) {
+        match written {
+            Poll::Ready(Ok(n)) => self.connection.wrote(*n),
+            Poll::Pending => self.connection.write_blocked(Instant::now()),
+            Poll::Ready(Err(_)) => {}
+        }
+    }
 }
 
 impl AsyncRead for WatchedStream {
@@ -616,7 +781,10 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.note(&written);
+        written
     }
 
     fn poll_write_vectored(
@@ -624,7 +792,10 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.note(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -651,6 +822,8 @@ mod tests {
             body_timeout: Duration::from_secs(30),
             max_connections: 16,
             shutdown_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            unsent: Arc::new(Unsent::new(1 << 20)),
         }
     }
 

@@ -241,6 +241,13 @@ class Steps:
         status, code = self.context["expect"]
         self.observe("listEvents", list_events.sync_detailed(client=self.client(), after=10**12, wait=2), status, code)
 
+    def big_pages(self) -> None:
+        """The largest pages of links and of events."""
+        status, code = self.context["expect"]
+        client = self.client()
+        self.observe("searchLinkedIdentities", search_linked_identities.sync_detailed(client=client, limit=1000), status, code)
+        self.observe("listEvents", list_events.sync_detailed(client=client, after=0, limit=1000, wait=0), status, code)
+
     def from_start(self) -> None:
         status, code = self.context["expect"]
         problem = self.observe("listEvents", list_events.sync_detailed(client=self.client(), after=0), status, code)

@@ -12,7 +12,8 @@ The same steps run through both against real `linkid serve` processes
 scenarios that provoke each documented answer: the requests themselves for
 the 2xx and the client errors; tokens and an Origin for 401/403; a stalled
 body for 408; a blocked address for 429; a held event stream for 503
-TOO_MANY_STREAMS; pruned events for 410; the database file moved away for
+TOO_MANY_STREAMS; clients that never read big pages for 503 SERVER_BUSY;
+pruned events for 410; the database file moved away for
 503 STORE_UNAVAILABLE, its tables renamed for 500 INTERNAL, a full tmpfs for
 507. Every call states what it expects; the test then checks that each
 client met every expectation, parsed every body into the type the document
@@ -26,6 +27,7 @@ import collections
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -290,6 +292,48 @@ def test_a_long_poll_past_the_stream_limit_is_503(run_step, tmp_path):
                 run_step(client, "long_poll", {
                     "url": server.url, "tokens": tokens, "expect": [503, "TOO_MANY_STREAMS"],
                 })
+
+
+def test_big_pages_past_the_unsent_budget_are_503(run_step, tmp_path):
+    """Clients that ask for big pages and never read them fill
+    `server.max_unsent_bytes` (at its smallest); big pages are refused then."""
+    workdir = tmp_path / "server"
+    server = LinkidServer(
+        workdir, key_file=workdir / "root.key", extra_env={"LINKID_SERVER__MAX_UNSENT_BYTES": str(8 * 1024 * 1024)},
+    )
+    tokens = mint_tokens(server)
+    long = "\U0001d518" * 240
+    lines = "".join(
+        json.dumps({"user_id": f"u{i:05}{long}", "provider_id": "okta",
+                    "linked_user_id": f"r{i:05}{long}", "linked_username": f"n{i:05}{long}"}) + "\n"
+        for i in range(1000)
+    )
+    (tmp_path / "long.jsonl").write_text(lines)
+    server.command("import", str(tmp_path / "long.jsonl"))
+    page = f"GET {API}/linked-identities?limit=1000 HTTP/1.1\r\nHost: linkid\r\nAuthorization: Bearer {tokens['admin']}\r\n\r\n"
+    with server:
+        host, port = server.url.removeprefix("http://").split(":")
+        stalled = []
+        try:
+            deadline = time.monotonic() + 60
+            while requests.get(
+                f"{server.url}{API}/linked-identities?limit=1000",
+                headers={"Authorization": f"Bearer {tokens['admin']}"}, timeout=30,
+            ).status_code != 503:
+                assert time.monotonic() < deadline, "clients that never read never filled the budget"
+                for _ in range(10):
+                    sock = socket.socket()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    sock.connect((host, int(port)))
+                    sock.sendall(page.encode())
+                    stalled.append(sock)
+            for client in CLIENTS:
+                run_step(client, "big_pages", {
+                    "url": server.url, "tokens": tokens, "prefix": "busy", "expect": [503, "SERVER_BUSY"],
+                })
+        finally:
+            for sock in stalled:
+                sock.close()
 
 
 def test_reading_pruned_events_is_410(run_step, tmp_path):

@@ -276,6 +276,14 @@ const steps: Record<string, () => Promise<void>> = {
     observe("listEvents", result, status, code as "TOO_MANY_STREAMS");
   },
 
+  /** The largest pages of links and of events. */
+  async big_pages() {
+    const [status, code] = context.expect as [number, string];
+    const c = client();
+    observe("searchLinkedIdentities", await c.GET(`${API}/linked-identities`, { params: { query: { limit: 1000 } } }), status, code as "SERVER_BUSY");
+    observe("listEvents", await c.GET(`${API}/linked-identities/events`, { params: { query: { after: 0, limit: 1000, wait: 0 } } }), status, code as "SERVER_BUSY");
+  },
+
   async from_start() {
     const [status, code] = context.expect as [number, string];
     const result = await client().GET(`${API}/linked-identities/events`, { params: { query: { after: 0 } } });
