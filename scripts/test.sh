@@ -15,6 +15,10 @@
 #     LINKID_TEST_PG_CA and LINKID_TEST_PG_DIR (see scripts/pg-cluster.sh).
 #   - rustfmt and clippy through rustup, when the toolchain lacks them.
 #   - chromium and playwright-core (tests/browser/run.sh says how).
+#   - cargo-deb, pinned, into .tools/ (git-ignored); the package test
+#     (scripts/test-package.sh) then builds the release binary and the .deb,
+#     installs, upgrades, removes and purges it on this machine (root or
+#     sudo), and leaves it as it was.
 #   - tests/document/node_modules (git-ignored): Redocly CLI, Spectral,
 #     Prism, openapi-typescript, openapi-fetch and TypeScript, pinned by
 #     tests/document/package-lock.json (npm ci; no global installs); and
@@ -151,6 +155,9 @@ offline env LINKID_BIN="$PWD/target/debug/linkid" \
 
 phase "the docs page in headless Chromium"
 LINKID_BIN="$PWD/target/debug/linkid" tests/browser/run.sh
+
+phase "the Debian package: build, install, run, upgrade, remove, purge (scripts/test-package.sh)"
+scripts/test-package.sh
 
 phase_done
 echo "== all tests passed in $((SECONDS - SUITE_T0)) s"

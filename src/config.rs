@@ -23,6 +23,11 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
 /// Where the server looks for a config file when none is named.
 pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
 
+/// The config file the Debian package installs: read when none is named
+/// and there is no `./config.toml`, so commands run by hand on an
+/// installed host use the service's files.
+pub const INSTALLED_CONFIG_PATH: &str = "/etc/linkid/config.toml";
+
 /// The whole configuration, as read from every layer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -377,7 +382,8 @@ const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"]
 
 impl Config {
     /// Reads the layers. `path` is the `--config` option; `LINKID_CONFIG` is
-    /// its fallback, then `./config.toml` if it exists.
+    /// its fallback, then `./config.toml` if it exists, then
+    /// `/etc/linkid/config.toml` if that exists.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let named = path
             .map(Path::to_path_buf)
@@ -409,18 +415,18 @@ impl Config {
                 read.push(format!("{} ({how})", file.display()));
                 Some(file)
             }
-            None if Path::new(DEFAULT_CONFIG_PATH).is_file() => {
-                let file = absolute(Path::new(DEFAULT_CONFIG_PATH));
-                read.push(file.display().to_string());
-                Some(file)
-            }
-            None => {
-                read.push(format!(
-                    "no config file ({DEFAULT_CONFIG_PATH} is not in {})",
-                    absolute(Path::new(".")).display()
-                ));
-                None
-            }
+            None => match unnamed_file(Path::new("."), Path::new(INSTALLED_CONFIG_PATH)) {
+                Ok((file, what)) => {
+                    read.push(what);
+                    file
+                }
+                Err(problem) => {
+                    return Err(ConfigError {
+                        read,
+                        ..ConfigError::one(problem)
+                    })
+                }
+            },
         };
         if let Some(file) = &file {
             figment = figment.merge(Toml::file_exact(file));
@@ -652,6 +658,52 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
+/// The config file read when none is named — `config.toml` in `dir` (the
+/// working directory), else `installed` (`/etc/linkid/config.toml`), else
+/// none — and what the `read:` line says of it. An installed config this
+/// user may not read is a problem, not a reason to carry on without it: the
+/// command would use other files than the service.
+fn unnamed_file(dir: &Path, installed: &Path) -> Result<(Option<PathBuf>, String), Problem> {
+    let local = absolute(&dir.join(DEFAULT_CONFIG_PATH));
+    let dir = absolute(dir);
+    if local.is_file() {
+        let what = local.display().to_string();
+        return Ok((Some(local), what));
+    }
+    let readable = match std::fs::metadata(installed) {
+        Ok(meta) if meta.is_file() => std::fs::File::open(installed).map(drop),
+        Ok(_) => Err(std::io::ErrorKind::NotFound.into()),
+        Err(e) => Err(e),
+    };
+    match readable {
+        Ok(()) => Ok((
+            Some(installed.to_path_buf()),
+            format!(
+                "{} (installed; no {DEFAULT_CONFIG_PATH} in {})",
+                installed.display(),
+                dir.display()
+            ),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(Problem::new(
+            "",
+            format!(
+                "there is no {DEFAULT_CONFIG_PATH} in {}, and the installed config {} cannot be read ({e})",
+                dir.display(),
+                installed.display()
+            ),
+            "run the command as the linkid user (sudo -u linkid linkid ...), or name a config with --config",
+        )),
+        Err(_) => Ok((
+            None,
+            format!(
+                "no config file ({DEFAULT_CONFIG_PATH} is not in {}, {} does not exist)",
+                dir.display(),
+                installed.display()
+            ),
+        )),
+    }
+}
+
 /// `scheme://host[:port]` with nothing after it.
 fn is_origin(text: &str) -> bool {
     let Ok(uri) = text.parse::<warp::http::Uri>() else {
@@ -874,6 +926,56 @@ mod tests {
             assert!(problems.contains(names), "{database}: {problems}");
             assert!(!problems.contains("pw-7q"), "{database}: {problems}");
         }
+    }
+
+    #[test]
+    fn a_config_toml_in_the_working_directory_comes_before_the_installed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let installed = dir.path().join("etc-linkid-config.toml");
+        std::fs::write(&installed, "").unwrap();
+        std::fs::write(dir.path().join("config.toml"), "").unwrap();
+
+        let (file, what) = unnamed_file(dir.path(), &installed).unwrap();
+
+        assert_eq!(file, Some(dir.path().join("config.toml")));
+        assert_eq!(what, dir.path().join("config.toml").display().to_string());
+    }
+
+    #[test]
+    fn without_a_config_toml_the_installed_one_is_read_and_said_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let installed = dir.path().join("etc-linkid-config.toml");
+        std::fs::write(&installed, "").unwrap();
+
+        let (file, what) = unnamed_file(dir.path(), &installed).unwrap();
+
+        assert_eq!(file, Some(installed.clone()));
+        assert_eq!(
+            what,
+            format!(
+                "{} (installed; no config.toml in {})",
+                installed.display(),
+                dir.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn with_neither_file_no_config_file_is_read_and_both_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let installed = dir.path().join("etc-linkid-config.toml");
+
+        let (file, what) = unnamed_file(dir.path(), &installed).unwrap();
+
+        assert_eq!(file, None);
+        assert_eq!(
+            what,
+            format!(
+                "no config file (config.toml is not in {}, {} does not exist)",
+                dir.path().display(),
+                installed.display()
+            )
+        );
     }
 
     #[test]

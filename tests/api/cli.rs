@@ -26,6 +26,15 @@ pub struct Server {
 /// would be unknown keys), and on PostgreSQL the database of `dir`
 /// (`LINKID_DATABASE__URL`), so that every command run in `dir` shares it.
 pub fn command(dir: &Path) -> Command {
+    // With no config.toml in `dir` the binary reads the installed config,
+    // and these tests would run against that host's files.
+    assert!(
+        !Path::new(linkid::config::INSTALLED_CONFIG_PATH).exists(),
+        "{} exists (the linkid package is installed here): the tests run the binary \
+         in directories without a config file and would read it; remove the package \
+         (apt-get purge linkid) or run the tests on another machine",
+        linkid::config::INSTALLED_CONFIG_PATH
+    );
     let mut command = Command::new(BIN);
     command.current_dir(dir);
     for (key, _) in std::env::vars_os() {
