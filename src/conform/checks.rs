@@ -133,12 +133,12 @@ impl Check {
             Check::LinksInvalidProvider => row(
                 "links.invalid-provider",
                 Seed,
-                "a provider_id that is no provider is 400 INVALID_IDENTITY_PROVIDER and links nothing",
+                "a provider_id that is no provider is refused with INVALID_IDENTITY_PROVIDER (at full: 400) and links nothing",
             ),
             Check::LinksMissingField => row(
                 "links.missing-field",
                 Seed,
-                "a link request without provider_id, linked_user_id or linked_username is 400 and links nothing",
+                "a link request without provider_id, linked_user_id or linked_username is refused (at full: 400 VALIDATION_FAILED naming it) and links nothing",
             ),
             Check::LinksDelete => row(
                 "links.delete",
@@ -605,13 +605,18 @@ async fn links_invalid_provider(run: &Run) -> Checked {
     let user = run.user();
     let link = Link::of(&user, &no_such_provider(run));
     let answer = run.link(&user, &link, "").await?;
-    run.expect_error(
-        Operation::LinkIdentity,
-        &answer,
-        400,
-        "INVALID_IDENTITY_PROVIDER",
-        "for a provider_id that is no provider",
-    )?;
+    let why = "for a provider_id that is no provider";
+    if run.full() {
+        run.expect_error(
+            Operation::LinkIdentity,
+            &answer,
+            400,
+            "INVALID_IDENTITY_PROVIDER",
+            why,
+        )?;
+    } else {
+        run.expect_refusal(&answer, Some("INVALID_IDENTITY_PROVIDER"), why)?;
+    }
     run.expect_links(&user, &[], "after a link to no provider")
         .await
 }
@@ -629,7 +634,7 @@ async fn links_missing_field(run: &Run) -> Checked {
         if run.full() {
             expect_validation(run, &answer, field, &why)?;
         } else {
-            run.expect_status(&answer, 400, &why)?;
+            run.expect_refusal(&answer, None, &why)?;
         }
         run.expect_links(&user, &[], &format!("after a link request without {field}"))
             .await?;

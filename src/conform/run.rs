@@ -299,6 +299,22 @@ impl Run {
         Ok(())
     }
 
+    /// Where the seed names no status: fails unless the answer is a client
+    /// error (4xx), carrying `code` (as for `expect_error` at `seed`) when
+    /// one is given.
+    pub(crate) fn expect_refusal(&self, answer: &Answer, code: Option<&str>, why: &str) -> Checked {
+        let carried =
+            code.is_none_or(|code| answer.json().is_ok_and(|body| holds_exactly(&body, code)));
+        if (400..500).contains(&answer.status) && carried {
+            return Ok(());
+        }
+        Err(Stop::Fail(format!(
+            "expected a refusal (4xx){} {why}, got {}",
+            code.map(|code| format!(" with {code}")).unwrap_or_default(),
+            answer.describe()
+        )))
+    }
+
     /// The identities in a list answer's body: at `full` its
     /// `linked_identities`, at `seed` every object holding a `provider_id`.
     pub(crate) fn identities(&self, body: &Value) -> Vec<Value> {

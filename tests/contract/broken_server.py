@@ -4,8 +4,8 @@ judged against in test_conform.py.
 
 It is not linkid: its bodies have other shapes (`{"items": [...]}`, errors as
 `{"error": {"code": ..., "message": ...}}` in plain application/json, actions
-in lower case), so that a correct variant passing `--level seed` shows that
-seed judges only what the seed names.
+in lower case, a missing field answered 422), so that a correct variant
+passing `--level seed` shows that seed judges only what the seed names.
 
     python3 broken_server.py --port 8099 --token T --variant retry-201
 
@@ -185,7 +185,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         missing = [f for f in fields if not isinstance(request.get(f), str)]
         if missing and self.variant != "missing-field-accepted":
-            self.error(400, "BAD_REQUEST", f"{missing[0]} is required")
+            # 422, where linkid says 400: the seed names no status for it.
+            self.error(422, "UNPROCESSABLE", f"{missing[0]} is required")
             return
         link = {f: request.get(f, "") for f in fields}
         known = [p["provider_id"] for p in PROVIDERS]
