@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::exchange::{self, Answer, Api, Body, Request, Unanswered};
 use super::schema::{self, Judge};
 use super::Level;
-use crate::domain::Operation;
+use crate::domain::{LinkRequest, Operation};
 
 /// Why a check stopped before its end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,13 +51,14 @@ impl Link {
         }
     }
 
-    /// Its link request body.
+    /// Its link request body: the server's own request type.
     pub(crate) fn body(&self) -> Value {
-        json!({
-            "provider_id": self.provider_id,
-            "linked_user_id": self.linked_user_id,
-            "linked_username": self.linked_username,
-        })
+        let request = LinkRequest {
+            provider_id: self.provider_id.clone(),
+            linked_user_id: self.linked_user_id.clone(),
+            linked_username: self.linked_username.clone(),
+        };
+        serde_json::to_value(request).unwrap_or_default()
     }
 
     /// Read back from an identity object, when its three fields are strings.

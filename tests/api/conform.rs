@@ -86,6 +86,7 @@ async fn conform_passes_linkid_at_full_in_under_30_seconds_and_leaves_nothing_be
     let started = Instant::now();
     let output = conform(&app.address, &app.admin, &[]).await;
     let took = started.elapsed();
+    eprintln!("linkid conform --level full took {took:?}");
     assert_all_passed(&output, FULL_CHECKS);
     assert!(took < Duration::from_secs(30), "took {took:?}");
     assert!(
