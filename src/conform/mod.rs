@@ -19,7 +19,7 @@ mod selection;
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use reqwest::Method;
@@ -42,6 +42,11 @@ const EXIT_FAILED: i32 = 1;
 const EXIT_UNABLE: i32 = 2;
 /// How many users the cleanup works on at once.
 const CLEANUP_CONCURRENCY: usize = 8;
+/// How long one check may take: a server that answers each request just
+/// within its timeout must not hold a run for hours.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the cleanup may take, for the same reason.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How much a run judges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -342,6 +347,11 @@ async fn judge(
     } else {
         tokio::select! {
             () = clean_up(run) => {}
+            () = tokio::time::sleep(CLEANUP_TIMEOUT) => eprintln!(
+                "linkid conform: the cleanup stopped after {} s: users conform-{}-N may keep links",
+                CLEANUP_TIMEOUT.as_secs(),
+                run.id
+            ),
             signal = signal() => eprintln!(
                 "linkid conform: stopped by {} during the cleanup: users conform-{}-N may keep links",
                 signal.name(),
@@ -375,10 +385,14 @@ async fn judge(
 /// Runs one check and makes its verdict.
 async fn judge_one(run: &Run, check: Check, expected: &ExpectedFailures) -> Verdict {
     let started = Instant::now();
-    let outcome = match check.run(run).await {
-        Ok(()) => Outcome::Passed,
-        Err(Stop::Fail(why)) => Outcome::Failed(clean(&why, run.api.token())),
-        Err(Stop::Skip(why)) => Outcome::Skipped(clean(&why, run.api.token())),
+    let outcome = match tokio::time::timeout(CHECK_TIMEOUT, check.run(run)).await {
+        Ok(Ok(())) => Outcome::Passed,
+        Ok(Err(Stop::Fail(why))) => Outcome::Failed(clean(&why, run.api.token())),
+        Ok(Err(Stop::Skip(why))) => Outcome::Skipped(clean(&why, run.api.token())),
+        Err(_) => Outcome::Failed(format!(
+            "expected the check to end within {} s, it did not: the server answers too slowly",
+            CHECK_TIMEOUT.as_secs()
+        )),
     };
     Verdict {
         id: check.id(),
