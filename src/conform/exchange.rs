@@ -153,6 +153,8 @@ pub(crate) fn error_code(body: &Value) -> Option<String> {
 pub(crate) struct Unanswered {
     pub request: String,
     pub why: String,
+    /// Whether the server began an answer (a status came) before it failed.
+    pub began: bool,
 }
 
 impl std::fmt::Display for Unanswered {
@@ -196,6 +198,11 @@ impl Api {
         let unanswered = |why: String| Unanswered {
             request: shown.clone(),
             why,
+            began: false,
+        };
+        let cut_short = |why: String| Unanswered {
+            began: true,
+            ..unanswered(why)
         };
         let mut builder = self.client.request(request.method.clone(), &url);
         let bearer = match request.auth {
@@ -233,15 +240,15 @@ impl Api {
             .content_length()
             .is_some_and(|length| length > MAX_BODY_BYTES as u64)
         {
-            return Err(unanswered(format!(
+            return Err(cut_short(format!(
                 "its body is larger than {} MiB",
                 MAX_BODY_BYTES >> 20
             )));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| unanswered(why(e)))? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| cut_short(why(e)))? {
             if body.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(unanswered(format!(
+                return Err(cut_short(format!(
                     "its body is larger than {} MiB",
                     MAX_BODY_BYTES >> 20
                 )));

@@ -259,10 +259,15 @@ async fn discover_providers(run: &Run) -> Result<Result<Vec<String>, String>, St
         exchange::target(Operation::ListIdentityProviders, &[], ""),
     );
     let answer = run.api.send(request).await.map_err(|unanswered| {
-        clean(
-            &format!("cannot reach {}: {}", run.api.base(), unanswered.why),
-            token,
-        )
+        let what = if unanswered.began {
+            format!(
+                "{} began an answer to the provider list, but",
+                run.api.base()
+            )
+        } else {
+            format!("cannot reach {}:", run.api.base())
+        };
+        clean(&format!("{what} {}", unanswered.why), token)
     })?;
     match answer.status {
         401 | 403 => Err(clean(

@@ -48,6 +48,8 @@ VARIANTS = {
 OTHER_VARIANTS = {
     # The list with embed answers only after a long wait: a run is stopped there.
     "embed-hangs",
+    # The provider list is 5 MiB: more than conform reads.
+    "providers-huge",
 }
 
 USER_PATH = re.compile(r"^/users/([^/]+)/linked-identities(?:/([^/]+))?$")
@@ -131,6 +133,9 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if self.variant == "providers-500":
                 self.error(500, "OOPS", "the provider list broke")
+                return
+            if self.variant == "providers-huge":
+                self.send_json(200, {"items": PROVIDERS, "padding": "x" * (5 << 20)})
                 return
             self.send_json(200, {"items": PROVIDERS})
             return

@@ -172,6 +172,14 @@ def test_ctrl_c_stops_the_run_and_still_deletes_its_links(stub: Stub) -> None:
     assert stub.state()["links"] == []
 
 
+@pytest.mark.parametrize("stub", ["providers-huge"], indirect=True)
+def test_a_body_past_4_mib_is_not_read_and_the_run_exits_2_saying_so(stub: Stub) -> None:
+    result = conform(stub.url, "--level", "seed")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "began an answer to the provider list, but its body is larger than 4 MiB" in result.stderr
+    assert result.stdout == ""
+
+
 def test_an_unreachable_server_exits_2_saying_so() -> None:
     result = conform(f"http://127.0.0.1:{free_port()}", "--level", "seed")
     assert result.returncode == 2
