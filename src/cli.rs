@@ -1,6 +1,6 @@
 //! Command-line interface: `serve` (the default), `dev`, `token ...`, the
-//! admin commands (`check-config`, `backup`, `export`, `import`, `seed`) and
-//! `openapi`.
+//! admin commands (`check-config`, `backup`, `export`, `import`, `seed`),
+//! `openapi` and `conform`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,6 +29,18 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// The configuration the command runs with: `conform` judges another
+    /// server, so it reads no config file (nor its problems), only the
+    /// built-in defaults.
+    pub fn configuration(&self) -> Result<Config, ConfigError> {
+        match self.command {
+            Some(Command::Conform(_)) => Config::defaults(),
+            _ => Config::load(self.config.as_deref()),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,7 +122,26 @@ pub enum Command {
     /// Print the OpenAPI document (JSON) on stdout.
     #[command(after_help = "Example:\n  linkid openapi > openapi/openapi.json")]
     Openapi,
+    /// Judge a server that claims the Linked Identities API: named checks
+    /// through the API alone, every answer validated against the document,
+    /// one line a check, then `N passed, N failed, N skipped`. Exit 0: no
+    /// check failed unexpectedly; 1: one did; 2: it could not run at all.
+    #[command(after_help = crate::conform::help())]
+    Conform(crate::conform::Args),
 }
+
+/// A command's exit status other than 0 or 1, chosen after it said why on
+/// its own (`main` exits with it and prints nothing more).
+#[derive(Debug)]
+pub struct Exit(pub i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -280,6 +311,10 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
             print!("{}", crate::http::openapi::document_json());
             Ok(())
         }
+        Command::Conform(args) => match crate::conform::run(args).await {
+            0 => Ok(()),
+            status => Err(Exit(status).into()),
+        },
         Command::Token(command) => run_token(&config, command).await,
         Command::Export { out } => {
             let sink: Box<dyn std::io::Write + Send> = match &out {

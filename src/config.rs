@@ -28,6 +28,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
 /// installed host use the service's files.
 pub const INSTALLED_CONFIG_PATH: &str = "/etc/linkid/config.toml";
 
+/// The environment variable that gives `linkid conform` its token: it
+/// shares the `LINKID_` prefix but is no configuration key.
+pub const CONFORM_TOKEN_VARIABLE: &str = "LINKID_CONFORM_TOKEN";
+
 /// The whole configuration, as read from every layer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -433,16 +437,34 @@ impl Config {
         }
         let mut variables: Vec<String> = std::env::vars_os()
             .filter_map(|(name, _)| name.into_string().ok())
-            .filter(|name| name.starts_with("LINKID_") && name != "LINKID_CONFIG")
+            .filter(|name| {
+                name.starts_with("LINKID_")
+                    && name != "LINKID_CONFIG"
+                    && name != CONFORM_TOKEN_VARIABLE
+            })
             .collect();
         variables.sort();
         read.extend(variables);
         let figment = figment.merge(
             Env::prefixed("LINKID_")
-                .filter(|key| !key.as_str().eq_ignore_ascii_case("config"))
+                .filter(|key| {
+                    !key.as_str().eq_ignore_ascii_case("config")
+                        && !CONFORM_TOKEN_VARIABLE
+                            .strip_prefix("LINKID_")
+                            .is_some_and(|name| key.as_str().eq_ignore_ascii_case(name))
+                })
                 .split("__"),
         );
         Self::checked(figment, read, file)
+    }
+
+    /// The built-in defaults alone, for a command that reads no config file.
+    pub fn defaults() -> Result<Config, ConfigError> {
+        Self::checked(
+            Figment::from(BuiltIn),
+            vec![problem::BUILT_IN.to_string()],
+            None,
+        )
     }
 
     /// Extracts and checks a configuration from any figment (tests use this).

@@ -2,10 +2,13 @@
 //!
 //! Arrows point down: `cli` and `startup` build the app from `http`, which
 //! uses `auth` and `store`, which use `domain`, `config` and `telemetry`.
+//! `conform` (the HTTP client that judges other servers) sits beside
+//! `http`, under `cli`: it reads the domain types and the OpenAPI document.
 
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub(crate) mod conform;
 pub mod domain;
 pub(crate) mod http;
 pub mod startup;

@@ -1,7 +1,7 @@
 use clap::Parser;
 
 use linkid::cli::{self, Cli};
-use linkid::config::{Config, ConfigError};
+use linkid::config::ConfigError;
 
 // glibc's malloc was a seventh of the CPU per request under load.
 #[global_allocator]
@@ -9,7 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = Cli::parse();
-    let outcome = Config::load(cli.config.as_deref())
+    let outcome = Cli::configuration(&cli)
         .map_err(anyhow::Error::from)
         .and_then(|config| {
             // Reads wait for one of `pool_size` connections: more blocking
@@ -24,6 +24,9 @@ fn main() {
                 .block_on(cli::run(cli, config))
         });
     if let Err(error) = outcome {
+        if let Some(cli::Exit(status)) = error.downcast_ref::<cli::Exit>() {
+            std::process::exit(*status);
+        }
         match error.downcast_ref::<ConfigError>() {
             Some(config_error) => {
                 eprint!("linkid: {config_error}");

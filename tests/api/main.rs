@@ -9,6 +9,7 @@ mod amplification;
 mod auth;
 mod cli;
 mod config;
+mod conform;
 mod connections;
 mod crash;
 mod delete;
