@@ -875,7 +875,7 @@ pub(super) fn parse_feed(query: &str) -> Fields<FeedQuery> {
     params(
         ("after" = Option<i64>, Query, description = "Only events with a greater `seq` (the previous answer's `next_after`).", minimum = 0, example = 0),
         ("limit" = Option<u32>, Query, description = "Events per answer, 1 to 1000.", minimum = 1, maximum = 1000, example = 100),
-        ("wait" = Option<u32>, Query, description = "Seconds to wait for an event when there is none yet (long poll), 0 to 60.", minimum = 0, maximum = 60, example = 0),
+        ("wait" = Option<u32>, Query, description = "Seconds to wait for an event when there is none yet (long poll), 0 to 60. With nothing to send, the answer comes only when `wait` is up: a client's read timeout (and a fuzzer's response-time limit) must be longer than `wait`.", minimum = 0, maximum = 60, example = 0),
         ("Last-Event-ID" = Option<i64>, Header, description = "With `Accept: text/event-stream`: resume after this seq (what an EventSource sends when it reconnects); it wins over `after`. Checked on every request.", minimum = 0, nullable = false),
     ),
     responses(

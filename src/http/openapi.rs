@@ -36,7 +36,9 @@ use crate::domain::Operation;
             `linkid token mint --admin`. Errors are RFC 9457 problem details \
             (`application/problem+json`) with a stable `code` (see `ProblemCode`; each error \
             response narrows it to the codes it can carry) and the `request_id`; every \
-            response carries `x-request-id`.",
+            response carries `x-request-id`. Query parameters that an operation does not name \
+            are ignored, not refused (as HTTP servers commonly do, so that an older server takes \
+            a newer client's request): a misspelt optional parameter is simply absent.",
         contact(name = "linkid maintainers"),
         license(name = "MIT", identifier = "MIT"),
     ),
@@ -89,6 +91,16 @@ impl Answer {
         self.examples[0].status()
     }
 
+    /// Its first problem, as its schema's example when it has several: the
+    /// media type's examples are keyed by code, so sorted by name, and a
+    /// tool that answers "the first example" (Prism, for a status alone and
+    /// for a request without a token) takes the schema's example first. It
+    /// should get the common case (`UNAUTHENTICATED`, `FORBIDDEN`), not the
+    /// first code in the alphabet.
+    fn schema_example(&self) -> Option<serde_json::Value> {
+        (self.examples.len() > 1).then(|| example_value(&self.examples[0]))
+    }
+
     fn codes(&self) -> Vec<ProblemCode> {
         let mut codes: Vec<ProblemCode> = Vec::new();
         for error in &self.examples {
@@ -115,10 +127,7 @@ fn shared_answers() -> Vec<(&'static str, Answer)> {
         answer(
             "Unauthorized",
             "UnauthorizedProblem",
-            vec![
-                ApiError::MissingToken,
-                ApiError::InvalidToken("expired".into()),
-            ],
+            unauthorized_examples(),
         ),
         answer(
             "Forbidden",
@@ -178,6 +187,14 @@ fn shared_answers() -> Vec<(&'static str, Answer)> {
             "StorageFullProblem",
             vec![ApiError::StorageFull("database or disk is full".into())],
         ),
+    ]
+}
+
+/// The two 401s: no token, and a token that is not valid.
+fn unauthorized_examples() -> Vec<ApiError> {
+    vec![
+        ApiError::MissingToken,
+        ApiError::InvalidToken("expired".into()),
     ]
 }
 
@@ -283,9 +300,11 @@ fn operation_answers(operation: Operation) -> Vec<Use> {
             Own(Answer::new(
                 "ValidationFailedProblem",
                 vec![invalid(
-                    handlers::parse_search("linked_user_id=00u1a2b3c4&limit=5000")
-                        .err()
-                        .unwrap_or_default(),
+                    handlers::parse_search(
+                        "linked_user_id=00u1a2b3c4&limit=5000&cursor=bWFkZS11cA",
+                    )
+                    .err()
+                    .unwrap_or_default(),
                 )],
             )),
             Own(Answer::new(
@@ -350,12 +369,26 @@ const PROVIDER: (&str, LinkValue) = (
     "provider_id",
     LinkValue::Expression("$response.body#/provider_id"),
 );
+const LINKED_USER: (&str, LinkValue) = (
+    "linked_user_id",
+    LinkValue::Expression("$response.body#/linked_user_id"),
+);
 /// A feed read that a link leads to never long-polls.
 const NO_WAIT: (&str, LinkValue) = ("wait", LinkValue::Fixed("0"));
 const CREATED: &[&str] = &["201", "200"];
 
-/// From a new link to everything about it (including the login-time
-/// lookup), and from the lookup on to the change feed.
+/// From a new link to everything about it (reading, listing and deleting
+/// it, the login-time lookup, the change feed, the retry), on along the
+/// feed, and from a deleted link to what is left of it (a 404, an empty
+/// lookup).
+///
+/// Every chain begins at `linkIdentity`, and no link leaves the search:
+/// schemathesis' stateful phase starts its scenarios at operations that
+/// have links, preferring a POST or a GET without path parameters, but not
+/// `linkIdentity` (it finds no operation that makes the user its `user_id`
+/// names). A link
+/// out of the search would make the search the one place scenarios start,
+/// and the links out of a new link would never be followed.
 const LINKS: &[DocLink] = &[
     DocLink {
         from: Operation::LinkIdentity,
@@ -389,16 +422,19 @@ const LINKS: &[DocLink] = &[
         statuses: CREATED,
         name: "LookUpLinkedIdentity",
         to: Operation::SearchLinkedIdentities,
-        parameters: &[
-            PROVIDER,
-            (
-                "linked_user_id",
-                LinkValue::Expression("$response.body#/linked_user_id"),
-            ),
-        ],
+        parameters: &[PROVIDER, LINKED_USER],
         request_body: None,
         description:
             "The login-time reverse lookup of the remote identity just linked: it finds this user.",
+    },
+    DocLink {
+        from: Operation::LinkIdentity,
+        statuses: CREATED,
+        name: "ListEvents",
+        to: Operation::ListEvents,
+        parameters: &[NO_WAIT],
+        request_body: None,
+        description: "The change feed: a new link is a `LINKED` event there, a new username an `UPDATED` one.",
     },
     DocLink {
         from: Operation::LinkIdentity,
@@ -420,13 +456,22 @@ const LINKS: &[DocLink] = &[
         description: "Delete this identity.",
     },
     DocLink {
-        from: Operation::SearchLinkedIdentities,
+        from: Operation::DeleteLinkedIdentity,
         statuses: &["200"],
-        name: "ListEvents",
-        to: Operation::ListEvents,
-        parameters: &[NO_WAIT],
+        name: "GetLinkedIdentity",
+        to: Operation::GetLinkedIdentity,
+        parameters: &[USER, PROVIDER],
         request_body: None,
-        description: "The change feed: who made these links, and every change since.",
+        description: "The identity just deleted: a 404 `LINKED_IDENTITY_NOT_FOUND` now.",
+    },
+    DocLink {
+        from: Operation::DeleteLinkedIdentity,
+        statuses: &["200"],
+        name: "LookUpLinkedIdentity",
+        to: Operation::SearchLinkedIdentities,
+        parameters: &[PROVIDER, LINKED_USER],
+        request_body: None,
+        description: "The login-time reverse lookup of the remote identity just unlinked: it finds no one now.",
     },
     DocLink {
         from: Operation::ListEvents,
@@ -473,10 +518,10 @@ impl Modify for Finish {
         if let Some(RefOr::T(code)) = components.schemas.get_mut("ProblemCode") {
             set_description(code, problem_code_table());
         }
-        // Each narrowed problem schema, by name, with its codes.
+        // Each narrowed problem schema, by name, with its codes and examples.
         let mut narrowed = BTreeMap::new();
         for (name, answer) in shared_answers() {
-            narrowed.insert(answer.schema, answer.codes());
+            narrowed.insert(answer.schema, (answer.codes(), answer.schema_example()));
             components
                 .responses
                 .insert(name.to_string(), error_response(&answer).into());
@@ -502,10 +547,10 @@ impl Modify for Finish {
         }
 
         let components = openapi.components.get_or_insert_with(Default::default);
-        for (name, codes) in narrowed {
+        for (name, (codes, example)) in narrowed {
             components
                 .schemas
-                .insert(name.to_string(), narrowed_problem(&codes).into());
+                .insert(name.to_string(), narrowed_problem(&codes, example).into());
         }
     }
 }
@@ -515,7 +560,7 @@ impl Modify for Finish {
 fn add_error_responses(
     op: Operation,
     responses: &mut utoipa::openapi::Responses,
-    narrowed: &mut BTreeMap<&'static str, Vec<ProblemCode>>,
+    narrowed: &mut BTreeMap<&'static str, (Vec<ProblemCode>, Option<serde_json::Value>)>,
 ) {
     for answer in operation_answers(op) {
         let (status, response) = match answer {
@@ -528,12 +573,19 @@ fn add_error_responses(
             }
             Use::Own(answer) => {
                 let codes = answer.codes();
-                let known = narrowed.entry(answer.schema).or_insert(codes.clone());
+                let example = answer.schema_example();
+                let (known, known_example) = narrowed
+                    .entry(answer.schema)
+                    .or_insert((codes.clone(), example.clone()));
                 assert_eq!(
                     *known, codes,
                     "{} narrows to one set of codes",
                     answer.schema
                 );
+                // A schema that answers with other examples elsewhere has none.
+                if *known_example != example {
+                    *known_example = None;
+                }
                 (answer.status(), error_response(&answer).into())
             }
         };
@@ -611,18 +663,7 @@ fn shared_headers() -> Vec<(&'static str, Header)> {
                 &[("", json!(EXAMPLE_REQUEST_ID))],
             ),
         ),
-        (
-            "WwwAuthenticate",
-            required_header(
-                Type::String,
-                "The RFC 6750 challenge: `Bearer` when no token was presented; \
-                 `Bearer error=\"invalid_token\"` when one was and it is not valid.",
-                &[
-                    ("UNAUTHENTICATED", json!("Bearer")),
-                    ("INVALID_TOKEN", json!("Bearer error=\"invalid_token\"")),
-                ],
-            ),
-        ),
+        ("WwwAuthenticate", www_authenticate_header()),
         (
             "RetryAfter",
             required_header(
@@ -662,6 +703,33 @@ fn shared_headers() -> Vec<(&'static str, Header)> {
     ]
 }
 
+/// The RFC 6750 challenge of a 401. OpenAPI gives a response one set of
+/// headers for all its examples, and mock servers answer a header's first
+/// example whatever body example was asked for (Prism does). So the header
+/// has no examples of its own: its schema lists the challenges the server
+/// sends, in the order of the 401's examples (the missing token first),
+/// and each body example says which challenge comes with it.
+fn www_authenticate_header() -> Header {
+    let challenges: Vec<String> = unauthorized_examples()
+        .iter()
+        .flat_map(ApiError::headers)
+        .filter(|(name, _)| *name == "www-authenticate")
+        .map(|(_, value)| value)
+        .collect();
+    HeaderBuilder::new()
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(challenges)),
+        ))
+        .description(Some(
+            "The RFC 6750 challenge: `Bearer` when no token was presented; \
+             `Bearer error=\"invalid_token\"` when one was and it is not valid.",
+        ))
+        .extensions(Some(Extensions::from_iter([("required", true)])))
+        .build()
+}
+
 fn location_header() -> Header {
     required_header(
         Type::String,
@@ -696,8 +764,12 @@ fn set_description(schema: &mut utoipa::openapi::Schema, description: String) {
     }
 }
 
-/// `Problem` with `code` narrowed to an error response's codes.
-fn narrowed_problem(codes: &[ProblemCode]) -> utoipa::openapi::Schema {
+/// `Problem` with `code` narrowed to an error response's codes, and its
+/// first example when it has several.
+fn narrowed_problem(
+    codes: &[ProblemCode],
+    example: Option<serde_json::Value>,
+) -> utoipa::openapi::Schema {
     let status = codes[0].status();
     let mut narrowing = ObjectBuilder::new()
         .schema_type(Type::Object)
@@ -723,7 +795,13 @@ fn narrowed_problem(codes: &[ProblemCode]) -> utoipa::openapi::Schema {
             status.as_u16(),
             listed.join(" or ")
         )))
+        .examples(example)
         .into()
+}
+
+/// A problem as an example value.
+fn example_value(error: &ApiError) -> serde_json::Value {
+    serde_json::to_value(error.to_problem(EXAMPLE_REQUEST_ID)).expect("a problem serializes")
 }
 
 fn error_response(answer: &Answer) -> Response {
@@ -735,24 +813,7 @@ fn error_response(answer: &Answer) -> Response {
     for code in answer.codes() {
         description.push_str(&format!("\n- `{}`: {}", code.as_str(), code.meaning()));
     }
-    let content = ContentBuilder::new()
-        .schema(Some(Ref::from_schema_name(answer.schema)))
-        .examples_from_iter(answer.examples.iter().map(|error| {
-            let value = serde_json::to_value(error.to_problem(EXAMPLE_REQUEST_ID))
-                .expect("a problem serializes");
-            (
-                error.code().as_str(),
-                ExampleBuilder::new()
-                    .summary(error.code().as_str())
-                    .value(Some(value))
-                    .build(),
-            )
-        }))
-        .build();
-    let mut response = ResponseBuilder::new()
-        .description(description)
-        .header_ref("x-request-id", Ref::new("#/components/headers/RequestId"))
-        .content("application/problem+json", content);
+    // The headers of this status: (name, `components/headers` name).
     let mut headers: Vec<(&str, &str)> = Vec::new();
     if status == StatusCode::UNAUTHORIZED {
         headers.push(("WWW-Authenticate", "WwwAuthenticate"));
@@ -768,10 +829,44 @@ fn error_response(answer: &Answer) -> Response {
             ("RateLimit-Policy", "RateLimitPolicy"),
         ]);
     }
+    let content = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name(answer.schema)))
+        .examples_from_iter(answer.examples.iter().map(|error| {
+            let mut example = ExampleBuilder::new()
+                .summary(error.code().as_str())
+                .value(Some(example_value(error)));
+            if let Some(sent) = headers_sent_with(error, &headers) {
+                example = example.description(sent);
+            }
+            (error.code().as_str(), example.build())
+        }))
+        .build();
+    let mut response = ResponseBuilder::new()
+        .description(description)
+        .header_ref("x-request-id", Ref::new("#/components/headers/RequestId"))
+        .content("application/problem+json", content);
     for (name, component) in headers {
         response = response.header_ref(name, Ref::new(format!("#/components/headers/{component}")));
     }
     response.build()
+}
+
+/// An example's own header values, said in its description: a response has
+/// one set of headers for all its examples, so this is where a 401 example
+/// says which challenge comes with it.
+fn headers_sent_with(error: &ApiError, documented: &[(&str, &str)]) -> Option<String> {
+    let sent: Vec<String> = error
+        .headers()
+        .into_iter()
+        .map(|(name, value)| {
+            let shown = documented
+                .iter()
+                .find(|(documented, _)| documented.eq_ignore_ascii_case(name))
+                .map_or(name, |(documented, _)| *documented);
+            format!("`{shown}: {value}`")
+        })
+        .collect();
+    (!sent.is_empty()).then(|| format!("Sent with {}.", sent.join(", ")))
 }
 
 /// The `/docs` page's Content-Security-Policy. Swagger UI sets element

@@ -1,4 +1,4 @@
-"""Schemathesis hooks for the contract run (loaded through SCHEMATHESIS_HOOKS).
+"""Schemathesis hooks for the contract run (schemathesis.toml loads them: `hooks`).
 
 Positive test cases are meant to be requests the server must accept. For
 searchLinkedIdentities two query values are valid by the schema and still a
