@@ -321,7 +321,7 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
                 Some(path) => Box::new(std::io::BufWriter::new(create_private(path)?)),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout())),
             };
-            let written = crate::store::export(&config.database, sink).await?;
+            let written = crate::store::export(&config.database, &config.id_rules(), sink).await?;
             eprintln!("exported {written} links");
             Ok(())
         }
@@ -363,10 +363,12 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
                 )
                 .expect("the progress template parses"),
             );
-            let added = crate::store::seed(&config.database, links, providers, move |done| {
-                bar.set_position(done)
-            })
-            .await?;
+            let rules = config.id_rules();
+            let added =
+                crate::store::seed(&config.database, &rules, links, providers, move |done| {
+                    bar.set_position(done)
+                })
+                .await?;
             eprintln!("added {added} links");
             Ok(())
         }
@@ -399,7 +401,7 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
             let token = token_argument(token)?;
             let key = existing_key(config)?;
             let revoked = Arc::new(auth::RevocationList::default());
-            let database = match Store::open_existing(&config.database).await? {
+            let database = match Store::open_existing(&config.database, &config.id_rules()).await? {
                 Some(store) => {
                     let (ids, _) = store.revoked_since(0).await?;
                     store.close().await;
@@ -429,7 +431,7 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
             // The last block's id belongs to this token and to every token
             // attenuated from it, and to no token it was attenuated from.
             let own = ids.last().cloned().context("the token has no blocks")?;
-            let store = Store::open(&config.database).await?;
+            let store = Store::open(&config.database, &config.id_rules()).await?;
             let added = store.revoke(vec![own.clone()]).await?;
             store.close().await;
             if added == 0 {
@@ -503,6 +505,7 @@ async fn import_file(
             .iter()
             .map(|p| p.id.clone())
             .collect(),
+        rules: config.id_rules(),
         progress: Box::new(move |bytes| {
             if let Some(bar) = &progress_bar {
                 bar.set_position(bytes);

@@ -98,7 +98,7 @@ impl Application {
                 tracing::info!(public_key = %key.public, "verifying tokens with auth.public_key")
             }
         }
-        let store = Store::open_serving(&config.database).await?;
+        let store = Store::open_serving(&config.database, &config.id_rules()).await?;
         tracing::info!(database = %store.describe(), "database ready");
         let revoked = Arc::new(RevocationList::default());
         let server = server::Settings::from_config(&config.server)?;

@@ -27,6 +27,7 @@ mod problem;
 mod query;
 pub(crate) mod rate_limit;
 pub(crate) mod server;
+mod url;
 
 use context::{head, Head, ServedAs};
 use problem::{problem_response, ApiError};

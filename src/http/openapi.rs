@@ -241,7 +241,7 @@ fn operation_answers(operation: Operation) -> Vec<Use> {
                         ApiError::InvalidIdentityProvider("github".into()),
                         ApiError::UserAlreadyLinked {
                             user_id: "u-42".into(),
-                            provider_id: "azure-ad".into(),
+                            provider_id: Some("azure-ad".into()),
                         },
                     ],
                 )),

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use crate::config::{ConfigError, DatabaseConfig, PostgresUrl};
-use crate::domain::{Actor, Event, LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{Actor, Event, IdRules, LinkRecord, NewLink, ProviderId, UserId};
 
+mod keys;
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
 pub mod transfer;
@@ -126,16 +127,17 @@ fn postgres_url(config: &DatabaseConfig) -> anyhow::Result<Option<PostgresUrl>> 
 /// `providers`), for benchmarks and demos; returns how many were added.
 pub async fn seed(
     config: &DatabaseConfig,
+    rules: &IdRules,
     count: u64,
     providers: Vec<String>,
     progress: impl Fn(u64) + Send + 'static,
 ) -> anyhow::Result<u64> {
     match postgres_url(config)? {
-        Some(url) => postgres::admin::seed(config, &url, count, &providers, progress).await,
+        Some(url) => postgres::admin::seed(config, rules, &url, count, &providers, progress).await,
         None => {
-            let path = config.path.clone();
+            let (path, rules) = (config.path.clone(), rules.clone());
             tokio::task::spawn_blocking(move || {
-                sqlite::admin::seed(&path, count, &providers, progress)
+                sqlite::admin::seed(&path, &rules, count, &providers, progress)
             })
             .await?
         }
@@ -163,7 +165,8 @@ pub fn backup(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SearchQuery {
     pub provider_id: Option<String>,
-    /// Only with `provider_id`: the login-time reverse lookup.
+    /// Only with `provider_id`: the login-time reverse lookup (compared by
+    /// the provider's rule, see `IdRules::key`).
     pub linked_user_id: Option<String>,
     pub after_user: Option<String>,
     pub limit: u32,
@@ -180,13 +183,14 @@ pub struct SearchPage {
 /// consistent snapshot; returns how many.
 pub async fn export(
     config: &DatabaseConfig,
+    rules: &IdRules,
     out: Box<dyn std::io::Write + Send>,
 ) -> anyhow::Result<u64> {
     if let Some(url) = postgres_url(config)? {
-        return postgres::admin::export(config, &url, out).await;
+        return postgres::admin::export(config, rules, &url, out).await;
     }
-    let path = config.path.clone();
-    tokio::task::spawn_blocking(move || sqlite::admin::export(&path, out)).await?
+    let (path, rules) = (config.path.clone(), rules.clone());
+    tokio::task::spawn_blocking(move || sqlite::admin::export(&path, &rules, out)).await?
 }
 
 /// Applies a JSON Lines file of links as one all-or-nothing transaction
@@ -222,31 +226,37 @@ macro_rules! dispatch {
 
 impl Store {
     /// Opens the configured database (PostgreSQL when `database.url` is
-    /// set, else the SQLite file), creating and upgrading its schema.
-    pub async fn open(config: &DatabaseConfig) -> anyhow::Result<Store> {
+    /// set, else the SQLite file), creating and upgrading its schema. The
+    /// links' comparison keys follow `rules`: a provider whose rule changed
+    /// since the database was last opened has its keys recomputed (or, if
+    /// that would make two links one, the open fails naming them).
+    pub async fn open(config: &DatabaseConfig, rules: &IdRules) -> anyhow::Result<Store> {
         Ok(match postgres_url(config)? {
-            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, &url).await?),
-            None => Store::Sqlite(sqlite::SqliteStore::open(config)?),
+            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, rules, &url).await?),
+            None => Store::Sqlite(sqlite::SqliteStore::open(config, rules)?),
         })
     }
 
     /// Opens the database for a server, which holds it until `close`: a
     /// second server on the same SQLite file refuses to start, naming the
     /// first one's pid. (CLI commands use `open`, beside a server.)
-    pub async fn open_serving(config: &DatabaseConfig) -> anyhow::Result<Store> {
+    pub async fn open_serving(config: &DatabaseConfig, rules: &IdRules) -> anyhow::Result<Store> {
         Ok(match postgres_url(config)? {
             // Any number of instances share one PostgreSQL database.
-            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, &url).await?),
-            None => Store::Sqlite(sqlite::SqliteStore::open_serving(config)?),
+            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, rules, &url).await?),
+            None => Store::Sqlite(sqlite::SqliteStore::open_serving(config, rules)?),
         })
     }
 
     /// Opens the database if it exists, without creating a SQLite file.
-    pub async fn open_existing(config: &DatabaseConfig) -> anyhow::Result<Option<Store>> {
+    pub async fn open_existing(
+        config: &DatabaseConfig,
+        rules: &IdRules,
+    ) -> anyhow::Result<Option<Store>> {
         if config.postgres_url().is_none() && !config.path.exists() {
             return Ok(None);
         }
-        Self::open(config).await.map(Some)
+        Self::open(config, rules).await.map(Some)
     }
 
     /// Where the data lives, for people: a file path or a URL without its password.
