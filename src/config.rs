@@ -224,6 +224,10 @@ pub struct DatabaseConfig {
     /// PostgreSQL: the longest a statement, a wait for a pooled connection
     /// or a new connection may take before the request fails with a 503.
     pub statement_timeout_secs: u64,
+    /// The instant every change is stamped with instead of now: set by
+    /// `linkid dev --clock`, not a configuration key.
+    #[serde(skip)]
+    pub clock: Option<std::time::SystemTime>,
 }
 
 impl DatabaseConfig {

@@ -587,6 +587,33 @@ pub(super) fn parse_link_body(body: &[u8]) -> Result<Fields<LinkFields>, ApiErro
     })
 }
 
+/// `POST /_dev/reset` (`linkid dev` only): the data as `linkid dev` started,
+/// for a bearer that may do everything; 204.
+pub async fn dev_reset(state: Arc<AppState>, bearer: Bearer) -> Result<Response, Rejection> {
+    let Some(dev) = &state.dev else {
+        return Err(warp::reject::not_found());
+    };
+    for right in Right::ALL {
+        authorize(&state, &bearer, right, None, None).await?;
+    }
+    crate::store::replace_all(
+        &dev.database,
+        &dev.rules,
+        dev.providers.clone(),
+        dev.fixtures.clone(),
+    )
+    .await
+    .map_err(ApiError::from)?;
+    state
+        .store
+        .reread_newest_event()
+        .await
+        .map_err(ApiError::from)?;
+    let mut response = Response::new(bytes::Bytes::new().into());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
 /// `GET /readyz`: 200 while the database answers, else 503 `NOT_READY` with the reason.
 pub async fn readyz(state: Arc<AppState>) -> Result<Response, Rejection> {
     state.store.ready().await.map_err(ApiError::NotReady)?;

@@ -201,10 +201,53 @@ pub async fn import(
     options: transfer::ImportOptions,
 ) -> anyhow::Result<transfer::ImportReport> {
     if let Some(url) = postgres_url(config)? {
+        anyhow::ensure!(
+            !options.replace,
+            "replacing every link is for linkid dev's SQLite file only"
+        );
         return postgres::admin::import(config, &url, source, options).await;
     }
     let path = config.path.clone();
     tokio::task::spawn_blocking(move || sqlite::admin::import(&path, source, options)).await?
+}
+
+/// Makes the links of a JSON Lines text (the export format) all there is,
+/// in one transaction: every other link and every event goes, and the
+/// feed starts again at 1 with the text's links. For `linkid dev`'s reset
+/// (SQLite only); a bad text changes nothing and says why.
+pub async fn replace_all(
+    config: &DatabaseConfig,
+    rules: &IdRules,
+    providers: std::collections::HashSet<String>,
+    links: bytes::Bytes,
+) -> anyhow::Result<transfer::ImportReport> {
+    let problems = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let options = transfer::ImportOptions {
+        dry_run: false,
+        providers,
+        rules: rules.clone(),
+        progress: Box::new(|_| {}),
+        problem: {
+            let problems = problems.clone();
+            Box::new(move |problem| {
+                let mut problems = problems.lock().unwrap_or_else(|e| e.into_inner());
+                if problems.len() < 5 {
+                    problems.push(problem);
+                }
+            })
+        },
+        replace: true,
+        clock: config.clock,
+    };
+    let source: transfer::Source = Box::new(std::io::Cursor::new(links));
+    let report = import(config, source, options).await?;
+    let problems = problems.lock().unwrap_or_else(|e| e.into_inner());
+    anyhow::ensure!(
+        report.applied,
+        "nothing was replaced: {}",
+        problems.join("; ")
+    );
+    Ok(report)
 }
 
 /// A handle to the database: cheap to clone, shared by all requests.
@@ -318,6 +361,15 @@ impl Store {
     /// events, for `newest_event`); the server calls it a few times a second.
     pub async fn refresh(&self) -> Result<(), StoreError> {
         dispatch!(self.refresh())
+    }
+
+    /// `refresh`, also taking a newest event older than the one known:
+    /// after `replace_all` started the feed again.
+    pub async fn reread_newest_event(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.reread_newest_event().await,
+            Store::Postgres(store) => store.refresh().await,
+        }
     }
 
     /// Deletes events that occurred before `cutoff` (RFC 3339 UTC);

@@ -316,6 +316,7 @@ impl SqliteStore {
         let (sender, receiver) = mpsc::channel();
         let writer_state = Writer {
             conn: writer,
+            clock: config.clock,
             path: path.to_path_buf(),
             identity,
             health: health.clone(),
@@ -489,6 +490,14 @@ impl SqliteStore {
             }
             newer
         });
+        Ok(())
+    }
+
+    /// Reads the newest event and takes it as it is, also when it is older
+    /// than the one known (after `replace_all` started the feed again).
+    pub async fn reread_newest_event(&self) -> Result<(), StoreError> {
+        let newest = self.read(newest_event_in).await?;
+        self.newest_event.send_replace(newest);
         Ok(())
     }
 
@@ -1181,6 +1190,8 @@ impl<T> OrStore<T> for rusqlite::Result<T> {
 /// The writer thread's state: the one write connection and what it watches.
 struct Writer {
     conn: Connection,
+    /// The instant every change is stamped with (`linkid dev --clock`).
+    clock: Option<SystemTime>,
     path: PathBuf,
     identity: FileIdentity,
     health: Arc<Health>,
@@ -1253,7 +1264,7 @@ impl Writer {
         // longer at the path would be gone at the next start.
         let outcome = self
             .check_file()
-            .and_then(|()| apply_batch(&mut self.conn, &batch))
+            .and_then(|()| apply_batch(&mut self.conn, &batch, self.clock))
             .and_then(|results| self.check_file().map(|()| results));
         match outcome {
             Ok(results) => {
@@ -1321,11 +1332,12 @@ impl Writer {
 fn apply_batch(
     conn: &mut Connection,
     batch: &[WriteJob],
+    clock: Option<SystemTime>,
 ) -> Result<Vec<Result<WriteResult, StoreError>>, StoreError> {
-    match apply_batch_with(conn, batch, false)? {
+    match apply_batch_with(conn, batch, false, clock)? {
         Some(results) => Ok(results),
         // With savepoints every job's failure is its own: never `None`.
-        None => apply_batch_with(conn, batch, true)?
+        None => apply_batch_with(conn, batch, true, clock)?
             .ok_or_else(|| anyhow::anyhow!("a batch with savepoints was given up").into()),
     }
 }
@@ -1347,11 +1359,12 @@ fn apply_batch_with(
     conn: &mut Connection,
     batch: &[WriteJob],
     savepoints: bool,
+    clock: Option<SystemTime>,
 ) -> Result<Option<Vec<Result<WriteResult, StoreError>>>, StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .or_store("cannot begin a write transaction")?;
-    let stamp = now();
+    let stamp = super::transfer::stamp(clock);
     let mut results = Vec::with_capacity(batch.len());
     // Savepoints through prepared statements: parsed once, not per write.
     let step = |sql: &str, what: &'static str| -> Result<(), StoreError> {

@@ -30,6 +30,17 @@ pub struct ImportOptions {
     pub progress: Box<dyn Fn(u64) + Send>,
     /// Gets each problem as it is found, as `line N: field: message`.
     pub problem: Box<dyn FnMut(String) + Send>,
+    /// Delete every link and event first, in the same transaction, so that
+    /// the file becomes all there is and the feed starts again at 1
+    /// (`linkid dev`'s reset; SQLite only).
+    pub replace: bool,
+    /// The instant every stamp gets (`linkid dev --clock`); now when `None`.
+    pub clock: Option<std::time::SystemTime>,
+}
+
+/// RFC 3339 UTC with seconds: `clock`'s instant, or now.
+pub fn stamp(clock: Option<std::time::SystemTime>) -> String {
+    humantime::format_rfc3339_seconds(clock.unwrap_or_else(std::time::SystemTime::now)).to_string()
 }
 
 /// What an import did (or, on a dry run or with problems, would have done).
@@ -99,7 +110,7 @@ pub fn run_import(
     mut apply: impl FnMut(&[LinkRecord]) -> anyhow::Result<Vec<Result<LineOutcome, Conflict>>>,
 ) -> anyhow::Result<ImportReport> {
     let mut report = ImportReport::default();
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let now = stamp(options.clock);
     let mut lines = Lines::new(source);
     let mut parsed: Vec<(u64, Result<LinkRecord, Vec<String>>)> = Vec::with_capacity(batch);
     let mut flush = |parsed: &mut Vec<(u64, Result<LinkRecord, Vec<String>>)>,

@@ -113,6 +113,7 @@ async fn the_migrations_make_exactly_schema_postgres_sql() {
         pool_size: 1,
         max_batch: 1,
         statement_timeout_secs: 5,
+        clock: None,
     };
     let store = Store::open(&config, &IdRules::default()).await.unwrap();
     store.close().await;
@@ -214,6 +215,7 @@ fn config_for(url: &str) -> DatabaseConfig {
         pool_size: 1,
         max_batch: 1,
         statement_timeout_secs: 5,
+        clock: None,
     }
 }
 

@@ -178,7 +178,15 @@ pub fn import(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .context("cannot lock the database for the import")?;
-    let stamp = now();
+    if options.replace {
+        // The rowid of an emptied table starts again at 1: so does the feed.
+        tx.execute_batch(
+            "DELETE FROM linked_identities; DELETE FROM events; \
+             UPDATE feed_state SET pruned_through = 0;",
+        )
+        .context("cannot empty the database")?;
+    }
+    let stamp = crate::store::transfer::stamp(options.clock);
     let actor = Actor::import();
     let rules = options.rules.clone();
     let mut report = run_import(source, &mut options, 1024, |lines| {
