@@ -1,4 +1,4 @@
--- linkid's current schema on PostgreSQL (version 2, recorded in
+-- linkid's current schema on PostgreSQL (version 3, recorded in
 -- linkid_schema_version). linkid creates and upgrades it by itself: the
 -- migrations in src/store/postgres/migrations.rs run at start-up, in order,
 -- in one transaction under an advisory lock; a test holds them to this
@@ -16,16 +16,27 @@ CREATE TABLE linked_identities (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     user_id         text NOT NULL,
     provider_id     text NOT NULL,
+    -- Texts are kept in Unicode NFC; the remote id as first given.
     linked_user_id  text NOT NULL,
     linked_username text NOT NULL,
     created_at      timestamptz NOT NULL,
     updated_at      timestamptz NOT NULL,
+    -- What the remote id is compared by: the id itself, or at a provider
+    -- with case_insensitive_ids its case fold (Unicode canonical caseless
+    -- form), computed by linkid.
+    linked_user_key text NOT NULL,
     -- A user may be linked to one identity provider at a time
     -- (violations are USER_ALREADY_LINKED).
     CONSTRAINT one_link_per_user UNIQUE (user_id),
     -- A remote identity belongs to at most one local user, which stops
     -- account take-over (violations are IDENTITY_ALREADY_LINKED).
-    CONSTRAINT one_user_per_remote_identity UNIQUE (provider_id, linked_user_id)
+    CONSTRAINT one_user_per_remote_identity UNIQUE (provider_id, linked_user_key)
+);
+
+-- The providers whose keys are case folds, as last applied: a start with
+-- another case_insensitive_ids setting recomputes that provider's keys.
+CREATE TABLE case_insensitive_providers (
+    provider_id text PRIMARY KEY
 );
 
 -- The next value of `sequence`, for a log that pollers read with
@@ -103,5 +114,5 @@ CREATE TABLE feed_state (
 );
 INSERT INTO feed_state (pruned_through) VALUES (0);
 
--- This file is the whole of version 2.
-INSERT INTO linkid_schema_version (version) VALUES (2);
+-- This file is the whole of version 3.
+INSERT INTO linkid_schema_version (version) VALUES (3);

@@ -1,4 +1,4 @@
--- linkid's current schema on SQLite (version 2; PRAGMA user_version holds it).
+-- linkid's current schema on SQLite (version 3; PRAGMA user_version holds it).
 -- A database is created and upgraded by the migrations in
 -- src/store/sqlite.rs, in order; a test holds them to this file.
 
@@ -7,7 +7,11 @@ CREATE TABLE IF NOT EXISTS linked_identities (
     id              INTEGER PRIMARY KEY,
     user_id         TEXT NOT NULL,
     provider_id     TEXT NOT NULL,
+    -- Texts are kept in Unicode NFC; the remote id as first given.
     linked_user_id  TEXT NOT NULL,
+    -- What the remote id is compared by: the id itself, or at a provider
+    -- with case_insensitive_ids its case fold (Unicode canonical caseless form).
+    linked_user_key TEXT NOT NULL,
     linked_username TEXT NOT NULL,
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL,
@@ -16,7 +20,13 @@ CREATE TABLE IF NOT EXISTS linked_identities (
     CONSTRAINT one_link_per_user UNIQUE (user_id),
     -- A remote identity belongs to at most one local user, which stops
     -- account take-over (violations are IDENTITY_ALREADY_LINKED).
-    CONSTRAINT one_user_per_remote_identity UNIQUE (provider_id, linked_user_id)
+    CONSTRAINT one_user_per_remote_identity UNIQUE (provider_id, linked_user_key)
+) STRICT;
+
+-- The providers whose keys are case folds, as last applied: a start with
+-- another case_insensitive_ids setting recomputes that provider's keys.
+CREATE TABLE IF NOT EXISTS case_insensitive_providers (
+    provider_id TEXT PRIMARY KEY
 ) STRICT;
 
 -- Revocation ids of refused tokens; the server polls this table.

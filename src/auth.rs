@@ -859,11 +859,14 @@ pub fn mint(keypair: &KeyPair, request: &MintRequest) -> anyhow::Result<String> 
         builder = builder.fact(fact("subject", &[string(subject)]))?;
     }
     if let Some(user) = &request.user {
-        crate::domain::UserId::parse(user).map_err(|why| anyhow::anyhow!("--user {why}"))?;
+        // The authorizer's user fact is the id in NFC: so is the token's.
+        let user = crate::domain::UserId::parse(user)
+            .map_err(|why| anyhow::anyhow!("--user {why}"))?
+            .into_inner();
         // Listing the providers names no user, and a user's own token needs it.
         builder = builder.code_with_params(
             r#"check if user({user}) or operation("identity_providers:list");"#,
-            HashMap::from([("user".to_string(), string(user))]),
+            HashMap::from([("user".to_string(), string(&user))]),
             HashMap::new(),
         )?;
     }

@@ -104,7 +104,7 @@ pub enum Command {
     /// and key (removed when it stops), optional fixtures, and an admin
     /// token printed once to the terminal.
     #[command(
-        after_help = "Examples:\n  linkid dev\n  linkid dev --fixtures links.jsonl        (the `linkid export` format)\n  linkid dev --data ./dev-data             (keep the database and key for the next run)\n  LINKID_SERVER__ADDR=127.0.0.1:9000 linkid dev\n\nIt reads the same configuration as `serve` (address, providers, environment),\nexcept where the data lives: database.path and auth.* are its own. The admin\ntoken is printed on stdout only when it is a terminal or with --print-token,\nnever in the log. Ctrl-C (or SIGTERM) stops it, removes the temporary data\nand exits 0."
+        after_help = "Examples:\n  linkid dev\n  linkid dev --fixtures links.jsonl        (the `linkid export` format)\n  linkid dev --data ./dev-data             (keep the database and key for the next run)\n  LINKID_SERVER__ADDR=127.0.0.1:9000 linkid dev\n  linkid dev --clock 2026-01-01T00:00:00Z     (every time in every answer is this one)\n\nControls for client tests (linkid dev only, for requests with a valid token):\n  Prefer: code=503                         the operation's documented 503, nothing changed\n  Prefer: code=400, example=USER_ALREADY_LINKED   one of a status's documented errors\n  Prefer: delay=1500                       the real answer, 1.5 s late (at most 30000 ms)\n  POST /_dev/reset                         the data as it started (fixtures or empty), 204\nFailed authentications are not rate-limited (unless rate_limit.failed_auth_per_minute\nis set in the configuration): fuzzers probe without a token.\n\nIt reads the same configuration as `serve` (address, providers, environment),\nexcept where the data lives: database.path and auth.* are its own. The admin\ntoken is printed on stdout only when it is a terminal or with --print-token,\nnever in the log. Ctrl-C (or SIGTERM) stops it, removes the temporary data\nand exits 0."
     )]
     Dev {
         /// Keep the database and key in DIR (created if missing) instead of
@@ -118,6 +118,11 @@ pub enum Command {
         /// Print the admin token on stdout even when it is not a terminal.
         #[arg(long)]
         print_token: bool,
+        /// Stamp every change (created_at, updated_at, occurred_at) with
+        /// this instant (RFC 3339, e.g. 2026-01-01T00:00:00Z) instead of
+        /// now, so that answers compare byte for byte between runs.
+        #[arg(long, value_name = "INSTANT", value_parser = parse_instant)]
+        clock: Option<std::time::SystemTime>,
     },
     /// Print the OpenAPI document (JSON) on stdout.
     #[command(after_help = "Example:\n  linkid openapi > openapi/openapi.json")]
@@ -128,6 +133,12 @@ pub enum Command {
     /// check failed unexpectedly; 1: one did; 2: it could not run at all.
     #[command(after_help = crate::conform::help())]
     Conform(crate::conform::Args),
+}
+
+/// An RFC 3339 instant (`2026-01-01T00:00:00Z`).
+fn parse_instant(text: &str) -> Result<std::time::SystemTime, String> {
+    humantime::parse_rfc3339_weak(text)
+        .map_err(|e| format!("{e}: give an RFC 3339 instant, e.g. 2026-01-01T00:00:00Z"))
 }
 
 /// A command's exit status other than 0 or 1, chosen after it said why on
@@ -321,7 +332,7 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
                 Some(path) => Box::new(std::io::BufWriter::new(create_private(path)?)),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout())),
             };
-            let written = crate::store::export(&config.database, sink).await?;
+            let written = crate::store::export(&config.database, &config.id_rules(), sink).await?;
             eprintln!("exported {written} links");
             Ok(())
         }
@@ -338,6 +349,7 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
             data,
             fixtures,
             print_token,
+            clock,
         } => {
             dev::run(
                 config,
@@ -345,6 +357,7 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
                     data,
                     fixtures,
                     print_token,
+                    clock,
                 },
             )
             .await
@@ -363,10 +376,12 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
                 )
                 .expect("the progress template parses"),
             );
-            let added = crate::store::seed(&config.database, links, providers, move |done| {
-                bar.set_position(done)
-            })
-            .await?;
+            let rules = config.id_rules();
+            let added =
+                crate::store::seed(&config.database, &rules, links, providers, move |done| {
+                    bar.set_position(done)
+                })
+                .await?;
             eprintln!("added {added} links");
             Ok(())
         }
@@ -399,7 +414,7 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
             let token = token_argument(token)?;
             let key = existing_key(config)?;
             let revoked = Arc::new(auth::RevocationList::default());
-            let database = match Store::open_existing(&config.database).await? {
+            let database = match Store::open_existing(&config.database, &config.id_rules()).await? {
                 Some(store) => {
                     let (ids, _) = store.revoked_since(0).await?;
                     store.close().await;
@@ -429,7 +444,7 @@ async fn run_token(config: &Config, command: TokenCommand) -> anyhow::Result<()>
             // The last block's id belongs to this token and to every token
             // attenuated from it, and to no token it was attenuated from.
             let own = ids.last().cloned().context("the token has no blocks")?;
-            let store = Store::open(&config.database).await?;
+            let store = Store::open(&config.database, &config.id_rules()).await?;
             let added = store.revoke(vec![own.clone()]).await?;
             store.close().await;
             if added == 0 {
@@ -503,6 +518,7 @@ async fn import_file(
             .iter()
             .map(|p| p.id.clone())
             .collect(),
+        rules: config.id_rules(),
         progress: Box::new(move |bytes| {
             if let Some(bar) = &progress_bar {
                 bar.set_position(bytes);
@@ -512,6 +528,8 @@ async fn import_file(
             Some(bar) => bar.suspend(|| eprintln!("{problem}")),
             None => eprintln!("{problem}"),
         }),
+        replace: false,
+        clock: config.database.clock,
     };
     let report = crate::store::import(&config.database, source, options).await?;
     if let Some(bar) = bar {

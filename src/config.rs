@@ -224,6 +224,10 @@ pub struct DatabaseConfig {
     /// PostgreSQL: the longest a statement, a wait for a pooled connection
     /// or a new connection may take before the request fails with a 503.
     pub statement_timeout_secs: u64,
+    /// The instant every change is stamped with instead of now: set by
+    /// `linkid dev --clock`, not a configuration key.
+    #[serde(skip)]
+    pub clock: Option<std::time::SystemTime>,
 }
 
 impl DatabaseConfig {
@@ -360,6 +364,10 @@ pub struct IdentityProviderConfig {
     pub protocol: Protocol,
     #[serde(default = "default_linkable")]
     pub linkable: bool,
+    /// Whether this provider's `linked_user_id`s are compared ignoring case
+    /// (`00uABC` and `00uabc` are one remote identity); off by default.
+    #[serde(default)]
+    pub case_insensitive_ids: bool,
 }
 
 fn default_linkable() -> bool {
@@ -612,11 +620,13 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, idp) in self.identity_providers.iter().enumerate() {
-            if crate::domain::ProviderId::parse(&idp.id).is_err() {
+            // Requests name providers in NFC: an id in another form could
+            // never be named.
+            if crate::domain::ProviderId::parse(&idp.id).map_or(true, |id| id.as_str() != idp.id) {
                 problems.push(Problem::new(
                     format!("identity_providers[{i}].id"),
                     format!("{:?} is not a provider id", idp.id),
-                    "use 1-255 characters without control characters",
+                    "use 1-255 characters without control or invisible characters, in Unicode NFC",
                 ));
             }
             if idp.display_name.trim().is_empty() {
@@ -635,6 +645,18 @@ impl Config {
             }
         }
         problems
+    }
+}
+
+impl Config {
+    /// How each configured provider compares its remote ids, for the store.
+    pub fn id_rules(&self) -> crate::domain::IdRules {
+        crate::domain::IdRules::ignoring_case_at(
+            self.identity_providers
+                .iter()
+                .filter(|p| p.case_insensitive_ids)
+                .map(|p| p.id.clone()),
+        )
     }
 }
 

@@ -79,6 +79,14 @@ impl Application {
     /// Checks the configuration (`check`), loads or generates the key,
     /// opens the database and binds the address.
     pub async fn build(config: &Config) -> anyhow::Result<Application> {
+        Self::build_with(config, None).await
+    }
+
+    /// `build`, with `linkid dev`'s controls turned on when given.
+    pub async fn build_with(
+        config: &Config,
+        dev: Option<crate::http::dev::DevControls>,
+    ) -> anyhow::Result<Application> {
         let checked = check(config)?;
         if !config.sources.read.is_empty() {
             tracing::info!(read = %config.sources.read.join(", "), "configuration");
@@ -98,7 +106,7 @@ impl Application {
                 tracing::info!(public_key = %key.public, "verifying tokens with auth.public_key")
             }
         }
-        let store = Store::open_serving(&config.database).await?;
+        let store = Store::open_serving(&config.database, &config.id_rules()).await?;
         tracing::info!(database = %store.describe(), "database ready");
         let revoked = Arc::new(RevocationList::default());
         let server = server::Settings::from_config(&config.server)?;
@@ -132,6 +140,7 @@ impl Application {
             pages: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
+            dev,
         });
         Ok(Application {
             listener,

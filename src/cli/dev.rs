@@ -13,6 +13,7 @@ use anyhow::Context;
 
 use crate::auth::{self, MintRequest, RootKey};
 use crate::config::Config;
+use crate::http::dev::DevControls;
 use crate::startup::{self, Application};
 
 /// `linkid dev`'s options.
@@ -23,6 +24,8 @@ pub(super) struct Options {
     pub fixtures: Option<PathBuf>,
     /// Print the token even when stdout is not a terminal.
     pub print_token: bool,
+    /// Stamp every change with this instant instead of now.
+    pub clock: Option<std::time::SystemTime>,
 }
 
 /// The database and key file names inside the data directory.
@@ -58,13 +61,39 @@ pub(super) async fn run(mut config: Config, options: Options) -> anyhow::Result<
     }
     config.database.path = dir.join(DATABASE);
     config.auth.private_key_file = dir.join(KEY);
+    config.database.clock = options.clock;
+    // Fuzzers check that auth is enforced by probing without a token, and
+    // the next request with one would be throttled: off, unless set.
+    let throttled = !config
+        .sources
+        .is_built_in("rate_limit.failed_auth_per_minute");
+    if !throttled {
+        config.rate_limit.failed_auth_per_minute = 0;
+    }
+    let fixtures = match &options.fixtures {
+        Some(file) => bytes::Bytes::from(
+            std::fs::read(file)
+                .with_context(|| format!("cannot read --fixtures {}", file.display()))?,
+        ),
+        None => bytes::Bytes::new(),
+    };
     tracing::info!(
         data = %dir.display(),
         "linkid dev: {}",
         if temporary.is_some() { "temporary data, removed when it stops" } else { "data kept in --data" }
     );
 
-    let app = Application::build(&config).await?;
+    let controls = DevControls {
+        fixtures,
+        database: config.database.clone(),
+        rules: config.id_rules(),
+        providers: config
+            .identity_providers
+            .iter()
+            .map(|p| p.id.clone())
+            .collect(),
+    };
+    let app = Application::build_with(&config, Some(controls)).await?;
     if let Some(file) = &options.fixtures {
         let report = super::import_file(&config, file, false)
             .await
@@ -101,6 +130,16 @@ pub(super) async fn run(mut config: Config, options: Options) -> anyhow::Result<
         );
         println!("  {}", mint_command(&dir.join(KEY)));
     }
+    if !throttled {
+        println!("failed authentications are not rate-limited (fuzzers probe without a token)");
+    }
+    if let Some(clock) = options.clock {
+        println!(
+            "clock: every change is stamped {}",
+            humantime::format_rfc3339_seconds(clock)
+        );
+    }
+    println!("controls: Prefer: code=NNN[, example=CODE] | Prefer: delay=MS | POST /_dev/reset (see linkid dev --help)");
     println!("Ctrl-C stops it.");
 
     app.run_until_stopped(startup::shutdown_signal()).await?;

@@ -165,6 +165,12 @@ impl Sources {
         }
     }
 
+    /// Whether a key's value is the built-in default (no file, variable or
+    /// program set it).
+    pub fn is_built_in(&self, key: &str) -> bool {
+        matches!(self.origins.get(key), None | Some(Origin::BuiltIn))
+    }
+
     /// Fills in a problem's origin from its key, or the nearest key above it.
     pub fn locate(&self, problem: &mut Problem) {
         if problem.origin.is_some() {

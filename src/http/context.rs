@@ -92,27 +92,32 @@ pub(crate) enum Header {
     ContentLength,
     Accept,
     LastEventId,
+    /// `linkid dev`'s controls (see `dev`).
+    Prefer,
 }
 
 impl Header {
-    const ALL: [Header; 5] = [
+    const ALL: [Header; 6] = [
         Header::Authorization,
         Header::ContentType,
         Header::ContentLength,
         Header::Accept,
         Header::LastEventId,
+        Header::Prefer,
     ];
 
     /// Its name, as a constant: looking a header up by a `&str` parses
     /// and hashes the name every time.
     fn name(self) -> &'static HeaderName {
         static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+        static PREFER: HeaderName = HeaderName::from_static("prefer");
         match self {
             Header::Authorization => &header::AUTHORIZATION,
             Header::ContentType => &header::CONTENT_TYPE,
             Header::ContentLength => &header::CONTENT_LENGTH,
             Header::Accept => &header::ACCEPT,
             Header::LastEventId => &LAST_EVENT_ID,
+            Header::Prefer => &PREFER,
         }
     }
 }
@@ -141,6 +146,8 @@ pub(crate) struct Head {
     /// Its connection's account with the budget of unsent answers (none
     /// for a request that did not come through the server loop).
     pub unsent: Option<super::server::UnsentAccount>,
+    /// It came as a HEAD, and is routed as the GET it stands for.
+    pub was_head: bool,
 }
 
 impl Head {
@@ -153,7 +160,11 @@ impl Head {
             query: query.unwrap_or("").to_owned(),
             declares_body: headers.contains_key(header::TRANSFER_ENCODING)
                 || length.is_some_and(|n| n.as_bytes() != b"0"),
-            headers: Header::ALL.map(|h| headers.get(h.name()).cloned()),
+            headers: Header::ALL.map(|h| match h {
+                // Preferences may come on several lines: one list.
+                Header::Prefer => joined(headers, h.name()),
+                _ => headers.get(h.name()).cloned(),
+            }),
             forwarded_for: headers
                 .get_all(&X_FORWARDED_FOR)
                 .iter()
@@ -162,6 +173,7 @@ impl Head {
             peer,
             started: Instant::now(),
             unsent: None,
+            was_head: false,
         }
     }
 
@@ -179,6 +191,22 @@ impl Head {
     pub(crate) fn header(&self, header: Header) -> Option<HeaderValue> {
         self.headers[header as usize].clone()
     }
+}
+
+/// Every value of a header, joined by commas as one list (RFC 9110 §5.3).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let rest: Vec<&HeaderValue> = values.collect();
+    if rest.is_empty() {
+        return Some(first.clone());
+    }
+    let mut all = first.as_bytes().to_vec();
+    for value in rest {
+        all.extend_from_slice(b", ");
+        all.extend_from_slice(value.as_bytes());
+    }
+    HeaderValue::from_bytes(&all).ok()
 }
 
 /// The request's [`Head`] (one made here for a request that did not come

@@ -16,6 +16,7 @@ use super::problem::ApiError;
 use super::server::BodyTimedOut;
 use super::{handlers, AppState, MAX_BODY_BYTES};
 use crate::auth::Bearer;
+use crate::domain::Operation;
 
 /// Every route: the API operations, the ones a busy install calls most
 /// first, then the service endpoints.
@@ -45,6 +46,31 @@ pub(super) fn routes(
         .unify()
         .or(super::openapi::docs())
         .unify()
+        .or(dev_reset(&state))
+        .unify()
+}
+
+/// POST /_dev/reset (`linkid dev` only: elsewhere there is no such path)
+fn dev_reset(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let dev = state.dev.is_some();
+    warp::path!("_dev" / "reset")
+        .and_then(move || {
+            std::future::ready(if dev {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            })
+        })
+        .untuple_one()
+        .and(warp::post())
+        .and(head())
+        .and(with_state(state))
+        .and_then(|head: Arc<Head>, state: Arc<AppState>| async move {
+            let bearer = authenticate(&state, &head)?;
+            handlers::dev_reset(state, bearer).await
+        })
 }
 
 fn with_state(
@@ -56,15 +82,24 @@ fn with_state(
 
 /// The request's head, the state and the bearer token, authenticated
 /// (after path and method matched): one filter, so that a request passes
-/// few combinators.
+/// few combinators. In `linkid dev`, an authenticated request's `Prefer`
+/// controls act here, before the operation does (see `dev`).
 fn authorized(
     state: &Arc<AppState>,
+    operation: Operation,
 ) -> impl Filter<Extract = (Arc<Head>, Arc<AppState>, Bearer), Error = Rejection> + Clone {
     let state = state.clone();
     head()
         .and_then(move |head: Arc<Head>| {
             let state = state.clone();
-            std::future::ready(authenticate(&state, &head).map(|bearer| (head, state, bearer)))
+            let authenticated = authenticate(&state, &head);
+            async move {
+                let bearer = authenticated?;
+                if state.dev.is_some() {
+                    super::dev::apply(operation, &head).await?;
+                }
+                Ok::<_, Rejection>((head, state, bearer))
+            }
         })
         .untuple_one()
 }
@@ -72,8 +107,9 @@ fn authorized(
 /// The state and the authenticated bearer token.
 fn bearer(
     state: &Arc<AppState>,
+    operation: Operation,
 ) -> impl Filter<Extract = (Arc<AppState>, Bearer), Error = Rejection> + Clone {
-    authorized(state)
+    authorized(state, operation)
         .map(|_: Arc<Head>, state, bearer| (state, bearer))
         .untuple_one()
 }
@@ -81,8 +117,9 @@ fn bearer(
 /// The query string, the state and the authenticated bearer token.
 fn query_and_bearer(
     state: &Arc<AppState>,
+    operation: Operation,
 ) -> impl Filter<Extract = (String, Arc<AppState>, Bearer), Error = Rejection> + Clone {
-    authorized(state)
+    authorized(state, operation)
         .map(|head: Arc<Head>, state, bearer| (head.query.clone(), state, bearer))
         .untuple_one()
 }
@@ -93,7 +130,7 @@ fn list_identity_providers(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("api" / "admin" / "users" / "v4" / "users" / "identity-providers")
         .and(warp::get())
-        .and(bearer(state))
+        .and(bearer(state, Operation::ListIdentityProviders))
         .and_then(handlers::list_identity_providers)
 }
 
@@ -103,7 +140,7 @@ fn list_linked_identities(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities")
         .and(warp::get())
-        .and(query_and_bearer(state))
+        .and(query_and_bearer(state, Operation::ListLinkedIdentities))
         .and_then(handlers::list_linked_identities)
 }
 
@@ -113,7 +150,7 @@ fn link_identity(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities")
         .and(warp::post())
-        .and(query_and_bearer(state))
+        .and(query_and_bearer(state, Operation::LinkIdentity))
         .and(json_body())
         .and(request_id())
         .and_then(handlers::link_identity)
@@ -125,7 +162,7 @@ fn get_linked_identity(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities" / String)
         .and(warp::get())
-        .and(query_and_bearer(state))
+        .and(query_and_bearer(state, Operation::GetLinkedIdentity))
         .and_then(handlers::get_linked_identity)
 }
 
@@ -135,7 +172,7 @@ fn delete_linked_identity(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities" / String)
         .and(warp::delete())
-        .and(bearer(state))
+        .and(bearer(state, Operation::DeleteLinkedIdentity))
         .and(request_id())
         .and_then(handlers::delete_linked_identity)
 }
@@ -146,7 +183,7 @@ fn search_linked_identities(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("api" / "admin" / "users" / "v4" / "linked-identities")
         .and(warp::get())
-        .and(query_and_bearer(state))
+        .and(query_and_bearer(state, Operation::SearchLinkedIdentities))
         .and_then(handlers::search_linked_identities)
 }
 
@@ -160,7 +197,7 @@ fn list_events(
         .and(query())
         .and(optional_header(Header::Accept))
         .and(optional_header(Header::LastEventId))
-        .and(bearer(state))
+        .and(bearer(state, Operation::ListEvents))
         .and_then(handlers::list_events)
 }
 

@@ -3,9 +3,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
+use percent_encoding::percent_decode_str;
 use warp::http::header::{HeaderValue, LOCATION};
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -17,11 +15,11 @@ use super::query::{Cursor, Params, DEFAULT_LIMIT, MAX_LIMIT, MAX_WAIT_SECS};
 use super::AppState;
 use crate::auth::{Access, Bearer};
 use crate::domain::{
-    Actor, Embed, Event, IdentityAction, IdentityProvider, IdentityProviderList, LinkRecord,
-    LinkedIdentity, LinkedIdentityList, LinkedUserId, LinkedUsername, ListAction, NewLink,
-    ProviderId, Right, UserId, API_PREFIX,
+    Actor, Embed, Event, IdentityAction, IdentityProvider, IdentityProviderList, JsonMembers,
+    LinkRecord, LinkedIdentity, LinkedIdentityList, LinkedUserId, LinkedUsername, ListAction,
+    NewLink, ProviderId, Right, UserId, API_PREFIX,
 };
-use crate::store::{LinkOutcome, SearchQuery};
+use crate::store::{LinkOutcome, SearchQuery, StoreError};
 
 /// The user of the operations on one user's links, for the document (the
 /// handlers take it as [`UserId`]).
@@ -29,11 +27,13 @@ use crate::store::{LinkOutcome, SearchQuery};
 #[into_params(parameter_in = Path)]
 #[expect(dead_code, reason = "it only describes the parameter in the document")]
 struct UserPath {
-    /// Unique identifier of a user.
+    /// Unique identifier of a user. Stored and compared in Unicode NFC;
+    /// control, bidirectional formatting and invisible characters (Unicode
+    /// Cf, Zl, Zp and default-ignorable code points) are refused.
     #[param(
         min_length = 1,
         max_length = 255,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$",
+        pattern = r"^[^\x00-\x1F\x7F-\x9F\xAD\u034F\u0600-\u0605\u061C\u06DD\u070F\u0890-\u0891\u08E2\u115F-\u1160\u17B4-\u17B5\u180B-\u180F\u200B-\u200F\u2028-\u202E\u2060-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFFB]+$",
         example = "u-42"
     )]
     user_id: String,
@@ -49,7 +49,7 @@ struct ProviderPath {
     #[param(
         min_length = 1,
         max_length = 255,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$",
+        pattern = r"^[^\x00-\x1F\x7F-\x9F\xAD\u034F\u0600-\u0605\u061C\u06DD\u070F\u0890-\u0891\u08E2\u115F-\u1160\u17B4-\u17B5\u180B-\u180F\u200B-\u200F\u2028-\u202E\u2060-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFFB]+$",
         example = "okta"
     )]
     provider_id: String,
@@ -243,10 +243,29 @@ pub async fn link_identity(
         .store
         .link(user.clone(), link, actor(&bearer, request))
         .await
-        .map_err(ApiError::from)?
     {
-        LinkOutcome::Created(record) => (StatusCode::CREATED, record),
-        LinkOutcome::Existing(record) => (StatusCode::OK, record),
+        Ok(LinkOutcome::Created(record)) => (StatusCode::CREATED, record),
+        Ok(LinkOutcome::Existing(record)) => (StatusCode::OK, record),
+        Err(StoreError::UserAlreadyLinked { current }) => {
+            // The answer names the user's current provider only to a bearer
+            // who could read that link anyway.
+            let readable = Access {
+                right: Right::LinkedIdentitiesList,
+                user: Some(user.as_str()),
+                provider: Some(&current.provider_id),
+            };
+            let provider_id = state
+                .authority
+                .allows(&bearer, readable)
+                .await
+                .then_some(current.provider_id);
+            return Err(ApiError::UserAlreadyLinked {
+                user_id: current.user_id,
+                provider_id,
+            }
+            .into());
+        }
+        Err(error) => return Err(ApiError::from(error).into()),
     };
     let mut identity = record.into_identity();
     if embed {
@@ -256,8 +275,8 @@ pub async fn link_identity(
     if status == StatusCode::CREATED {
         let location = format!(
             "{API_PREFIX}/users/{}/linked-identities/{}",
-            utf8_percent_encode(user.as_str(), SEGMENT),
-            utf8_percent_encode(&identity.provider_id, SEGMENT)
+            super::url::path_segment(user.as_str()),
+            super::url::path_segment(&identity.provider_id)
         );
         if let Ok(value) = HeaderValue::from_str(&location) {
             response.headers_mut().insert(LOCATION, value);
@@ -434,20 +453,6 @@ async fn identity_actions(
     }
 }
 
-/// Path segment characters to escape in a `Location` header.
-const SEGMENT: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'%')
-    .add(b'/')
-    .add(b'<')
-    .add(b'>')
-    .add(b'?')
-    .add(b'`')
-    .add(b'{')
-    .add(b'}');
-
 pub(super) type Fields<T> = Result<T, Vec<FieldError>>;
 
 /// Both results, or every field error from either, as one validation error.
@@ -518,36 +523,12 @@ pub(super) struct LinkFields {
     linked_username: LinkedUsername,
 }
 
-/// A JSON object's members in order, duplicates kept, so that every
-/// problem can be reported by name.
-struct Members(Vec<(String, serde_json::Value)>);
-
-impl<'de> Deserialize<'de> for Members {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MembersVisitor;
-        impl<'de> Visitor<'de> for MembersVisitor {
-            type Value = Members;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Members, M::Error> {
-                let mut members = Vec::new();
-                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
-                    members.push(entry);
-                }
-                Ok(Members(members))
-            }
-        }
-        deserializer.deserialize_map(MembersVisitor)
-    }
-}
-
 const LINK_FIELDS: [&str; 3] = ["provider_id", "linked_user_id", "linked_username"];
 
 /// The outer error is a body that is not JSON at all; the inner one lists
 /// each field that is wrong.
 pub(super) fn parse_link_body(body: &[u8]) -> Result<Fields<LinkFields>, ApiError> {
-    let members = match serde_json::from_slice::<Members>(body) {
+    let members = match serde_json::from_slice::<JsonMembers>(body) {
         Ok(members) => members.0,
         Err(e) if e.is_data() => {
             return Ok(Err(vec![FieldError::new("body", "must be a JSON object")]));
@@ -580,7 +561,8 @@ pub(super) fn parse_link_body(body: &[u8]) -> Result<Fields<LinkFields>, ApiErro
         }
         None
     };
-    let provider_id = text("provider_id");
+    // Matched against the configured ids, which are NFC.
+    let provider_id = text("provider_id").map(|p| crate::domain::nfc(&p));
     let linked_user_id = text("linked_user_id");
     let linked_username = text("linked_username");
     let linked_user_id = linked_user_id.and_then(|v| {
@@ -603,6 +585,33 @@ pub(super) fn parse_link_body(body: &[u8]) -> Result<Fields<LinkFields>, ApiErro
         }
         _ => Err(errors),
     })
+}
+
+/// `POST /_dev/reset` (`linkid dev` only): the data as `linkid dev` started,
+/// for a bearer that may do everything; 204.
+pub async fn dev_reset(state: Arc<AppState>, bearer: Bearer) -> Result<Response, Rejection> {
+    let Some(dev) = &state.dev else {
+        return Err(warp::reject::not_found());
+    };
+    for right in Right::ALL {
+        authorize(&state, &bearer, right, None, None).await?;
+    }
+    crate::store::replace_all(
+        &dev.database,
+        &dev.rules,
+        dev.providers.clone(),
+        dev.fixtures.clone(),
+    )
+    .await
+    .map_err(ApiError::from)?;
+    state
+        .store
+        .reread_newest_event()
+        .await
+        .map_err(ApiError::from)?;
+    let mut response = Response::new(bytes::Bytes::new().into());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
 }
 
 /// `GET /readyz`: 200 while the database answers, else 503 `NOT_READY` with the reason.
@@ -669,8 +678,8 @@ pub struct LinkPage {
     operation_id = "searchLinkedIdentities",
     tag = "System of record",
     params(
-        ("provider_id" = Option<String>, Query, description = "Only links to this identity provider.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "okta"),
-        ("linked_user_id" = Option<String>, Query, description = "With `provider_id` only (without it the answer is a 400): the remote identity to look up.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\u202A-\u202E\u2066-\u2069]*$", example = "00u1a2b3c4"),
+        ("provider_id" = Option<String>, Query, description = "Only links to this identity provider.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\xAD\u034F\u0600-\u0605\u061C\u06DD\u070F\u0890-\u0891\u08E2\u115F-\u1160\u17B4-\u17B5\u180B-\u180F\u200B-\u200F\u2028-\u202E\u2060-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFFB]+$", example = "okta"),
+        ("linked_user_id" = Option<String>, Query, description = "With `provider_id` only (without it the answer is a 400): the remote identity to look up.", min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F\xAD\u034F\u0600-\u0605\u061C\u06DD\u070F\u0890-\u0891\u08E2\u115F-\u1160\u17B4-\u17B5\u180B-\u180F\u200B-\u200F\u2028-\u202E\u2060-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFFB]+$", example = "00u1a2b3c4"),
         ("limit" = Option<u32>, Query, description = "Links per page, 1 to 1000.", minimum = 1, maximum = 1000, example = 100),
         ("cursor" = Option<String>, Query, description = "`next_cursor` from the previous page of the same search (same `provider_id` and `linked_user_id`), as it is. It is opaque: any other value is a 400 naming `cursor`.", min_length = 1, max_length = 2048, pattern = r"^[A-Za-z0-9_-]+$"),
     ),

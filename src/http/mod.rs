@@ -20,6 +20,7 @@ use crate::store::Store;
 
 mod answer;
 mod context;
+pub(crate) mod dev;
 mod filters;
 mod handlers;
 pub(crate) mod openapi;
@@ -27,6 +28,7 @@ mod problem;
 mod query;
 pub(crate) mod rate_limit;
 pub(crate) mod server;
+mod url;
 
 use context::{head, Head, ServedAs};
 use problem::{problem_response, ApiError};
@@ -55,6 +57,8 @@ pub struct AppState {
     pub unsent: Arc<server::Unsent>,
     /// Answers of many rows being built at once (see `handlers::PageSlot`).
     pub pages: Arc<tokio::sync::Semaphore>,
+    /// `linkid dev`'s controls; `None` in `serve`, which has none.
+    pub dev: Option<dev::DevControls>,
 }
 
 impl AppState {
@@ -180,7 +184,11 @@ fn finish(
     // the line. The token's log id was recorded when it authenticated.
     ServedAs::with_log_id(|token| {
         crate::telemetry::log_request(&crate::telemetry::RequestLine {
-            method: method.as_str(),
+            method: if head.was_head {
+                "HEAD"
+            } else {
+                method.as_str()
+            },
             route: route.map_or("unknown", |r| r.template),
             status: response.status().as_u16(),
             latency_us: elapsed.as_micros() as u64,
@@ -233,14 +241,18 @@ pub struct Route {
     service: Option<&'static str>,
 }
 
+/// `linkid dev`'s reset's metrics label.
+const DEV_RESET: &str = "devReset";
+
 /// Routes beside the API: (template, metrics label). `/docs` also covers
-/// everything below it.
-const SERVICE_ROUTES: [(&str, &str); 5] = [
+/// everything below it; `/_dev/reset` exists in `linkid dev` only.
+const SERVICE_ROUTES: [(&str, &str); 6] = [
     ("/healthz", "healthz"),
     ("/readyz", "readyz"),
     ("/metrics", "metrics"),
     ("/openapi.json", "openapi"),
     ("/docs", "docs"),
+    ("/_dev/reset", DEV_RESET),
 ];
 
 impl Route {
@@ -257,18 +269,27 @@ impl Route {
             .map_or("other", |spec| spec.id)
     }
 
-    /// The `Allow` header of this route.
+    /// The `Allow` header of this route (HEAD wherever GET is).
     pub fn allow(self) -> &'static str {
         static ALLOWS: OnceLock<Vec<(&'static str, &'static str)>> = OnceLock::new();
-        if self.service.is_some() {
-            return "GET";
+        if let Some(service) = self.service {
+            return if service == DEV_RESET {
+                "POST"
+            } else {
+                "GET, HEAD"
+            };
         }
         let allows = ALLOWS.get_or_init(|| {
             let mut allows: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
             for spec in Operation::ALL.map(Operation::spec) {
+                let methods: &[&'static str] = if spec.method == "GET" {
+                    &["GET", "HEAD"]
+                } else {
+                    std::slice::from_ref(&spec.method)
+                };
                 match allows.iter_mut().find(|(route, _)| *route == spec.route) {
-                    Some((_, methods)) => methods.push(spec.method),
-                    None => allows.push((spec.route, vec![spec.method])),
+                    Some((_, known)) => known.extend_from_slice(methods),
+                    None => allows.push((spec.route, methods.to_vec())),
                 }
             }
             allows
@@ -348,11 +369,11 @@ mod tests {
             list.template,
             "/api/admin/users/v4/users/{user_id}/linked-identities"
         );
-        assert_eq!(list.allow(), "GET, POST");
+        assert_eq!(list.allow(), "GET, HEAD, POST");
         assert_eq!(list.label(&Method::POST), "linkIdentity");
         assert_eq!(list.label(&Method::PUT), "other");
         let one = route_of("/api/admin/users/v4/users/u-1/linked-identities/okta").unwrap();
-        assert_eq!(one.allow(), "GET, DELETE");
+        assert_eq!(one.allow(), "GET, HEAD, DELETE");
         assert_eq!(one.label(&Method::GET), "getLinkedIdentity");
         assert_eq!(route_of("/healthz").unwrap().label(&Method::GET), "healthz");
         assert_eq!(route_of("/docs/index.html").unwrap().template, "/docs");

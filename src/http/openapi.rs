@@ -73,6 +73,38 @@ pub fn document_json() -> String {
     text
 }
 
+/// Every error answer the document gives an operation, one per example,
+/// in the document's order (`linkid dev` answers them on request).
+pub(crate) fn documented_errors(operation: Operation) -> Vec<ApiError> {
+    let shared = shared_answers();
+    operation_answers(operation)
+        .into_iter()
+        .flat_map(|answer| match answer {
+            Use::Own(answer) => answer.examples,
+            Use::Shared(name) => shared
+                .iter()
+                .find(|(shared, _)| *shared == name)
+                .map(|(_, answer)| answer.examples.clone())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The statuses the document gives an operation, in ascending order.
+pub(crate) fn documented_statuses(operation: Operation) -> Vec<u16> {
+    static DOCUMENT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    let document = DOCUMENT
+        .get_or_init(|| serde_json::from_str(&document_json()).expect("the document is JSON"));
+    let spec = operation.spec();
+    let mut statuses: Vec<u16> = document["paths"][spec.route][spec.method.to_ascii_lowercase()]
+        ["responses"]
+        .as_object()
+        .map(|responses| responses.keys().filter_map(|s| s.parse().ok()).collect())
+        .unwrap_or_default();
+    statuses.sort_unstable();
+    statuses
+}
+
 /// One error response: the problems it can carry, one example each, all
 /// with one status.
 struct Answer {
@@ -258,7 +290,7 @@ fn operation_answers(operation: Operation) -> Vec<Use> {
                         ApiError::InvalidIdentityProvider("github".into()),
                         ApiError::UserAlreadyLinked {
                             user_id: "u-42".into(),
-                            provider_id: "azure-ad".into(),
+                            provider_id: Some("azure-ad".into()),
                         },
                     ],
                 )),

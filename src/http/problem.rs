@@ -155,10 +155,11 @@ pub enum ApiError {
     #[error("{:?} is not a configured, linkable identity provider; GET /api/admin/users/v4/users/identity-providers lists them", clip(.0.clone(), MAX_FIELD_CHARS))]
     InvalidIdentityProvider(String),
     /// 400 `USER_ALREADY_LINKED`: the user has a link to another identity.
-    #[error("user {user_id:?} is already linked to identity provider {provider_id:?}; a user may be linked to one identity provider at a time, so delete that link first")]
+    /// The provider is named only to a bearer who may read that link.
+    #[error("user {user_id:?} is already linked to {}; a user may be linked to one identity provider at a time, so delete that link first", .provider_id.as_ref().map_or_else(|| "another identity".to_owned(), |p| format!("identity provider {p:?}")))]
     UserAlreadyLinked {
         user_id: String,
-        provider_id: String,
+        provider_id: Option<String>,
     },
     /// 409 `IDENTITY_ALREADY_LINKED`: another user holds this remote identity.
     #[error("the remote identity {linked_user_id:?} at {provider_id:?} is already linked to another user")]
@@ -251,9 +252,10 @@ impl From<anyhow::Error> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
+            // Naming the provider is the handler's call (see `UserAlreadyLinked`).
             StoreError::UserAlreadyLinked { current } => ApiError::UserAlreadyLinked {
                 user_id: current.user_id,
-                provider_id: current.provider_id,
+                provider_id: None,
             },
             StoreError::IdentityAlreadyLinked {
                 provider_id,

@@ -5,7 +5,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
 use super::problem::FieldError;
-use crate::domain::check_text;
+use crate::domain::normalize_text;
 
 /// The largest page the search and the feed return.
 pub const MAX_LIMIT: u32 = 1000;
@@ -64,11 +64,12 @@ impl<'a> Params<'a> {
         }
     }
 
-    /// An identifier (1–255 characters, no control characters).
+    /// An identifier (1–255 characters, no control or invisible
+    /// characters), in NFC.
     pub fn text(&self, name: &str, errors: &mut Vec<FieldError>) -> Option<String> {
         let value = self.one(name, errors)?;
-        match check_text(value) {
-            Ok(()) => Some(value.to_owned()),
+        match normalize_text(value) {
+            Ok(value) => Some(value),
             Err(why) => {
                 errors.push(FieldError::new(name, why));
                 None

@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 use warp::http::header::{HeaderValue, CONNECTION};
-use warp::http::{Request, Uri};
+use warp::http::{Method, Request, Uri};
 use warp::reply::Response;
 
 use super::context::{Head, ServedAs};
@@ -625,6 +625,12 @@ fn prepare(
     // The request id is decided once, so the response, the log line and
     // the change feed agree.
     let mut head = Head::of(Some(peer), request.uri().query(), request.headers());
+    // HEAD is answered wherever GET is: routed as GET, and hyper, which
+    // knows the request was a HEAD, sends the answer's head alone.
+    if request.method() == Method::HEAD {
+        *request.method_mut() = Method::GET;
+        head.was_head = true;
+    }
     head.unsent = Some(UnsentAccount {
         connection: connection.clone(),
     });

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use crate::config::{ConfigError, DatabaseConfig, PostgresUrl};
-use crate::domain::{Actor, Event, LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{Actor, Event, IdRules, LinkRecord, NewLink, ProviderId, UserId};
 
+mod keys;
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
 pub mod transfer;
@@ -126,16 +127,17 @@ fn postgres_url(config: &DatabaseConfig) -> anyhow::Result<Option<PostgresUrl>> 
 /// `providers`), for benchmarks and demos; returns how many were added.
 pub async fn seed(
     config: &DatabaseConfig,
+    rules: &IdRules,
     count: u64,
     providers: Vec<String>,
     progress: impl Fn(u64) + Send + 'static,
 ) -> anyhow::Result<u64> {
     match postgres_url(config)? {
-        Some(url) => postgres::admin::seed(config, &url, count, &providers, progress).await,
+        Some(url) => postgres::admin::seed(config, rules, &url, count, &providers, progress).await,
         None => {
-            let path = config.path.clone();
+            let (path, rules) = (config.path.clone(), rules.clone());
             tokio::task::spawn_blocking(move || {
-                sqlite::admin::seed(&path, count, &providers, progress)
+                sqlite::admin::seed(&path, &rules, count, &providers, progress)
             })
             .await?
         }
@@ -163,7 +165,8 @@ pub fn backup(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SearchQuery {
     pub provider_id: Option<String>,
-    /// Only with `provider_id`: the login-time reverse lookup.
+    /// Only with `provider_id`: the login-time reverse lookup (compared by
+    /// the provider's rule, see `IdRules::key`).
     pub linked_user_id: Option<String>,
     pub after_user: Option<String>,
     pub limit: u32,
@@ -180,13 +183,14 @@ pub struct SearchPage {
 /// consistent snapshot; returns how many.
 pub async fn export(
     config: &DatabaseConfig,
+    rules: &IdRules,
     out: Box<dyn std::io::Write + Send>,
 ) -> anyhow::Result<u64> {
     if let Some(url) = postgres_url(config)? {
-        return postgres::admin::export(config, &url, out).await;
+        return postgres::admin::export(config, rules, &url, out).await;
     }
-    let path = config.path.clone();
-    tokio::task::spawn_blocking(move || sqlite::admin::export(&path, out)).await?
+    let (path, rules) = (config.path.clone(), rules.clone());
+    tokio::task::spawn_blocking(move || sqlite::admin::export(&path, &rules, out)).await?
 }
 
 /// Applies a JSON Lines file of links as one all-or-nothing transaction
@@ -197,10 +201,53 @@ pub async fn import(
     options: transfer::ImportOptions,
 ) -> anyhow::Result<transfer::ImportReport> {
     if let Some(url) = postgres_url(config)? {
+        anyhow::ensure!(
+            !options.replace,
+            "replacing every link is for linkid dev's SQLite file only"
+        );
         return postgres::admin::import(config, &url, source, options).await;
     }
     let path = config.path.clone();
     tokio::task::spawn_blocking(move || sqlite::admin::import(&path, source, options)).await?
+}
+
+/// Makes the links of a JSON Lines text (the export format) all there is,
+/// in one transaction: every other link and every event goes, and the
+/// feed starts again at 1 with the text's links. For `linkid dev`'s reset
+/// (SQLite only); a bad text changes nothing and says why.
+pub async fn replace_all(
+    config: &DatabaseConfig,
+    rules: &IdRules,
+    providers: std::collections::HashSet<String>,
+    links: bytes::Bytes,
+) -> anyhow::Result<transfer::ImportReport> {
+    let problems = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let options = transfer::ImportOptions {
+        dry_run: false,
+        providers,
+        rules: rules.clone(),
+        progress: Box::new(|_| {}),
+        problem: {
+            let problems = problems.clone();
+            Box::new(move |problem| {
+                let mut problems = problems.lock().unwrap_or_else(|e| e.into_inner());
+                if problems.len() < 5 {
+                    problems.push(problem);
+                }
+            })
+        },
+        replace: true,
+        clock: config.clock,
+    };
+    let source: transfer::Source = Box::new(std::io::Cursor::new(links));
+    let report = import(config, source, options).await?;
+    let problems = problems.lock().unwrap_or_else(|e| e.into_inner());
+    anyhow::ensure!(
+        report.applied,
+        "nothing was replaced: {}",
+        problems.join("; ")
+    );
+    Ok(report)
 }
 
 /// A handle to the database: cheap to clone, shared by all requests.
@@ -222,31 +269,37 @@ macro_rules! dispatch {
 
 impl Store {
     /// Opens the configured database (PostgreSQL when `database.url` is
-    /// set, else the SQLite file), creating and upgrading its schema.
-    pub async fn open(config: &DatabaseConfig) -> anyhow::Result<Store> {
+    /// set, else the SQLite file), creating and upgrading its schema. The
+    /// links' comparison keys follow `rules`: a provider whose rule changed
+    /// since the database was last opened has its keys recomputed (or, if
+    /// that would make two links one, the open fails naming them).
+    pub async fn open(config: &DatabaseConfig, rules: &IdRules) -> anyhow::Result<Store> {
         Ok(match postgres_url(config)? {
-            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, &url).await?),
-            None => Store::Sqlite(sqlite::SqliteStore::open(config)?),
+            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, rules, &url).await?),
+            None => Store::Sqlite(sqlite::SqliteStore::open(config, rules)?),
         })
     }
 
     /// Opens the database for a server, which holds it until `close`: a
     /// second server on the same SQLite file refuses to start, naming the
     /// first one's pid. (CLI commands use `open`, beside a server.)
-    pub async fn open_serving(config: &DatabaseConfig) -> anyhow::Result<Store> {
+    pub async fn open_serving(config: &DatabaseConfig, rules: &IdRules) -> anyhow::Result<Store> {
         Ok(match postgres_url(config)? {
             // Any number of instances share one PostgreSQL database.
-            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, &url).await?),
-            None => Store::Sqlite(sqlite::SqliteStore::open_serving(config)?),
+            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, rules, &url).await?),
+            None => Store::Sqlite(sqlite::SqliteStore::open_serving(config, rules)?),
         })
     }
 
     /// Opens the database if it exists, without creating a SQLite file.
-    pub async fn open_existing(config: &DatabaseConfig) -> anyhow::Result<Option<Store>> {
+    pub async fn open_existing(
+        config: &DatabaseConfig,
+        rules: &IdRules,
+    ) -> anyhow::Result<Option<Store>> {
         if config.postgres_url().is_none() && !config.path.exists() {
             return Ok(None);
         }
-        Self::open(config).await.map(Some)
+        Self::open(config, rules).await.map(Some)
     }
 
     /// Where the data lives, for people: a file path or a URL without its password.
@@ -308,6 +361,15 @@ impl Store {
     /// events, for `newest_event`); the server calls it a few times a second.
     pub async fn refresh(&self) -> Result<(), StoreError> {
         dispatch!(self.refresh())
+    }
+
+    /// `refresh`, also taking a newest event older than the one known:
+    /// after `replace_all` started the feed again.
+    pub async fn reread_newest_event(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.reread_newest_event().await,
+            Store::Postgres(store) => store.refresh().await,
+        }
     }
 
     /// Deletes events that occurred before `cutoff` (RFC 3339 UTC);

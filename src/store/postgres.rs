@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 use super::{LinkOutcome, SearchPage, SearchQuery, StoreError};
 use crate::config::{DatabaseConfig, PostgresUrl, SslMode};
-use crate::domain::{Actor, Event, EventType, LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{Actor, Event, EventType, IdRules, LinkRecord, NewLink, ProviderId, UserId};
 
 pub(crate) mod admin;
 mod migrations;
@@ -66,11 +66,18 @@ pub struct PostgresStore {
     timeout: Duration,
     /// The newest committed event's seq (see `Store::newest_event`).
     newest_event: Arc<watch::Sender<i64>>,
+    /// How each provider compares remote ids (the keys follow it).
+    rules: Arc<IdRules>,
 }
 
 impl PostgresStore {
-    /// Connects, and creates or upgrades the schema under the schema lock.
-    pub async fn open(config: &DatabaseConfig, url: &PostgresUrl) -> anyhow::Result<PostgresStore> {
+    /// Connects, and creates or upgrades the schema and brings the keys to
+    /// `rules`, under the schema lock.
+    pub async fn open(
+        config: &DatabaseConfig,
+        rules: &IdRules,
+        url: &PostgresUrl,
+    ) -> anyhow::Result<PostgresStore> {
         let timeout = config.statement_timeout();
         let manager = Manager::from_config(
             connection_config(url, timeout),
@@ -94,6 +101,7 @@ impl PostgresStore {
             url: Arc::new(url.clone()),
             timeout,
             newest_event: Arc::new(watch::Sender::new(0)),
+            rules: Arc::new(rules.clone()),
         };
         let mut client = store
             .pool
@@ -101,7 +109,7 @@ impl PostgresStore {
             .await
             .map_err(|e| store.pool_error(e))
             .with_context(|| format!("cannot open the database at {url}"))?;
-        migrations::migrate(&mut client, &url.to_string()).await?;
+        migrations::migrate(&mut client, &url.to_string(), rules).await?;
         drop(client);
         store.refresh().await?;
         Ok(store)
@@ -141,8 +149,11 @@ impl PostgresStore {
         link: NewLink,
         actor: Actor,
     ) -> Result<LinkOutcome, StoreError> {
+        let key = self
+            .rules
+            .key(link.provider_id.as_str(), link.linked_user_id.as_str());
         let mut client = self.client().await?;
-        let linked = link_in(&mut client, &user, &link, &actor);
+        let linked = link_in(&mut client, &user, &link, &key, &actor);
         let outcome = self.within(linked).await;
         let (outcome, seq) = match outcome {
             Ok(Ok((outcome, seq))) => (Ok(Ok(outcome)), seq),
@@ -202,19 +213,23 @@ impl PostgresStore {
     /// One page of all links in `user_id` order, compared byte by byte
     /// (the "C" collation) as SQLite does. Each form is one index walk:
     /// `one_user_per_remote_identity` for the lookup, `links_by_provider`,
-    /// `links_by_user`.
+    /// `links_by_user`. The lookup is by the remote id's comparison key.
     pub async fn search(&self, query: SearchQuery) -> Result<SearchPage, StoreError> {
+        let key = match (&query.provider_id, &query.linked_user_id) {
+            (Some(provider), Some(remote)) => Some(self.rules.key(provider, remote)),
+            _ => None,
+        };
         let client = self.client().await?;
         let searched = async {
             let after = query.after_user.clone().unwrap_or_default();
             let fetch = i64::from(query.limit) + 1;
-            let rows = match (&query.provider_id, &query.linked_user_id) {
+            let rows = match (&query.provider_id, &key) {
                 (Some(provider), Some(remote)) => {
                     let statement = client
                         .prepare_cached(concat!(
                             "SELECT ",
                             record_columns!(),
-                            " FROM linked_identities WHERE provider_id = $1 AND linked_user_id = $2 \
+                            " FROM linked_identities WHERE provider_id = $1 AND linked_user_key = $2 \
                              AND user_id COLLATE \"C\" > $3"
                         ))
                         .await
@@ -685,10 +700,15 @@ fn is_deadlock(fault: &Fault) -> bool {
 /// twice at once can fail on one_user_per_remote_identity while the right
 /// answer for the second is the first's link, `Existing`. A change and its
 /// event commit together; the event's seq comes back for the long polls.
+///
+/// The remote identity is its comparison `key` (`IdRules::key`): a retry
+/// that spells a case-insensitive provider's id in another case is the same
+/// link, whose stored id stays as first given.
 async fn link_in(
     client: &mut Object,
     user: &UserId,
     link: &NewLink,
+    key: &str,
     actor: &Actor,
 ) -> Result<(LinkOutcome, Option<i64>), Fault> {
     let (provider, remote, username) = (
@@ -716,15 +736,18 @@ async fn link_in(
         let insert = tx
             .prepare_cached(
                 "INSERT INTO linked_identities \
-                 (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, now(), now()) \
+                 (user_id, provider_id, linked_user_id, linked_user_key, linked_username, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $5, $4, now(), now()) \
                  ON CONFLICT ON CONSTRAINT one_link_per_user DO NOTHING \
                  RETURNING created_at",
             )
             .await
             .or_fault("cannot prepare the link insert")?;
         let inserted = tx
-            .query_opt(&insert, &[&user.as_str(), &provider, &remote, &username])
+            .query_opt(
+                &insert,
+                &[&user.as_str(), &provider, &remote, &username, &key],
+            )
             .await
             .or_fault("cannot insert a link");
         match inserted {
@@ -753,7 +776,7 @@ async fn link_in(
             .prepare_cached(concat!(
                 "SELECT ",
                 record_columns!(),
-                " FROM linked_identities WHERE user_id = $1"
+                ", linked_user_key FROM linked_identities WHERE user_id = $1"
             ))
             .await
             .or_fault("cannot prepare the link query")?;
@@ -762,8 +785,9 @@ async fn link_in(
             .await
             .or_fault("cannot read the user's link")?
         {
+            let current_key: String = row.get(6);
             let current = record_from_row(&row);
-            if current.provider_id != provider || current.linked_user_id != remote {
+            if current.provider_id != provider || current_key != key {
                 return Err(StoreError::UserAlreadyLinked {
                     current: Box::new(current),
                 }
@@ -779,17 +803,20 @@ async fn link_in(
             let update = tx
                 .prepare_cached(
                     "UPDATE linked_identities SET linked_username = $4, updated_at = now() \
-                     WHERE user_id = $1 AND provider_id = $2 AND linked_user_id = $3 \
-                     AND linked_username <> $4 RETURNING created_at, updated_at",
+                     WHERE user_id = $1 AND provider_id = $2 AND linked_user_key = $3 \
+                     AND linked_username <> $4 RETURNING created_at, updated_at, linked_user_id",
                 )
                 .await
                 .or_fault("cannot prepare the username update")?;
             if let Some(row) = tx
-                .query_opt(&update, &[&user.as_str(), &provider, &remote, &username])
+                .query_opt(&update, &[&user.as_str(), &provider, &key, &username])
                 .await
                 .or_fault("cannot update the linked username")?
             {
-                let updated = record(rfc3339(row.get(0)), rfc3339(row.get(1)));
+                let updated = LinkRecord {
+                    linked_user_id: row.get(2),
+                    ..record(rfc3339(row.get(0)), rfc3339(row.get(1)))
+                };
                 let seq = record_event(&tx, EventType::Updated, &updated, actor).await?;
                 tx.commit().await.or_fault("cannot commit the update")?;
                 return Ok((LinkOutcome::Existing(updated), Some(seq)));
@@ -801,12 +828,12 @@ async fn link_in(
         }
         let owner = client
             .prepare_cached(
-                "SELECT 1 FROM linked_identities WHERE provider_id = $1 AND linked_user_id = $2",
+                "SELECT 1 FROM linked_identities WHERE provider_id = $1 AND linked_user_key = $2",
             )
             .await
             .or_fault("cannot prepare the owner query")?;
         if client
-            .query_opt(&owner, &[&provider, &remote])
+            .query_opt(&owner, &[&provider, &key])
             .await
             .or_fault("cannot read the remote identity's owner")?
             .is_some()

@@ -29,9 +29,10 @@ use tokio::sync::oneshot;
 
 use tokio::sync::watch;
 
+use super::keys;
 use super::{LinkOutcome, SearchPage, SearchQuery, StoreError};
 use crate::config::{DatabaseConfig, Problem};
-use crate::domain::{Actor, Event, EventType, LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{Actor, Event, EventType, IdRules, LinkRecord, NewLink, ProviderId, UserId};
 
 pub(crate) mod admin;
 pub(crate) mod lock;
@@ -43,7 +44,7 @@ use wal_stamp::{WalIndex, WalStamp};
 
 /// Each schema version's upgrade from the one before, in order:
 /// `MIGRATIONS[i]` makes version `i + 1`. Released versions never change.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     // 1: release 0.1.0 (which recorded no version): links and revocations.
     "CREATE TABLE linked_identities (
         id              INTEGER PRIMARY KEY,
@@ -87,6 +88,35 @@ const MIGRATIONS: [&str; 2] = [
     INSERT INTO events (type, occurred_at, user_id, provider_id, linked_user_id, linked_username, actor)
         SELECT 'LINKED', created_at, user_id, provider_id, linked_user_id, linked_username, 'upgrade'
         FROM linked_identities ORDER BY id;",
+    // 3: remote ids compared by a stored key (the id itself, or its case
+    // fold at a provider with case_insensitive_ids), unique per provider in
+    // place of the id; which providers fold, as last applied. SQLite
+    // changes a UNIQUE constraint by rebuilding the table (rowids kept).
+    // `upgrade_to_nfc` then puts the stored texts in NFC, and `apply_rules`
+    // folds the keys the configuration asks for.
+    "CREATE TABLE linked_identities_v3 (
+        id              INTEGER PRIMARY KEY,
+        user_id         TEXT NOT NULL,
+        provider_id     TEXT NOT NULL,
+        linked_user_id  TEXT NOT NULL,
+        linked_user_key TEXT NOT NULL,
+        linked_username TEXT NOT NULL,
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        CONSTRAINT one_link_per_user UNIQUE (user_id),
+        CONSTRAINT one_user_per_remote_identity UNIQUE (provider_id, linked_user_key)
+    ) STRICT;
+    INSERT INTO linked_identities_v3 (id, user_id, provider_id, linked_user_id, linked_user_key,
+                                      linked_username, created_at, updated_at)
+        SELECT id, user_id, provider_id, linked_user_id, linked_user_id, linked_username,
+               created_at, updated_at
+        FROM linked_identities ORDER BY id;
+    DROP TABLE linked_identities;
+    ALTER TABLE linked_identities_v3 RENAME TO linked_identities;
+    CREATE INDEX links_by_provider ON linked_identities (provider_id, user_id);
+    CREATE TABLE case_insensitive_providers (
+        provider_id TEXT PRIMARY KEY
+    ) STRICT;",
 ];
 
 /// The schema version this binary writes.
@@ -111,6 +141,8 @@ pub struct SqliteStore {
     wal: Option<Arc<WalIndex>>,
     /// Short reads' answers, served while nobody has committed since.
     rows: Arc<RowCache>,
+    /// How each provider compares remote ids (the keys follow it).
+    rules: Arc<IdRules>,
 }
 
 /// What the writer has learned about the file and its disk; reads and
@@ -164,6 +196,8 @@ enum WriteOp {
     Link {
         user: UserId,
         link: NewLink,
+        /// The remote id's comparison key (`IdRules::key`).
+        key: String,
         actor: Actor,
     },
     Unlink {
@@ -255,13 +289,13 @@ pub(crate) fn end_inline_reads() {
 const FILE_CHECK: Duration = Duration::from_secs(1);
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file, upgrades its schema and
-    /// starts the writer thread.
-    pub fn open(config: &DatabaseConfig) -> anyhow::Result<SqliteStore> {
+    /// Opens (creating if needed) the database file, upgrades its schema,
+    /// brings the keys to `rules` and starts the writer thread.
+    pub fn open(config: &DatabaseConfig, rules: &IdRules) -> anyhow::Result<SqliteStore> {
         let (path, pool_size, max_batch) =
             (config.path.as_path(), config.pool_size, config.max_batch);
         let mut writer = open_writer(path)?;
-        migrate(&mut writer, path)?;
+        migrate(&mut writer, path, rules)?;
         writer.set_prepared_statement_cache_capacity(32);
         let identity = FileIdentity::of(path)
             .with_context(|| format!("database.path {} vanished at start", path.display()))?;
@@ -282,6 +316,7 @@ impl SqliteStore {
         let (sender, receiver) = mpsc::channel();
         let writer_state = Writer {
             conn: writer,
+            clock: config.clock,
             path: path.to_path_buf(),
             identity,
             health: health.clone(),
@@ -301,19 +336,20 @@ impl SqliteStore {
             serving: Arc::new(Mutex::new(None)),
             wal: WalIndex::open(path).map(Arc::new),
             rows: Arc::new(RowCache::new(row_cache::CAPACITY_BYTES)),
+            rules: Arc::new(rules.clone()),
         })
     }
 
     /// Opens the database for a server: first takes the file's serving
     /// lock, so that a second server on it refuses to start.
-    pub fn open_serving(config: &DatabaseConfig) -> anyhow::Result<SqliteStore> {
+    pub fn open_serving(config: &DatabaseConfig, rules: &IdRules) -> anyhow::Result<SqliteStore> {
         if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| {
                 format!("cannot create the database directory {}", dir.display())
             })?;
         }
         let serving = lock::ServingLock::acquire(&config.path)?;
-        let store = Self::open(config)?;
+        let store = Self::open(config, rules)?;
         *store.serving.lock().unwrap_or_else(|e| e.into_inner()) = Some(serving);
         Ok(store)
     }
@@ -344,7 +380,18 @@ impl SqliteStore {
         link: NewLink,
         actor: Actor,
     ) -> Result<LinkOutcome, StoreError> {
-        match self.write(WriteOp::Link { user, link, actor }).await? {
+        let key = self
+            .rules
+            .key(link.provider_id.as_str(), link.linked_user_id.as_str());
+        match self
+            .write(WriteOp::Link {
+                user,
+                link,
+                key,
+                actor,
+            })
+            .await?
+        {
             WriteResult::Link(outcome) => Ok(outcome),
             _ => unreachable!("the writer answers a link with a link"),
         }
@@ -374,7 +421,13 @@ impl SqliteStore {
     /// every backend). With both filters it is one seek on the
     /// `one_user_per_remote_identity` index; with the provider alone it
     /// walks `links_by_provider`, and without filters the `user_id` index.
-    pub async fn search(&self, query: SearchQuery) -> Result<SearchPage, StoreError> {
+    pub async fn search(&self, mut query: SearchQuery) -> Result<SearchPage, StoreError> {
+        // From here on the remote id is its comparison key: the lookup
+        // (and the row cache) finds it in any form the provider's rule
+        // equates.
+        if let (Some(provider), Some(remote)) = (&query.provider_id, &query.linked_user_id) {
+            query.linked_user_id = Some(self.rules.key(provider, remote));
+        }
         // The lookup is one seek: inline. A page may walk a thousand rows:
         // off the async threads.
         if let (Some(provider), Some(remote), None) =
@@ -437,6 +490,14 @@ impl SqliteStore {
             }
             newer
         });
+        Ok(())
+    }
+
+    /// Reads the newest event and takes it as it is, also when it is older
+    /// than the one known (after `replace_all` started the feed again).
+    pub async fn reread_newest_event(&self) -> Result<(), StoreError> {
+        let newest = self.read(newest_event_in).await?;
+        self.newest_event.send_replace(newest);
         Ok(())
     }
 
@@ -792,9 +853,10 @@ fn open_writer(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-/// Upgrades the schema to `SCHEMA_VERSION` in one transaction, or refuses a
-/// database written by a newer linkid.
-fn migrate(conn: &mut Connection, path: &Path) -> anyhow::Result<()> {
+/// Upgrades the schema to `SCHEMA_VERSION` and brings the comparison keys
+/// to `rules` (`apply_rules`), in one transaction: a refusal changes
+/// nothing. Refuses a database written by a newer linkid.
+fn migrate(conn: &mut Connection, path: &Path, rules: &IdRules) -> anyhow::Result<()> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .context("cannot lock the database to check its schema")?;
@@ -815,22 +877,176 @@ fn migrate(conn: &mut Connection, path: &Path) -> anyhow::Result<()> {
         recorded
     };
     super::refuse_newer(version, SCHEMA_VERSION, &path.display().to_string())?;
-    if recorded == SCHEMA_VERSION {
-        return Ok(());
+    let upgrading = recorded != SCHEMA_VERSION;
+    if upgrading {
+        for (done, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let to = done + 1;
+            tx.execute_batch(migration)
+                .with_context(|| format!("cannot upgrade the schema to version {to}"))?;
+            if to == 3 {
+                upgrade_to_nfc(&tx)?;
+            }
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .context("cannot record the schema version")?;
     }
-    for (done, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        tx.execute_batch(migration)
-            .with_context(|| format!("cannot upgrade the schema to version {}", done + 1))?;
-    }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .context("cannot record the schema version")?;
+    apply_rules(&tx, rules)?;
     tx.commit().context("cannot commit the schema upgrade")?;
-    if has_links {
+    if upgrading && has_links {
         tracing::info!(
             from = version,
             to = SCHEMA_VERSION,
             "upgraded the database schema"
         );
+    }
+    Ok(())
+}
+
+/// Schema 3's step in Rust: every stored id and username in NFC (see
+/// `keys::in_nfc`), read in chunks of the rows that hold any non-ASCII
+/// (ASCII is NFC already). A link that changes enters the feed as it
+/// changed, by actor `upgrade`: UNLINKED in its old form and LINKED in the
+/// new when an id changed (so that a consumer keyed by ids follows), else
+/// UPDATED. Two links that NFC makes one stop the upgrade, named.
+fn upgrade_to_nfc(conn: &Connection) -> anyhow::Result<()> {
+    const NOT_ASCII: &str =
+        "SELECT id, user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
+         FROM linked_identities WHERE id > ?1 AND ( \
+             length(user_id) <> length(CAST(user_id AS BLOB)) \
+             OR length(provider_id) <> length(CAST(provider_id AS BLOB)) \
+             OR length(linked_user_id) <> length(CAST(linked_user_id AS BLOB)) \
+             OR length(linked_username) <> length(CAST(linked_username AS BLOB))) \
+         ORDER BY id LIMIT 1000";
+    let stamp = now();
+    let actor = Actor {
+        actor: "upgrade".into(),
+        subject: None,
+        request_id: None,
+    };
+    let mut after = 0;
+    loop {
+        let rows: Vec<(i64, LinkRecord)> = conn
+            .prepare(NOT_ASCII)?
+            .query_map([after], |r| {
+                Ok((
+                    r.get(0)?,
+                    LinkRecord {
+                        user_id: r.get(1)?,
+                        provider_id: r.get(2)?,
+                        linked_user_id: r.get(3)?,
+                        linked_username: r.get(4)?,
+                        created_at: r.get(5)?,
+                        updated_at: r.get(6)?,
+                    },
+                ))
+            })?
+            .collect::<Result<_, _>>()
+            .context("cannot read the links to put in NFC")?;
+        let Some(&(last, _)) = rows.last() else {
+            return Ok(());
+        };
+        after = last;
+        for (id, old) in rows {
+            let Some(new) = keys::in_nfc(&old) else {
+                continue;
+            };
+            let same_user: Option<String> = conn
+                .query_row(
+                    "SELECT user_id FROM linked_identities WHERE user_id = ?1 AND id <> ?2",
+                    params![new.user_id, id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(other) = same_user {
+                anyhow::bail!(keys::nfc_collision("user_id", &old.user_id, &other));
+            }
+            let same_remote: Option<String> = conn
+                .query_row(
+                    "SELECT linked_user_id FROM linked_identities \
+                     WHERE provider_id = ?1 AND linked_user_key = ?2 AND id <> ?3",
+                    params![new.provider_id, new.linked_user_id, id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(other) = same_remote {
+                let field = format!("linked_user_id at {:?}", new.provider_id);
+                anyhow::bail!(keys::nfc_collision(&field, &old.linked_user_id, &other));
+            }
+            conn.execute(
+                "UPDATE linked_identities SET user_id = ?2, provider_id = ?3, linked_user_id = ?4, \
+                 linked_user_key = ?4, linked_username = ?5 WHERE id = ?1",
+                params![
+                    id,
+                    new.user_id,
+                    new.provider_id,
+                    new.linked_user_id,
+                    new.linked_username
+                ],
+            )
+            .context("cannot put a link in NFC")?;
+            if (&new.user_id, &new.provider_id, &new.linked_user_id)
+                == (&old.user_id, &old.provider_id, &old.linked_user_id)
+            {
+                record_event(conn, EventType::Updated, &new, &actor, &stamp)?;
+            } else {
+                record_event(conn, EventType::Unlinked, &old, &actor, &stamp)?;
+                record_event(conn, EventType::Linked, &new, &actor, &stamp)?;
+            }
+        }
+    }
+}
+
+/// Brings the comparison keys to `rules`: the keys of each provider whose
+/// rule differs from the one recorded are recomputed (`keys::rekey`, which
+/// refuses a change that would make two links one), and the rules are
+/// recorded. Nothing to do, and no write, when they are unchanged.
+fn apply_rules(conn: &Connection, rules: &IdRules) -> anyhow::Result<()> {
+    let recorded: Vec<String> = conn
+        .prepare("SELECT provider_id FROM case_insensitive_providers")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()
+        .context("cannot read which providers compare ids ignoring case")?;
+    let changed = keys::changed_providers(&recorded, rules);
+    if changed.is_empty() {
+        return Ok(());
+    }
+    for provider in &changed {
+        let links: Vec<keys::Keyed> = conn
+            .prepare(
+                "SELECT id, user_id, linked_user_id, linked_user_key FROM linked_identities \
+                 WHERE provider_id = ?1",
+            )?
+            .query_map([provider], |r| {
+                Ok(keys::Keyed {
+                    id: r.get(0)?,
+                    user_id: r.get(1)?,
+                    linked_user_id: r.get(2)?,
+                    linked_user_key: r.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()
+            .context("cannot read a provider's links")?;
+        let changes = keys::rekey(provider, &links, rules).map_err(anyhow::Error::msg)?;
+        let mut update =
+            conn.prepare("UPDATE linked_identities SET linked_user_key = ?2 WHERE id = ?1")?;
+        for (id, key) in &changes {
+            update
+                .execute(params![id, key])
+                .context("cannot store a comparison key")?;
+        }
+        tracing::info!(
+            provider = %provider,
+            case_insensitive_ids = rules.ignores_case(provider),
+            links = changes.len(),
+            "recomputed the comparison keys of a provider whose case_insensitive_ids changed"
+        );
+    }
+    conn.execute("DELETE FROM case_insensitive_providers", [])?;
+    for provider in rules.case_insensitive_providers() {
+        conn.execute(
+            "INSERT INTO case_insensitive_providers (provider_id) VALUES (?1)",
+            [provider],
+        )?;
     }
     Ok(())
 }
@@ -857,10 +1073,11 @@ fn search_in(conn: &Connection, query: &SearchQuery) -> rusqlite::Result<SearchP
     Ok(SearchPage { links, more })
 }
 
-/// The login-time reverse lookup: one seek on `one_user_per_remote_identity`.
+/// The login-time reverse lookup, by comparison key: one seek on
+/// `one_user_per_remote_identity`.
 const LOOKUP: &str =
     "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
-     FROM linked_identities WHERE provider_id = ?1 AND linked_user_id = ?2 AND user_id > ?3";
+     FROM linked_identities WHERE provider_id = ?1 AND linked_user_key = ?2 AND user_id > ?3";
 /// A page of one provider's links, walking `links_by_provider`.
 const PAGE_OF_PROVIDER: &str =
     "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
@@ -973,6 +1190,8 @@ impl<T> OrStore<T> for rusqlite::Result<T> {
 /// The writer thread's state: the one write connection and what it watches.
 struct Writer {
     conn: Connection,
+    /// The instant every change is stamped with (`linkid dev --clock`).
+    clock: Option<SystemTime>,
     path: PathBuf,
     identity: FileIdentity,
     health: Arc<Health>,
@@ -1045,7 +1264,7 @@ impl Writer {
         // longer at the path would be gone at the next start.
         let outcome = self
             .check_file()
-            .and_then(|()| apply_batch(&mut self.conn, &batch))
+            .and_then(|()| apply_batch(&mut self.conn, &batch, self.clock))
             .and_then(|results| self.check_file().map(|()| results));
         match outcome {
             Ok(results) => {
@@ -1113,11 +1332,12 @@ impl Writer {
 fn apply_batch(
     conn: &mut Connection,
     batch: &[WriteJob],
+    clock: Option<SystemTime>,
 ) -> Result<Vec<Result<WriteResult, StoreError>>, StoreError> {
-    match apply_batch_with(conn, batch, false)? {
+    match apply_batch_with(conn, batch, false, clock)? {
         Some(results) => Ok(results),
         // With savepoints every job's failure is its own: never `None`.
-        None => apply_batch_with(conn, batch, true)?
+        None => apply_batch_with(conn, batch, true, clock)?
             .ok_or_else(|| anyhow::anyhow!("a batch with savepoints was given up").into()),
     }
 }
@@ -1139,11 +1359,12 @@ fn apply_batch_with(
     conn: &mut Connection,
     batch: &[WriteJob],
     savepoints: bool,
+    clock: Option<SystemTime>,
 ) -> Result<Option<Vec<Result<WriteResult, StoreError>>>, StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .or_store("cannot begin a write transaction")?;
-    let stamp = now();
+    let stamp = super::transfer::stamp(clock);
     let mut results = Vec::with_capacity(batch.len());
     // Savepoints through prepared statements: parsed once, not per write.
     let step = |sql: &str, what: &'static str| -> Result<(), StoreError> {
@@ -1157,9 +1378,12 @@ fn apply_batch_with(
             step("SAVEPOINT write", "cannot open a savepoint")?;
         }
         let result = match &job.op {
-            WriteOp::Link { user, link, actor } => {
-                link_in(&tx, user, link, actor, &stamp).map(WriteResult::Link)
-            }
+            WriteOp::Link {
+                user,
+                link,
+                key,
+                actor,
+            } => link_in(&tx, user, link, key, actor, &stamp).map(WriteResult::Link),
             WriteOp::Unlink {
                 user,
                 provider,
@@ -1192,16 +1416,17 @@ fn link_in(
     conn: &Connection,
     user: &UserId,
     link: &NewLink,
+    key: &str,
     actor: &Actor,
     stamp: &str,
 ) -> Result<LinkOutcome, StoreError> {
     // The writer holds the database's write lock for the whole batch, so
     // what these reads find stays true until the insert: each rule is told
     // apart by its own query, and the UNIQUE constraints stay the backstop.
-    if let Some(mut current) = link_of_user(conn, user)? {
-        if current.provider_id != link.provider_id.as_str()
-            || current.linked_user_id != link.linked_user_id.as_str()
-        {
+    // The same remote identity is the same key (at a case-insensitive
+    // provider, `00uABC` and `00uabc`): the stored id is kept as first given.
+    if let Some((mut current, current_key)) = link_of_user(conn, user)? {
+        if current.provider_id != link.provider_id.as_str() || current_key != key {
             return Err(StoreError::UserAlreadyLinked {
                 current: Box::new(current),
             });
@@ -1218,13 +1443,7 @@ fn link_in(
         }
         return Ok(LinkOutcome::Existing(current));
     }
-    if owner_of(
-        conn,
-        link.provider_id.as_str(),
-        link.linked_user_id.as_str(),
-    )?
-    .is_some()
-    {
+    if owner_of(conn, link.provider_id.as_str(), key)?.is_some() {
         return Err(StoreError::IdentityAlreadyLinked {
             provider_id: link.provider_id.as_str().to_owned(),
             linked_user_id: link.linked_user_id.as_str().to_owned(),
@@ -1232,14 +1451,15 @@ fn link_in(
     }
     conn.prepare_cached(
         "INSERT INTO linked_identities \
-         (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+         (user_id, provider_id, linked_user_id, linked_user_key, linked_username, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
     )
     .and_then(|mut s| {
         s.execute(params![
             user.as_str(),
             link.provider_id.as_str(),
             link.linked_user_id.as_str(),
+            key,
             link.linked_username.as_str(),
             stamp
         ])
@@ -1257,28 +1477,30 @@ fn link_in(
     Ok(LinkOutcome::Created(created))
 }
 
-/// The user a remote identity is linked to, if any.
-fn owner_of(
-    conn: &Connection,
-    provider: &str,
-    linked_user_id: &str,
-) -> Result<Option<String>, StoreError> {
+/// The user a remote identity (by its comparison key) is linked to, if any.
+fn owner_of(conn: &Connection, provider: &str, key: &str) -> Result<Option<String>, StoreError> {
     conn.prepare_cached(
-        "SELECT user_id FROM linked_identities WHERE provider_id = ?1 AND linked_user_id = ?2",
+        "SELECT user_id FROM linked_identities WHERE provider_id = ?1 AND linked_user_key = ?2",
     )
-    .and_then(|mut s| {
-        s.query_row([provider, linked_user_id], |r| r.get(0))
-            .optional()
-    })
+    .and_then(|mut s| s.query_row([provider, key], |r| r.get(0)).optional())
     .or_store("cannot read the remote identity's owner")
 }
 
-fn link_of_user(conn: &Connection, user: &UserId) -> Result<Option<LinkRecord>, StoreError> {
+/// The user's link and its remote id's comparison key, if any.
+fn link_of_user(
+    conn: &Connection,
+    user: &UserId,
+) -> Result<Option<(LinkRecord, String)>, StoreError> {
     conn.prepare_cached(
-        "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at \
-         FROM linked_identities WHERE user_id = ?1",
+        "SELECT user_id, provider_id, linked_user_id, linked_username, created_at, updated_at, \
+         linked_user_key FROM linked_identities WHERE user_id = ?1",
     )
-    .and_then(|mut s| s.query_row([user.as_str()], record_from_row).optional())
+    .and_then(|mut s| {
+        s.query_row([user.as_str()], |row| {
+            Ok((record_from_row(row)?, row.get(6)?))
+        })
+        .optional()
+    })
     .or_store("cannot read the user's link")
 }
 
@@ -1390,7 +1612,7 @@ mod tests {
     #[test]
     fn the_migrations_make_exactly_schema_sql() {
         let mut migrated = Connection::open_in_memory().unwrap();
-        migrate(&mut migrated, Path::new(":memory:")).unwrap();
+        migrate(&mut migrated, Path::new(":memory:"), &IdRules::default()).unwrap();
         let fresh = Connection::open_in_memory().unwrap();
         // schema.sql is for people: a test holds the migrations to it.
         fresh
@@ -1416,7 +1638,7 @@ mod tests {
     #[test]
     fn searches_are_index_seeks_never_scans_or_sorts() {
         let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        migrate(&mut conn, Path::new(":memory:"), &IdRules::default()).unwrap();
         let plan = |sql: &str| -> String {
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let values = ["a", "b", "c"];
@@ -1432,7 +1654,7 @@ mod tests {
 
         let lookup = plan(LOOKUP);
         assert!(
-            lookup.contains("USING INDEX sqlite_autoindex_linked_identities_2 (provider_id=? AND linked_user_id=?)"),
+            lookup.contains("USING INDEX sqlite_autoindex_linked_identities_2 (provider_id=? AND linked_user_key=?)"),
             "{lookup}"
         );
         let by_provider = plan(PAGE_OF_PROVIDER);
@@ -1456,7 +1678,7 @@ mod tests {
     #[test]
     fn pruning_keeps_the_newest_event_so_no_seq_is_handed_out_twice() {
         let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        migrate(&mut conn, Path::new(":memory:"), &IdRules::default()).unwrap();
         let link = LinkRecord {
             user_id: "u".into(),
             provider_id: "okta".into(),
@@ -1483,7 +1705,7 @@ mod tests {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION + 5)
             .unwrap();
 
-        let error = migrate(&mut conn, Path::new("x.db"))
+        let error = migrate(&mut conn, Path::new("x.db"), &IdRules::default())
             .unwrap_err()
             .to_string();
 

@@ -9,7 +9,7 @@ use std::io::{BufRead, Write};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::domain::{check_text, LinkRecord};
+use crate::domain::{normalize_text, JsonMembers, LinkRecord};
 
 /// Where an import reads from: a file or stdin.
 pub type Source = Box<dyn BufRead + Send>;
@@ -24,10 +24,23 @@ pub struct ImportOptions {
     pub dry_run: bool,
     /// Every configured provider id, linkable or not.
     pub providers: HashSet<String>,
+    /// How each provider compares remote ids (the configuration's).
+    pub rules: crate::domain::IdRules,
     /// Gets the number of bytes read so far.
     pub progress: Box<dyn Fn(u64) + Send>,
     /// Gets each problem as it is found, as `line N: field: message`.
     pub problem: Box<dyn FnMut(String) + Send>,
+    /// Delete every link and event first, in the same transaction, so that
+    /// the file becomes all there is and the feed starts again at 1
+    /// (`linkid dev`'s reset; SQLite only).
+    pub replace: bool,
+    /// The instant every stamp gets (`linkid dev --clock`); now when `None`.
+    pub clock: Option<std::time::SystemTime>,
+}
+
+/// RFC 3339 UTC with seconds: `clock`'s instant, or now.
+pub fn stamp(clock: Option<std::time::SystemTime>) -> String {
+    humantime::format_rfc3339_seconds(clock.unwrap_or_else(std::time::SystemTime::now)).to_string()
 }
 
 /// What an import did (or, on a dry run or with problems, would have done).
@@ -97,7 +110,7 @@ pub fn run_import(
     mut apply: impl FnMut(&[LinkRecord]) -> anyhow::Result<Vec<Result<LineOutcome, Conflict>>>,
 ) -> anyhow::Result<ImportReport> {
     let mut report = ImportReport::default();
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let now = stamp(options.clock);
     let mut lines = Lines::new(source);
     let mut parsed: Vec<(u64, Result<LinkRecord, Vec<String>>)> = Vec::with_capacity(batch);
     let mut flush = |parsed: &mut Vec<(u64, Result<LinkRecord, Vec<String>>)>,
@@ -232,27 +245,35 @@ pub fn parse_line(
     if text.trim().is_empty() {
         return Ok(None);
     }
-    let object = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(object)) => object,
-        Ok(_) => return Err(vec!["line: must be a JSON object".into()]),
+    // Members in order with duplicates kept: a file reviewed by reading it
+    // must not apply the second of two values the reader took for the first.
+    let members = match serde_json::from_str::<JsonMembers>(text) {
+        Ok(members) => members.0,
+        Err(e) if e.is_data() => return Err(vec!["line: must be a JSON object".into()]),
         Err(e) => return Err(vec![format!("line: is not JSON ({e})")]),
     };
     let mut problems = Vec::new();
-    for name in object.keys() {
+    for (i, (name, _)) in members.iter().enumerate() {
+        let shown: String = name.chars().take(64).collect();
         if !FIELDS.contains(&name.as_str()) {
-            let shown: String = name.chars().take(64).collect();
             problems.push(format!(
                 "{shown}: is not a known field; the fields are {}",
                 FIELDS.join(", ")
             ));
+        } else if members[..i].iter().any(|(earlier, _)| earlier == name) {
+            problems.push(format!("{shown}: appears more than once"));
         }
     }
     let mut text_field = |name: &str, required: bool| -> Option<String> {
-        match object.get(name) {
+        match members
+            .iter()
+            .find(|(member, _)| member == name)
+            .map(|(_, v)| v)
+        {
             None if required => problems.push(format!("{name}: is required")),
             None => {}
-            Some(Value::String(value)) => match check_text(value) {
-                Ok(()) => return Some(value.clone()),
+            Some(Value::String(value)) => match normalize_text(value) {
+                Ok(value) => return Some(value),
                 Err(why) => problems.push(format!("{name}: {why}")),
             },
             Some(_) => problems.push(format!("{name}: must be a string")),
@@ -373,6 +394,35 @@ mod tests {
         assert!(parse_line("[1]", &providers(), NOW).is_err());
         assert!(parse_line("{", &providers(), NOW).is_err());
         assert_eq!(parse_line("   ", &providers(), NOW).unwrap(), None);
+    }
+
+    #[test]
+    fn a_field_named_twice_is_a_problem_however_the_values_agree() {
+        let line = r#"{"user_id":"u-1","provider_id":"okta","linked_user_id":"r","linked_username":"n","provider_id":"azure-ad","user_id":"u-1"}"#;
+        let problems = parse_line(line, &providers(), NOW).unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "provider_id: appears more than once",
+                "user_id: appears more than once"
+            ]
+        );
+    }
+
+    #[test]
+    fn ids_and_usernames_are_read_in_nfc_and_invisible_characters_refused() {
+        let line = r#"{"user_id":"jose\u0301","provider_id":"okta","linked_user_id":"CN=Jose\u0301","linked_username":"jose\u0301@example.com"}"#;
+        let record = parse_line(line, &providers(), NOW).unwrap().unwrap();
+        assert_eq!(record.user_id, "jos\u{E9}");
+        assert_eq!(record.linked_user_id, "CN=Jos\u{E9}");
+        assert_eq!(record.linked_username, "jos\u{E9}@example.com");
+        let hidden = r#"{"user_id":"ada\u200b","provider_id":"okta","linked_user_id":"r","linked_username":"n"}"#;
+        let problems = parse_line(hidden, &providers(), NOW).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("user_id: must not contain invisible"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -139,7 +139,9 @@ async fn a_revoked_token_is_refused_within_a_second_without_restart() {
     let child = attenuate(&token, &app.keypair, r#"check if user("u-1");"#);
     assert_eq!(app.list_providers(&token).await.status(), 200);
     let ids = revocation_ids(app.keypair.public(), &token).unwrap();
-    let store = Store::open(&app.config.database).await.unwrap();
+    let store = Store::open(&app.config.database, &app.config.id_rules())
+        .await
+        .unwrap();
 
     store
         .revoke(vec![ids.last().unwrap().clone()])
@@ -317,4 +319,64 @@ async fn answers_stay_exact_per_user_provider_and_time_when_a_token_is_reused() 
         201
     );
     assert_eq!(app.delete(&one_provider, "u-3", "okta").await.status(), 200);
+}
+
+/// What a deny-list block (`reject if user("victim")`) hides and what it
+/// does not, exactly as the README's token section says it: a change to
+/// either side fails this test until the other follows.
+#[tokio::test]
+async fn a_deny_list_block_hides_the_users_own_paths_but_not_collection_reads_as_the_readme_says() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.link_as_admin("victim", "okta", "00u-victim")
+            .await
+            .status(),
+        201
+    );
+    let deny = attenuate(&app.admin, &app.keypair, r#"reject if user("victim");"#);
+    let allow = attenuate(&app.admin, &app.keypair, r#"check if user("u-42");"#);
+    let read = |token: &str, path: &str| app.client.get(app.api(path)).bearer_auth(token).send();
+
+    let own_path = read(&deny, "/users/victim/linked-identities")
+        .await
+        .unwrap();
+    let search = read(&deny, "/linked-identities").await.unwrap();
+    let lookup = read(
+        &deny,
+        "/linked-identities?provider_id=okta&linked_user_id=00u-victim",
+    )
+    .await
+    .unwrap();
+    let feed = read(&deny, "/linked-identities/events").await.unwrap();
+
+    assert_problem(own_path, 403, "FORBIDDEN").await;
+    for (what, response) in [
+        ("search", search),
+        ("reverse lookup", lookup),
+        ("feed", feed),
+    ] {
+        assert_eq!(response.status(), 200, "{what}");
+        let body = response.text().await.unwrap();
+        assert!(
+            body.contains(r#""user_id":"victim""#),
+            "{what} still shows victim: {body}"
+        );
+    }
+    // An allow-list block carries no such gap: collection reads are refused.
+    for path in ["/linked-identities", "/linked-identities/events"] {
+        assert_problem(read(&allow, path).await.unwrap(), 403, "FORBIDDEN").await;
+    }
+    let readme = include_str!("../../README.md");
+    for said in [
+        r#"reject if user("victim")"#,
+        "collection reads",
+        r#"check if user("u-42")"#,
+        "linked_identities:search",
+        "events:list",
+    ] {
+        assert!(
+            readme.contains(said),
+            "the README's token section says {said:?}"
+        );
+    }
 }

@@ -11,19 +11,19 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 /// A running `linkid dev`, with what it printed on stdout.
-struct Dev {
+pub struct Dev {
     child: Child,
-    api: String,
-    token: Option<String>,
-    data: PathBuf,
-    stdout: Arc<Mutex<String>>,
+    pub api: String,
+    pub token: Option<String>,
+    pub data: PathBuf,
+    pub stdout: Arc<Mutex<String>>,
     log: Arc<Mutex<String>>,
 }
 
 impl Dev {
     /// Starts `linkid dev ARGS` in `cwd` with its temporary directory in
     /// `tmp`, and waits for the line that says where its data is.
-    fn start(cwd: &Path, tmp: &Path, args: &[&str], env: &[(&str, &str)]) -> Dev {
+    pub fn start(cwd: &Path, tmp: &Path, args: &[&str], env: &[(&str, &str)]) -> Dev {
         let mut command = crate::cli::command(cwd);
         command
             .env("TMPDIR", tmp)
@@ -116,7 +116,7 @@ impl Dev {
         }
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 }

@@ -77,19 +77,19 @@ async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
         (
             reqwest::Method::PUT,
             "/api/admin/users/v4/users/u-1/linked-identities",
-            "GET, POST",
+            "GET, HEAD, POST",
         ),
         (
             reqwest::Method::POST,
             "/api/admin/users/v4/users/identity-providers",
-            "GET",
+            "GET, HEAD",
         ),
         (
             reqwest::Method::PUT,
             "/api/admin/users/v4/users/u-1/linked-identities/okta",
-            "GET, DELETE",
+            "GET, HEAD, DELETE",
         ),
-        (reqwest::Method::DELETE, "/healthz", "GET"),
+        (reqwest::Method::DELETE, "/healthz", "GET, HEAD"),
     ];
     for (method, path, allow) in cases {
         let response = app

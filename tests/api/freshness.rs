@@ -93,8 +93,8 @@ async fn a_commit_by_another_connection_is_read_at_once() {
 
     app.execute_sql(
         "INSERT INTO linked_identities \
-         (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
-         VALUES ('u-2', 'okta', 'r-2', 'two', '2026-01-02T03:04:05Z', '2026-01-02T03:04:05Z')",
+         (user_id, provider_id, linked_user_id, linked_user_key, linked_username, created_at, updated_at) \
+         VALUES ('u-2', 'okta', 'r-2', 'r-2', 'two', '2026-01-02T03:04:05Z', '2026-01-02T03:04:05Z')",
     );
     assert_eq!(listed(&app, "u-2").await, ["two"]);
     assert_eq!(looked_up(&app, "okta", "r-2").await, ["two"]);

@@ -107,7 +107,9 @@ async fn the_hostile_input_catalogue_gets_exact_errors_and_loses_nothing() {
         ..Default::default()
     });
     let ids = revocation_ids(app.keypair.public(), &revoked).unwrap();
-    let store = Store::open(&app.config.database).await.unwrap();
+    let store = Store::open(&app.config.database, &app.config.id_rules())
+        .await
+        .unwrap();
     store
         .revoke(vec![ids.last().unwrap().clone()])
         .await

@@ -588,7 +588,7 @@ async fn three_instances_started_together_on_an_empty_database_all_come_up() {
     );
     assert_eq!(
         psql(&url, "SELECT version FROM linkid_schema_version"),
-        [[Some("2".to_owned())]]
+        [[Some("3".to_owned())]]
     );
 }
 
@@ -1047,7 +1047,7 @@ async fn the_store_names_its_database_without_the_password() {
     }
     let app = spawn_app().await;
     let name = app.database.as_ref().unwrap().name.clone();
-    let store_says = linkid::store::Store::open(&app.config.database)
+    let store_says = linkid::store::Store::open(&app.config.database, &app.config.id_rules())
         .await
         .unwrap()
         .describe();
@@ -1074,8 +1074,8 @@ async fn a_link_caught_in_a_deadlock_with_another_writer_is_retried_not_a_503() 
     other
         .batch_execute(
             "BEGIN; INSERT INTO linked_identities \
-             (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
-             VALUES ('someone-else', 'okta', 'r-1', 'n', now(), now())",
+             (user_id, provider_id, linked_user_id, linked_user_key, linked_username, created_at, updated_at) \
+             VALUES ('someone-else', 'okta', 'r-1', 'r-1', 'n', now(), now())",
         )
         .await
         .unwrap();

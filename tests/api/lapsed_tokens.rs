@@ -56,7 +56,9 @@ async fn read_to_end(response: reqwest::Response, limit: Duration) -> (String, O
 
 async fn revoke(app: &TestApp, token: &str) -> Instant {
     let ids = revocation_ids(app.keypair.public(), token).unwrap();
-    let store = Store::open(&app.config.database).await.unwrap();
+    let store = Store::open(&app.config.database, &app.config.id_rules())
+        .await
+        .unwrap();
     store
         .revoke(vec![ids.last().unwrap().clone()])
         .await

@@ -14,6 +14,7 @@ mod connections;
 mod crash;
 mod delete;
 mod dev;
+mod dev_controls;
 mod errors;
 mod faults;
 mod feed;

@@ -436,6 +436,41 @@ fn path_parameters_have_examples() {
 }
 
 #[test]
+fn every_identifier_pattern_is_the_rule_the_server_applies() {
+    let doc = document();
+    let mut seen = 0;
+    for (spec, operation) in operations(&doc) {
+        for parameter in operation["parameters"].as_array().into_iter().flatten() {
+            let parameter = resolve(&doc, parameter);
+            if ["user_id", "provider_id", "linked_user_id"]
+                .contains(&parameter["name"].as_str().unwrap())
+            {
+                assert_eq!(
+                    parameter["schema"]["pattern"],
+                    linkid::domain::TEXT_PATTERN,
+                    "{} {}",
+                    spec.id,
+                    parameter["name"]
+                );
+                seen += 1;
+            }
+        }
+    }
+    let body = &doc["components"]["schemas"]["LinkRequest"]["properties"];
+    for field in ["provider_id", "linked_user_id", "linked_username"] {
+        assert_eq!(
+            body[field]["pattern"],
+            linkid::domain::TEXT_PATTERN,
+            "{field}"
+        );
+    }
+    assert!(
+        seen >= 7,
+        "the user, provider and remote id parameters: {seen}"
+    );
+}
+
+#[test]
 fn links_lead_from_a_new_link_to_every_operation_on_it_its_retry_and_on_to_the_feed() {
     let doc = document();
     let mut links = BTreeSet::new();

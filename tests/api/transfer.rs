@@ -341,3 +341,71 @@ async fn an_export_while_servers_write_is_one_consistent_snapshot() {
         "in user_id order, each once"
     );
 }
+
+#[test]
+fn an_import_line_naming_a_field_twice_is_refused_naming_the_line() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("twice.jsonl");
+    std::fs::write(
+        &file,
+        [
+            line("u-1", "okta", "r-1", "ada"),
+            r#"{"user_id":"u-2","provider_id":"okta","linked_user_id":"r-2","linked_username":"bob","provider_id":"azure-ad"}"#.to_string(),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+
+    let (ok, _, stderr) = run(dir.path(), &["import", file.to_str().unwrap()]);
+
+    assert!(!ok);
+    assert!(
+        stderr.contains("line 2: provider_id: appears more than once"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("line 1:"), "{stderr}");
+    assert_eq!(export(dir.path()), "", "nothing applied");
+}
+
+#[test]
+fn an_import_stores_ids_in_nfc_and_refuses_invisible_characters() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("forms.jsonl");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n{}\n",
+            line(
+                "jose\u{301}",
+                "okta",
+                "CN=Jose\u{301}",
+                "jose\u{301}@example.com"
+            ),
+            line("jos\u{E9}", "okta", "CN=Jos\u{E9}", "jos\u{E9}@example.com"),
+        ),
+    )
+    .unwrap();
+    let hidden = dir.path().join("hidden.jsonl");
+    std::fs::write(&hidden, line("ada\u{200B}", "okta", "r-1", "ada")).unwrap();
+
+    let (ok, stdout, stderr) = run(dir.path(), &["import", file.to_str().unwrap()]);
+    let (refused, _, why) = run(dir.path(), &["import", hidden.to_str().unwrap()]);
+
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("created 1, updated 0, unchanged 1"),
+        "{stdout}"
+    );
+    let exported = export(dir.path());
+    assert!(exported.contains(r#""user_id":"josé""#), "{exported}");
+    assert!(
+        exported.contains(r#""linked_user_id":"CN=José""#),
+        "{exported}"
+    );
+    assert!(!exported.contains('\u{301}'), "{exported}");
+    assert!(!refused);
+    assert!(
+        why.contains("line 1: user_id: must not contain invisible"),
+        "{why}"
+    );
+}

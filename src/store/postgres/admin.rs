@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use super::{record_from_row, PostgresStore};
 use crate::config::{DatabaseConfig, PostgresUrl};
-use crate::domain::LinkRecord;
+use crate::domain::{IdRules, LinkRecord};
 use crate::store::transfer::{
     run_import, write_line, Conflict, ImportOptions, ImportReport, LineOutcome, Source,
 };
@@ -23,6 +23,7 @@ const CHUNK: u64 = 50_000;
 /// `progress` gets the number done.
 pub async fn seed(
     config: &DatabaseConfig,
+    rules: &IdRules,
     url: &PostgresUrl,
     count: u64,
     providers: &[String],
@@ -32,7 +33,7 @@ pub async fn seed(
         !providers.is_empty(),
         "no identity providers to seed links with"
     );
-    let store = PostgresStore::open(config, url).await?;
+    let store = PostgresStore::open(config, rules, url).await?;
     let client = store.client().await?;
     // A chunk takes longer than a request may.
     client
@@ -41,10 +42,12 @@ pub async fn seed(
         .context("cannot configure the seeding connection")?;
     let insert = client
         .prepare(
+            // A seeded remote id is lower-case ASCII: its own key under
+            // either rule.
             "INSERT INTO linked_identities \
-             (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
+             (user_id, provider_id, linked_user_id, linked_user_key, linked_username, created_at, updated_at) \
              SELECT 'seed-user-' || i, ($3::text[])[1 + i % cardinality($3::text[])], \
-                    'seed-remote-' || i, 'seed-user-' || i || '@example.com', now(), now() \
+                    'seed-remote-' || i, 'seed-remote-' || i, 'seed-user-' || i || '@example.com', now(), now() \
              FROM generate_series($1::bigint, $2::bigint) AS i \
              ON CONFLICT DO NOTHING",
         )
@@ -73,10 +76,11 @@ pub async fn seed(
 /// memory stays flat), while servers write; returns how many.
 pub async fn export(
     config: &DatabaseConfig,
+    rules: &IdRules,
     url: &PostgresUrl,
     mut out: Box<dyn std::io::Write + Send>,
 ) -> anyhow::Result<u64> {
-    let store = PostgresStore::open(config, url).await?;
+    let store = PostgresStore::open(config, rules, url).await?;
     let mut client = store.client().await?;
     let tx = client
         .build_transaction()
@@ -125,30 +129,32 @@ pub async fn export(
 const PIPELINE: usize = 512;
 
 /// One import line as one statement: reads the user's link and the remote
-/// identity's owner, makes the change the rules allow (a new link, or a
-/// new username on the same link), and keeps its event for the end.
+/// identity's owner (by the comparison key, $7), makes the change the rules
+/// allow (a new link, or a new username on the same link, whose stored
+/// remote id stays as it was), and keeps its event for the end.
 const APPLY_LINE: &str = "WITH current AS (
-        SELECT provider_id, linked_user_id FROM linked_identities WHERE user_id = $1
+        SELECT provider_id, linked_user_id, linked_user_key FROM linked_identities WHERE user_id = $1
     ), owner AS (
-        SELECT user_id FROM linked_identities WHERE provider_id = $2 AND linked_user_id = $3
+        SELECT user_id FROM linked_identities WHERE provider_id = $2 AND linked_user_key = $7
     ), inserted AS (
         INSERT INTO linked_identities
-            (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at)
-        SELECT $1, $2, $3, $4, $5, $6
+            (user_id, provider_id, linked_user_id, linked_user_key, linked_username, created_at, updated_at)
+        SELECT $1, $2, $3, $7, $4, $5, $6
         WHERE NOT EXISTS (SELECT 1 FROM current) AND NOT EXISTS (SELECT 1 FROM owner)
-        RETURNING 'LINKED'::text AS kind
+        RETURNING 'LINKED'::text AS kind, linked_user_id
     ), updated AS (
         UPDATE linked_identities SET linked_username = $4, updated_at = $6
-        WHERE user_id = $1 AND provider_id = $2 AND linked_user_id = $3 AND linked_username <> $4
-        RETURNING 'UPDATED'::text AS kind
+        WHERE user_id = $1 AND provider_id = $2 AND linked_user_key = $7 AND linked_username <> $4
+        RETURNING 'UPDATED'::text AS kind, linked_user_id
     ), changed AS (
-        SELECT kind FROM inserted UNION ALL SELECT kind FROM updated
+        SELECT kind, linked_user_id FROM inserted UNION ALL SELECT kind, linked_user_id FROM updated
     ), kept AS (
         INSERT INTO import_events (type, user_id, provider_id, linked_user_id, linked_username)
-        SELECT kind, $1, $2, $3, $4 FROM changed
+        SELECT kind, $1, $2, linked_user_id, $4 FROM changed
     )
     SELECT (SELECT provider_id FROM current), (SELECT linked_user_id FROM current),
-           (SELECT user_id FROM owner), (SELECT kind FROM changed)";
+           (SELECT user_id FROM owner), (SELECT kind FROM changed),
+           (SELECT linked_user_key FROM current)";
 
 /// Applies a JSON Lines file in one transaction, by the rules of
 /// `sqlite::admin::import`. Lines are pipelined (see `APPLY_LINE`); the
@@ -161,7 +167,7 @@ pub async fn import(
     source: Source,
     mut options: ImportOptions,
 ) -> anyhow::Result<ImportReport> {
-    let store = PostgresStore::open(config, url).await?;
+    let store = PostgresStore::open(config, &options.rules, url).await?;
     let mut client = store.client().await?;
     let tx = client
         .transaction()
@@ -185,16 +191,22 @@ pub async fn import(
         .await
         .context("cannot prepare the import statement")?;
     let handle = tokio::runtime::Handle::current();
+    let rules = options.rules.clone();
     let mut report = tokio::task::block_in_place(|| {
         run_import(source, &mut options, PIPELINE, |lines| {
             let times: Vec<(SystemTime, SystemTime)> = lines
                 .iter()
                 .map(|l| Ok((parse_time(&l.created_at)?, parse_time(&l.updated_at)?)))
                 .collect::<anyhow::Result<_>>()?;
-            let args: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 6]> = lines
+            let keys: Vec<String> = lines
+                .iter()
+                .map(|l| rules.key(&l.provider_id, &l.linked_user_id))
+                .collect();
+            let args: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 7]> = lines
                 .iter()
                 .zip(&times)
-                .map(|(line, (created, updated))| {
+                .zip(&keys)
+                .map(|((line, (created, updated)), key)| {
                     [
                         &line.user_id as &(dyn tokio_postgres::types::ToSql + Sync),
                         &line.provider_id,
@@ -202,6 +214,7 @@ pub async fn import(
                         &line.linked_username,
                         created,
                         updated,
+                        key,
                     ]
                 })
                 .collect();
@@ -210,8 +223,15 @@ pub async fn import(
             ));
             lines
                 .iter()
+                .zip(&keys)
                 .zip(rows)
-                .map(|(line, row)| Ok(line_outcome(line, &row.context("cannot apply a line")?)))
+                .map(|((line, key), row)| {
+                    Ok(line_outcome(
+                        line,
+                        key,
+                        &row.context("cannot apply a line")?,
+                    ))
+                })
                 .collect()
         })
     })?;
@@ -236,19 +256,21 @@ pub async fn import(
     Ok(report)
 }
 
-/// What one `APPLY_LINE` row says happened to `line`.
-fn line_outcome(line: &LinkRecord, row: &tokio_postgres::Row) -> Result<LineOutcome, Conflict> {
-    let (provider, remote, owner, kind): (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    ) = (row.get(0), row.get(1), row.get(2), row.get(3));
+/// What one `APPLY_LINE` row says happened to `line` (whose remote id's
+/// comparison key is `key`).
+fn line_outcome(
+    line: &LinkRecord,
+    key: &str,
+    row: &tokio_postgres::Row,
+) -> Result<LineOutcome, Conflict> {
+    let text = |i: usize| -> Option<String> { row.get(i) };
+    let (provider, remote, owner, kind, current_key) =
+        (text(0), text(1), text(2), text(3), text(4));
     match (kind.as_deref(), provider, remote, owner) {
         (Some("LINKED"), ..) => Ok(LineOutcome::Created),
         (Some(_), ..) => Ok(LineOutcome::Updated),
         (None, Some(provider), Some(remote), _) => {
-            if provider == line.provider_id && remote == line.linked_user_id {
+            if provider == line.provider_id && current_key.as_deref() == Some(key) {
                 Ok(LineOutcome::Unchanged)
             } else {
                 Err(Conflict::UserAlreadyLinked {

@@ -4,14 +4,16 @@
 //! schema; the others wait for it and find it done).
 
 use anyhow::Context;
-use deadpool_postgres::Object;
+use deadpool_postgres::{Object, Transaction};
 
 use super::LOCK_NAMESPACE;
+use crate::domain::{IdRules, LinkRecord};
+use crate::store::keys;
 
 /// Each schema version's upgrade from the one before, in order:
 /// `MIGRATIONS[i]` makes version `i + 1`. Released versions never change.
 /// schema.postgres.sql shows the result; a test holds the two together.
-pub(super) const MIGRATIONS: [&str; 2] = [
+pub(super) const MIGRATIONS: [&str; 3] = [
     // 1: links and revocations.
     "CREATE TABLE linked_identities (
         id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -76,6 +78,20 @@ pub(super) const MIGRATIONS: [&str; 2] = [
         SELECT linkid_next_seq('events_seq'), 'LINKED', created_at, user_id, provider_id,
                linked_user_id, linked_username, 'upgrade'
         FROM (SELECT * FROM linked_identities ORDER BY id) AS existing;",
+    // 3: remote ids compared by a stored key (the id itself, or its case
+    // fold at a provider with case_insensitive_ids), unique per provider in
+    // place of the id (the constraint keeps its name); which providers
+    // fold, as last applied. `upgrade_to_nfc` then puts the stored texts in
+    // NFC, and `apply_rules` folds the keys the configuration asks for.
+    "ALTER TABLE linked_identities ADD COLUMN linked_user_key text;
+    UPDATE linked_identities SET linked_user_key = linked_user_id;
+    ALTER TABLE linked_identities ALTER COLUMN linked_user_key SET NOT NULL;
+    ALTER TABLE linked_identities DROP CONSTRAINT one_user_per_remote_identity;
+    ALTER TABLE linked_identities
+        ADD CONSTRAINT one_user_per_remote_identity UNIQUE (provider_id, linked_user_key);
+    CREATE TABLE case_insensitive_providers (
+        provider_id text PRIMARY KEY
+    );",
 ];
 
 /// The schema version this binary writes.
@@ -87,9 +103,15 @@ const VERSION_TABLE: &str = "CREATE TABLE linkid_schema_version (
     version   integer NOT NULL
 )";
 
-/// Upgrades the schema to `SCHEMA_VERSION` in one transaction, or refuses
-/// a database written by a newer linkid. `database` names it in messages.
-pub(super) async fn migrate(client: &mut Object, database: &str) -> anyhow::Result<()> {
+/// Upgrades the schema to `SCHEMA_VERSION` and brings the comparison keys
+/// to `rules` (`apply_rules`), in one transaction: a refusal changes
+/// nothing. Refuses a database written by a newer linkid. `database` names
+/// it in messages.
+pub(super) async fn migrate(
+    client: &mut Object,
+    database: &str,
+    rules: &IdRules,
+) -> anyhow::Result<()> {
     let tx = client
         .transaction()
         .await
@@ -128,32 +150,208 @@ pub(super) async fn migrate(client: &mut Object, database: &str) -> anyhow::Resu
         0
     };
     super::super::refuse_newer(version, SCHEMA_VERSION, database)?;
-    if version == SCHEMA_VERSION {
-        return Ok(());
+    let upgrading = version != SCHEMA_VERSION;
+    if upgrading {
+        for (done, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let to = done + 1;
+            tx.batch_execute(migration)
+                .await
+                .with_context(|| format!("cannot upgrade the schema to version {to}"))?;
+            if to == 3 {
+                upgrade_to_nfc(&tx).await?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO linkid_schema_version (version) VALUES ($1) \
+             ON CONFLICT (singleton) DO UPDATE SET version = excluded.version",
+            &[&(SCHEMA_VERSION as i32)],
+        )
+        .await
+        .context("cannot record the schema version")?;
     }
-    for (done, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        tx.batch_execute(migration)
-            .await
-            .with_context(|| format!("cannot upgrade the schema to version {}", done + 1))?;
-    }
-    tx.execute(
-        "INSERT INTO linkid_schema_version (version) VALUES ($1) \
-         ON CONFLICT (singleton) DO UPDATE SET version = excluded.version",
-        &[&(SCHEMA_VERSION as i32)],
-    )
-    .await
-    .context("cannot record the schema version")?;
+    apply_rules(&tx, rules).await?;
     tx.commit()
         .await
         .context("cannot commit the schema upgrade")?;
     if version == 0 {
         tracing::info!(version = SCHEMA_VERSION, "created the database schema");
-    } else {
+    } else if upgrading {
         tracing::info!(
             from = version,
             to = SCHEMA_VERSION,
             "upgraded the database schema"
         );
     }
+    Ok(())
+}
+
+/// Schema 3's step in Rust, as SQLite's `upgrade_to_nfc`: every stored id
+/// and username in NFC, read in chunks of the rows that hold any
+/// non-ASCII; a link that changes enters the feed as it changed (actor
+/// `upgrade`); two links that NFC makes one stop the upgrade, named. The
+/// normalization is linkid's own (ICU4X), not the server's `normalize()`,
+/// so that every backend agrees.
+async fn upgrade_to_nfc(tx: &Transaction<'_>) -> anyhow::Result<()> {
+    let chunk = tx
+        .prepare(
+            "SELECT id, user_id, provider_id, linked_user_id, linked_username FROM linked_identities \
+             WHERE id > $1 AND (octet_length(user_id) <> char_length(user_id) \
+                 OR octet_length(provider_id) <> char_length(provider_id) \
+                 OR octet_length(linked_user_id) <> char_length(linked_user_id) \
+                 OR octet_length(linked_username) <> char_length(linked_username)) \
+             ORDER BY id LIMIT 1000",
+        )
+        .await
+        .context("cannot prepare the upgrade to NFC")?;
+    let record_event = tx
+        .prepare(
+            "INSERT INTO events (seq, type, occurred_at, user_id, provider_id, linked_user_id, \
+             linked_username, actor) \
+             VALUES (linkid_next_seq('events_seq'), $1, now(), $2, $3, $4, $5, 'upgrade')",
+        )
+        .await
+        .context("cannot prepare the upgrade's events")?;
+    let mut after = 0_i64;
+    loop {
+        let rows = tx
+            .query(&chunk, &[&after])
+            .await
+            .context("cannot read the links to put in NFC")?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.get(0);
+        for row in &rows {
+            let id: i64 = row.get(0);
+            let old = LinkRecord {
+                user_id: row.get(1),
+                provider_id: row.get(2),
+                linked_user_id: row.get(3),
+                linked_username: row.get(4),
+                created_at: String::new(),
+                updated_at: String::new(),
+            };
+            let Some(new) = keys::in_nfc(&old) else {
+                continue;
+            };
+            if let Some(other) = tx
+                .query_opt(
+                    "SELECT user_id FROM linked_identities WHERE user_id = $1 AND id <> $2",
+                    &[&new.user_id, &id],
+                )
+                .await?
+            {
+                anyhow::bail!(keys::nfc_collision(
+                    "user_id",
+                    &old.user_id,
+                    &other.get::<_, String>(0)
+                ));
+            }
+            if let Some(other) = tx
+                .query_opt(
+                    "SELECT linked_user_id FROM linked_identities \
+                     WHERE provider_id = $1 AND linked_user_key = $2 AND id <> $3",
+                    &[&new.provider_id, &new.linked_user_id, &id],
+                )
+                .await?
+            {
+                let field = format!("linked_user_id at {:?}", new.provider_id);
+                anyhow::bail!(keys::nfc_collision(
+                    &field,
+                    &old.linked_user_id,
+                    &other.get::<_, String>(0)
+                ));
+            }
+            tx.execute(
+                "UPDATE linked_identities SET user_id = $2, provider_id = $3, linked_user_id = $4, \
+                 linked_user_key = $4, linked_username = $5 WHERE id = $1",
+                &[&id, &new.user_id, &new.provider_id, &new.linked_user_id, &new.linked_username],
+            )
+            .await
+            .context("cannot put a link in NFC")?;
+            let same_ids = (&new.user_id, &new.provider_id, &new.linked_user_id)
+                == (&old.user_id, &old.provider_id, &old.linked_user_id);
+            let changes: &[(&str, &LinkRecord)] = if same_ids {
+                &[("UPDATED", &new)]
+            } else {
+                &[("UNLINKED", &old), ("LINKED", &new)]
+            };
+            for (kind, link) in changes {
+                tx.execute(
+                    &record_event,
+                    &[
+                        kind,
+                        &link.user_id,
+                        &link.provider_id,
+                        &link.linked_user_id,
+                        &link.linked_username,
+                    ],
+                )
+                .await
+                .context("cannot record the upgrade's events")?;
+            }
+        }
+    }
+}
+
+/// Brings the comparison keys to `rules`, as SQLite's `apply_rules`: each
+/// provider whose rule differs from the one recorded has its keys
+/// recomputed (`keys::rekey` refuses a change that would make two links
+/// one), and the rules are recorded. Runs under the schema lock, so
+/// instances starting together do it once.
+async fn apply_rules(tx: &Transaction<'_>, rules: &IdRules) -> anyhow::Result<()> {
+    let recorded: Vec<String> = tx
+        .query("SELECT provider_id FROM case_insensitive_providers", &[])
+        .await
+        .context("cannot read which providers compare ids ignoring case")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let changed = keys::changed_providers(&recorded, rules);
+    if changed.is_empty() {
+        return Ok(());
+    }
+    for provider in &changed {
+        let links: Vec<keys::Keyed> = tx
+            .query(
+                "SELECT id, user_id, linked_user_id, linked_user_key FROM linked_identities \
+                 WHERE provider_id = $1",
+                &[provider],
+            )
+            .await
+            .context("cannot read a provider's links")?
+            .iter()
+            .map(|r| keys::Keyed {
+                id: r.get(0),
+                user_id: r.get(1),
+                linked_user_id: r.get(2),
+                linked_user_key: r.get(3),
+            })
+            .collect();
+        let changes = keys::rekey(provider, &links, rules).map_err(anyhow::Error::msg)?;
+        let update = tx
+            .prepare("UPDATE linked_identities SET linked_user_key = $2 WHERE id = $1")
+            .await?;
+        for (id, key) in &changes {
+            tx.execute(&update, &[id, key])
+                .await
+                .context("cannot store a comparison key")?;
+        }
+        tracing::info!(
+            provider = %provider,
+            case_insensitive_ids = rules.ignores_case(provider),
+            links = changes.len(),
+            "recomputed the comparison keys of a provider whose case_insensitive_ids changed"
+        );
+    }
+    let providers: Vec<&str> = rules.case_insensitive_providers().collect();
+    tx.execute("DELETE FROM case_insensitive_providers", &[])
+        .await?;
+    tx.execute(
+        "INSERT INTO case_insensitive_providers (provider_id) SELECT unnest($1::text[])",
+        &[&providers],
+    )
+    .await
+    .context("cannot record which providers compare ids ignoring case")?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, TransactionBehavior};
 use super::{
     link_of_user, migrate, now, open_writer, owner_of, record_event, record_from_row, OrStore,
 };
-use crate::domain::{Actor, EventType, LinkRecord, UserId};
+use crate::domain::{Actor, EventType, IdRules, LinkRecord, UserId};
 use crate::store::transfer::{
     run_import, write_line, Conflict, ImportOptions, ImportReport, LineOutcome, Source,
 };
@@ -21,6 +21,7 @@ use crate::store::StoreError;
 /// rows are kept; returns how many were added. `progress` gets the number done.
 pub fn seed(
     path: &Path,
+    rules: &IdRules,
     count: u64,
     providers: &[String],
     progress: impl Fn(u64),
@@ -30,7 +31,7 @@ pub fn seed(
         "no identity providers to seed links with"
     );
     let mut conn = open_writer(path)?;
-    migrate(&mut conn, path)?;
+    migrate(&mut conn, path, rules)?;
     let stamp = now();
     let mut added = 0;
     let mut done = 0;
@@ -40,15 +41,17 @@ pub fn seed(
         {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO linked_identities \
-                 (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                 (user_id, provider_id, linked_user_id, linked_user_key, linked_username, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
             )?;
             for i in done..done + chunk {
                 let provider = &providers[(i % providers.len() as u64) as usize];
+                let remote = format!("seed-remote-{i}");
                 added += insert.execute(params![
                     format!("seed-user-{i}"),
                     provider,
-                    format!("seed-remote-{i}"),
+                    remote,
+                    rules.key(provider, &remote),
                     format!("seed-user-{i}@example.com"),
                     stamp
                 ])? as u64;
@@ -134,10 +137,14 @@ pub fn backup(
 
 /// Writes every link as JSON Lines in `user_id` order from one read
 /// transaction (one snapshot while servers write); returns how many.
-pub fn export(path: &Path, mut out: Box<dyn std::io::Write + Send>) -> anyhow::Result<u64> {
+pub fn export(
+    path: &Path,
+    rules: &IdRules,
+    mut out: Box<dyn std::io::Write + Send>,
+) -> anyhow::Result<u64> {
     anyhow::ensure!(path.is_file(), "there is no database at {}", path.display());
     let mut conn = open_writer(path)?;
-    migrate(&mut conn, path)?;
+    migrate(&mut conn, path, rules)?;
     let tx = conn
         .transaction()
         .context("cannot begin a read transaction")?;
@@ -165,18 +172,30 @@ pub fn import(
     mut options: ImportOptions,
 ) -> anyhow::Result<ImportReport> {
     let mut conn = open_writer(path)?;
-    migrate(&mut conn, path)?;
+    migrate(&mut conn, path, &options.rules)?;
     // A server's write batch holds the lock briefly: wait for it.
     conn.busy_timeout(std::time::Duration::from_secs(60))?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .context("cannot lock the database for the import")?;
-    let stamp = now();
+    if options.replace {
+        // The rowid of an emptied table starts again at 1: so does the feed.
+        tx.execute_batch(
+            "DELETE FROM linked_identities; DELETE FROM events; \
+             UPDATE feed_state SET pruned_through = 0;",
+        )
+        .context("cannot empty the database")?;
+    }
+    let stamp = crate::store::transfer::stamp(options.clock);
     let actor = Actor::import();
+    let rules = options.rules.clone();
     let mut report = run_import(source, &mut options, 1024, |lines| {
         lines
             .iter()
-            .map(|line| Ok(import_line(&tx, line, &actor, &stamp)?))
+            .map(|line| {
+                let key = rules.key(&line.provider_id, &line.linked_user_id);
+                Ok(import_line(&tx, line, &key, &actor, &stamp)?)
+            })
             .collect()
     })?;
     if report.problems == 0 && !options.dry_run {
@@ -186,16 +205,17 @@ pub fn import(
     Ok(report)
 }
 
+/// Applies one line; `key` is its remote id's comparison key.
 fn import_line(
     conn: &Connection,
     line: &LinkRecord,
+    key: &str,
     actor: &Actor,
     stamp: &str,
 ) -> Result<Result<LineOutcome, Conflict>, StoreError> {
     let user = UserId::parse(&line.user_id).map_err(|why| anyhow::anyhow!("user_id {why}"))?;
-    if let Some(current) = link_of_user(conn, &user)? {
-        if current.provider_id != line.provider_id || current.linked_user_id != line.linked_user_id
-        {
+    if let Some((current, current_key)) = link_of_user(conn, &user)? {
+        if current.provider_id != line.provider_id || current_key != key {
             return Ok(Err(Conflict::UserAlreadyLinked {
                 current: Box::new(current),
             }));
@@ -208,22 +228,30 @@ fn import_line(
         )
         .and_then(|mut s| s.execute(params![line.user_id, line.linked_username, line.updated_at]))
         .or_store("cannot update a link")?;
-        record_event(conn, EventType::Updated, line, actor, stamp)?;
+        // The stored remote id stays as first given (a case-insensitive
+        // provider's line may spell it in another case).
+        let updated = LinkRecord {
+            linked_username: line.linked_username.clone(),
+            updated_at: line.updated_at.clone(),
+            ..current
+        };
+        record_event(conn, EventType::Updated, &updated, actor, stamp)?;
         return Ok(Ok(LineOutcome::Updated));
     }
-    if let Some(owner) = owner_of(conn, &line.provider_id, &line.linked_user_id)? {
+    if let Some(owner) = owner_of(conn, &line.provider_id, key)? {
         return Ok(Err(Conflict::IdentityAlreadyLinked { owner }));
     }
     conn.prepare_cached(
         "INSERT INTO linked_identities \
-         (user_id, provider_id, linked_user_id, linked_username, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+         (user_id, provider_id, linked_user_id, linked_user_key, linked_username, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
     .and_then(|mut s| {
         s.execute(params![
             line.user_id,
             line.provider_id,
             line.linked_user_id,
+            key,
             line.linked_username,
             line.created_at,
             line.updated_at

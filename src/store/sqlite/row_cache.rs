@@ -66,8 +66,17 @@ pub(crate) struct RowCache {
 
 /// What was read: a user's links, or who holds a remote identity.
 pub(crate) enum Read<'a> {
-    Links { user: &'a str },
-    Lookup { provider: &'a str, remote: &'a str },
+    Links {
+        user: &'a str,
+    },
+    /// `remote` is the remote id's comparison key (`IdRules::key`), what
+    /// the lookup's query seeks: every spelling the provider's rule equates
+    /// (`00uABC`, `00uabc` where case is ignored) is one entry with one
+    /// answer, and no spelling can be served another's.
+    Lookup {
+        provider: &'a str,
+        remote: &'a str,
+    },
 }
 
 impl Read<'_> {
