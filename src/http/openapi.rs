@@ -37,8 +37,10 @@ use crate::domain::Operation;
             (`application/problem+json`) with a stable `code` (see `ProblemCode`; each error \
             response narrows it to the codes it can carry) and the `request_id`; every \
             response carries `x-request-id`. Query parameters that an operation does not name \
-            are ignored, not refused (as HTTP servers commonly do, so that an older server takes \
-            a newer client's request): a misspelt optional parameter is simply absent.",
+            are ignored, not refused, as most HTTP APIs do (an older server still answers a \
+            newer client, and what proxies and caches add passes): a misspelt optional \
+            parameter is simply absent, so a lookup whose `linked_user_id` is misspelt lists \
+            every link at the provider.",
         contact(name = "linkid maintainers"),
         license(name = "MIT", identifier = "MIT"),
     ),
@@ -66,11 +68,53 @@ struct ApiDoc;
 /// The document as pretty JSON with a trailing newline: what `linkid
 /// openapi` prints, `/openapi.json` serves and `openapi/openapi.json` holds.
 pub fn document_json() -> String {
-    let mut text = ApiDoc::openapi()
+    let text = ApiDoc::openapi()
         .to_pretty_json()
         .expect("the OpenAPI document serializes");
+    let mut text = challenges_in_answer_order(&text);
     text.push('\n');
     text
+}
+
+/// Stands in the serialized document for the examples of the 401's
+/// `WWW-Authenticate` header, until `challenges_in_answer_order` writes them.
+const CHALLENGE_EXAMPLES: &str = "(the examples of WWW-Authenticate)";
+
+/// Writes the `WWW-Authenticate` examples in place of their placeholder, in
+/// the 401's order: the missing token's first. utoipa keeps a header's
+/// examples in a map sorted by name, which puts `INVALID_TOKEN` first, and
+/// Prism's mock answers every 401 (a request without a token too) with the
+/// header's first example, whichever body example it sends.
+fn challenges_in_answer_order(text: &str) -> String {
+    let placeholder = format!("\"example\": {}", json!(CHALLENGE_EXAMPLES));
+    let at = text
+        .find(&placeholder)
+        .expect("the document has the challenge header");
+    let indent = &text[text[..at].rfind('\n').map_or(0, |line| line + 1)..at];
+    let examples = InOrder(
+        challenges()
+            .into_iter()
+            .map(|(code, challenge)| (code, json!({ "value": challenge })))
+            .collect(),
+    );
+    let examples = serde_json::to_string_pretty(&examples)
+        .expect("examples serialize")
+        .replace('\n', &format!("\n{indent}"));
+    text.replacen(&placeholder, &format!("\"examples\": {examples}"), 1)
+}
+
+/// A JSON object whose members keep the order they are given in.
+struct InOrder(Vec<(&'static str, serde_json::Value)>);
+
+impl serde::Serialize for InOrder {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, value) in &self.0 {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
 }
 
 /// Every error answer the document gives an operation, one per example,
@@ -414,13 +458,17 @@ const CREATED: &[&str] = &["201", "200"];
 /// feed, and from a deleted link to what is left of it (a 404, an empty
 /// lookup).
 ///
-/// Every chain begins at `linkIdentity`, and no link leaves the search:
-/// schemathesis' stateful phase starts its scenarios at operations that
-/// have links, preferring a POST or a GET without path parameters, but not
-/// `linkIdentity` (it finds no operation that makes the user its `user_id`
-/// names). A link
-/// out of the search would make the search the one place scenarios start,
-/// and the links out of a new link would never be followed.
+/// Every chain begins where schemathesis' stateful phase begins scenarios,
+/// so that one run follows every link. It starts them at operations that
+/// have links, and only at the "reliable" ones when there are any: a POST,
+/// or a GET without path parameters, whose inputs some response produces.
+/// None of these is: `linkIdentity` needs a user nothing produces,
+/// `listEvents` a `Last-Event-ID` nothing produces, and the other two have
+/// path parameters. So scenarios start at all four (schemathesis 4.32's
+/// rules; its "API Links" line counts what a run followed). No link leaves the
+/// search: it would be reliable (a new link produces its filters) and the
+/// one place scenarios start, and no link out of a new link would ever be
+/// followed (as happened when the feed was linked from the search).
 const LINKS: &[DocLink] = &[
     DocLink {
         from: Operation::LinkIdentity,
@@ -735,29 +783,44 @@ fn shared_headers() -> Vec<(&'static str, Header)> {
     ]
 }
 
-/// The RFC 6750 challenge of a 401. OpenAPI gives a response one set of
-/// headers for all its examples, and mock servers answer a header's first
-/// example whatever body example was asked for (Prism does). So the header
-/// has no examples of its own: its schema lists the challenges the server
-/// sends, in the order of the 401's examples (the missing token first),
-/// and each body example says which challenge comes with it.
-fn www_authenticate_header() -> Header {
-    let challenges: Vec<String> = unauthorized_examples()
+/// The RFC 6750 challenge of each 401 example, by the example's name (its
+/// problem code), in the 401's order.
+fn challenges() -> Vec<(&'static str, String)> {
+    unauthorized_examples()
         .iter()
-        .flat_map(ApiError::headers)
-        .filter(|(name, _)| *name == "www-authenticate")
-        .map(|(_, value)| value)
-        .collect();
+        .flat_map(|error| {
+            error
+                .headers()
+                .into_iter()
+                .filter(|(name, _)| *name == "www-authenticate")
+                .map(|(_, challenge)| (error.code().as_str(), challenge))
+        })
+        .collect()
+}
+
+/// The RFC 6750 challenge of a 401. OpenAPI gives a response one set of
+/// headers for all its examples, so the pairing is by name: the header's
+/// examples are named as the 401's body examples are (by problem code),
+/// which is how a mock that pairs examples by name (Microcks) sends each
+/// problem with its own challenge, and each body example says its challenge
+/// too (`headers_sent_with`). The schema lists the two values the server
+/// sends. Prism sends a header's first example whatever body example it
+/// answers: the missing token's comes first (`challenges_in_answer_order`).
+fn www_authenticate_header() -> Header {
     HeaderBuilder::new()
         .schema(Some(
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .enum_values(Some(challenges)),
+                .enum_values(Some(
+                    challenges().into_iter().map(|(_, challenge)| challenge),
+                )),
         ))
         .description(Some(
-            "The RFC 6750 challenge: `Bearer` when no token was presented; \
-             `Bearer error=\"invalid_token\"` when one was and it is not valid.",
+            "The RFC 6750 challenge: `Bearer` when no token was presented (the \
+             `UNAUTHENTICATED` example); `Bearer error=\"invalid_token\"` when one was and it \
+             is not valid (`INVALID_TOKEN`).",
         ))
+        .example(Some(json!(CHALLENGE_EXAMPLES)))
         .extensions(Some(Extensions::from_iter([("required", true)])))
         .build()
 }
