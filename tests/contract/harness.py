@@ -73,7 +73,9 @@ class LinkidServer:
 
     `key_file` is `auth.private_key_file`; `public_key` (text form
     "ed25519/<hex>") is `auth.public_key`, for tokens minted elsewhere.
-    `extra_env` adds LINKID_* overrides of the config file.
+    `extra_env` adds LINKID_* overrides of the config file. With `dev`, the
+    process is `linkid dev --print-token` instead (its own data and key),
+    and `admin_token` is the token its banner prints.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class LinkidServer:
         public_key: str | None = None,
         config: Path = SERVER_CONFIG,
         extra_env: dict[str, str] | None = None,
+        dev: bool = False,
     ) -> None:
         self.binary = linkid_binary()
         self.workdir = workdir
@@ -94,6 +97,8 @@ class LinkidServer:
         self.extra_env = dict(extra_env or {})
         self.port = free_port()
         self.log_path = workdir / "server.log"
+        self.dev = dev
+        self.admin_token: str | None = None
         self.process: subprocess.Popen | None = None
         self.exit_code: int | None = None
 
@@ -140,7 +145,7 @@ class LinkidServer:
             log = open(self.log_path, "ab")
             try:
                 self.process = subprocess.Popen(
-                    [str(self.binary), "--config", str(self.config), "serve"],
+                    [str(self.binary), "--config", str(self.config), *(["dev", "--print-token"] if self.dev else ["serve"])],
                     env=self.env(),
                     cwd=self.workdir,
                     stdin=subprocess.DEVNULL,
@@ -152,6 +157,8 @@ class LinkidServer:
                 log.close()
             try:
                 self._wait_until_healthy()
+                if self.dev:
+                    self.admin_token = self._printed_token()
                 return self
             except _ExitedEarly:
                 # Most likely the free port was taken in between: try another.
@@ -182,6 +189,16 @@ class LinkidServer:
         raise RuntimeError(
             f"linkid serve did not answer /healthz within {STARTUP_TIMEOUT_S}s:\n{self.log_tail()}"
         )
+
+    def _printed_token(self) -> str:
+        """The admin token `linkid dev --print-token` printed (a `TOKEN=` line)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                if line.startswith("TOKEN="):
+                    return line.removeprefix("TOKEN=")
+            time.sleep(0.05)
+        raise RuntimeError(f"linkid dev printed no TOKEN= line:\n{self.log_tail()}")
 
     def stop(self) -> int | None:
         """SIGTERM (the server drains and exits 0), then SIGKILL if it lingers."""
@@ -237,11 +254,14 @@ def run_schemathesis(location: str, token: str, reports: Path, name: str, *args:
     env = base_env()
     env["LINKID_TOKEN"] = token
     env.pop("SCHEMATHESIS_HOOKS", None)  # schemathesis.toml names the hooks
+    # Hypothesis keeps its character tables under .hypothesis/ in the
+    # working directory; here they go with the reports.
+    env["HYPOTHESIS_STORAGE_DIRECTORY"] = str(reports / ".hypothesis")
     env["COLUMNS"] = "160"
     result = subprocess.run(
         command,
         env=env,
-        cwd=REPO_ROOT,  # where the config's hooks path starts; the config writes nothing there
+        cwd=REPO_ROOT,  # where the config's hooks path starts; nothing is written there
         capture_output=True,
         text=True,
         timeout=SCHEMATHESIS_TIMEOUT_S,

@@ -1,22 +1,23 @@
 """Contract fuzzing: README.md's schemathesis recipe against the live binary.
 
-One server (fresh temp dir for its database and key, free loopback port,
-the binary from $LINKID_BIN, tests/contract/linkid-test.toml) and one admin
-token from `linkid token mint --admin`. Schemathesis runs exactly the
-command README.md gives (RECIPE below; a test holds the two equal), adding
-only --max-examples, --seed and where its reports go: schemathesis.toml,
---checks all, all four phases over every operation. Its stateful phase must
-follow every OpenAPI link of the document in that one run: from a new link
-(linkIdentity 201/200) to getLinkedIdentity, listLinkedIdentities,
-deleteLinkedIdentity, the login-time lookup (searchLinkedIdentities), the
-change feed (listEvents) and the retry; from a read to the delete; from a
-delete to the 404 and the empty lookup; along the feed.
+The recipe as README.md gives it (DEV, RESET and RECIPE below; a test holds
+them equal): `linkid dev` with tests/contract/linkid-test.toml (on a free
+loopback port, the binary from $LINKID_BIN), the admin token it prints,
+`POST /_dev/reset`, then schemathesis with tests/contract/schemathesis.toml
+and `--checks all`: all four phases over every operation. The test adds
+only --seed, where the reports go and, when asked, --max-examples. Its
+stateful phase must follow every OpenAPI link of the document in that one
+run: from a new link (linkIdentity 201/200) to getLinkedIdentity,
+listLinkedIdentities, deleteLinkedIdentity, the login-time lookup
+(searchLinkedIdentities), the change feed (listEvents) and the retry; from
+a read to the delete; from a delete to the 404 and the empty lookup; along
+the feed.
 
 listEvents is always asked with wait=0 (schemathesis.toml says why), so no
 case long-polls; test_event_feed.py covers long polls and the event stream.
 
 Knobs (environment):
-  LINKID_CONTRACT_MAX_EXAMPLES  test cases per operation and phase (default 75)
+  LINKID_CONTRACT_MAX_EXAMPLES  --max-examples for every phase (default: the recipe's own)
   LINKID_CONTRACT_SEED          seed (default 20261129); "random" for a new one each run
   LINKID_CONTRACT_REPORT_DIR    keep schemathesis' reports and output there
 """
@@ -37,21 +38,31 @@ import pytest
 
 from harness import OPERATIONS, REPO_ROOT, SCHEMATHESIS_CONFIG, SERVER_CONFIG, LinkidServer, run_schemathesis
 
-MAX_EXAMPLES = int(os.environ.get("LINKID_CONTRACT_MAX_EXAMPLES", "75"))
+MAX_EXAMPLES = os.environ.get("LINKID_CONTRACT_MAX_EXAMPLES")
 SEED = os.environ.get("LINKID_CONTRACT_SEED", "20261129")
 
+# README.md's recipe, as a reader pastes it from the repository root (on
+# linkid dev's default address; the test gives it a free port).
+DEV = "linkid --config tests/contract/linkid-test.toml dev --print-token"
+RESET = 'curl -s -X POST -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/_dev/reset'
+RECIPE = (
+    "LINKID_TOKEN=$TOKEN schemathesis --config-file tests/contract/schemathesis.toml "
+    "run --checks all http://127.0.0.1:8080/openapi.json"
+)
+
+
+def recipe_args() -> list[str]:
+    """The recipe's arguments after `run` and before the URL."""
+    return RECIPE.split(" run ")[1].split(" http")[0].split()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("schemathesis-server")
-    srv = LinkidServer(workdir, key_file=workdir / "root.key")
-    # The first command generates the key file; the server then loads it.
-    srv.admin_token = srv.mint("--admin")
-    assert srv.key_file.is_file()
+    srv = LinkidServer(workdir, key_file=workdir / "root.key", config=SERVER_CONFIG, dev=True)
     with srv:
         yield srv
-    assert srv.exit_code == 0, f"linkid did not exit 0 on SIGTERM:\n{srv.log_tail()}"
+    assert srv.exit_code == 0, f"linkid dev did not exit 0 on SIGTERM:\n{srv.log_tail()}"
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +120,12 @@ EXPECTED_LINKS = [
     ("listEvents", ("200",), "NextEvents", "listEvents"),
 ]
 
-# README.md's recipe, as a reader pastes it (against `linkid dev` on its
-# default address). The test runs its arguments against its own server.
-RECIPE = (
-    "LINKID_TOKEN=$TOKEN schemathesis --config-file tests/contract/schemathesis.toml "
-    "run --checks all http://127.0.0.1:8080/openapi.json"
-)
-RECIPE_ARGS = ("--checks", "all")
-
-
 def test_the_readme_gives_the_recipe_this_test_runs():
     readme = " ".join((REPO_ROOT / "README.md").read_text().replace("\\\n", " ").split())
-    assert RECIPE in readme
-    assert RECIPE.split(" run ")[1].split(" http")[0].split() == list(RECIPE_ARGS)
+    for command in (DEV, RESET, RECIPE):
+        assert command in readme, command
+    assert f"--config {SERVER_CONFIG.relative_to(REPO_ROOT)} dev" in DEV
+    assert f"--config-file {SCHEMATHESIS_CONFIG.relative_to(REPO_ROOT)} run" in RECIPE
 
 
 def test_document_links_and_dictionary_match_the_server(document):
@@ -155,8 +159,10 @@ class Pass:
         self.requests = 0
         # The operation each stateful scenario began with.
         self.scenario_starts: collections.Counter = collections.Counter()
+        self.stateful_scenarios = 0
         for phase, recorder in ndjson_scenarios(reports / f"{name}.ndjson"):
             cases = list(recorder.get("cases", {}).values())
+            self.stateful_scenarios += phase == "stateful"
             if phase == "stateful" and cases:
                 first = cases[0]["value"]
                 self.scenario_starts[f"{first['method']} {first['path']}"] += 1
@@ -222,10 +228,16 @@ def test_schemathesis_finds_no_contract_violation(server, document, report_dir, 
     """README.md's recipe: no failure, the interesting statuses reached, and
     its stateful phase, starting scenarios at linkIdentity, follows every
     link of the document."""
-    seed = None if SEED == "random" else int(SEED)
-    args = (*RECIPE_ARGS, "--max-examples", str(MAX_EXAMPLES))
-    if seed is not None:
-        args += ("--seed", str(seed))
+    reset = urllib.request.Request(
+        f"{server.url}/_dev/reset", method="POST", headers={"Authorization": f"Bearer {server.admin_token}"}
+    )
+    with urllib.request.urlopen(reset, timeout=10) as answer:
+        assert answer.status == 204
+    args = recipe_args()
+    if MAX_EXAMPLES:
+        args += ["--max-examples", MAX_EXAMPLES]
+    if SEED != "random":
+        args += ["--seed", SEED]
     result, report = run_schemathesis(f"{server.url}/openapi.json", server.admin_token, report_dir, "contract", *args)
     main = Pass("contract", result, report, report_dir)
     links = documented_links(document)
@@ -250,6 +262,12 @@ def test_schemathesis_finds_no_contract_violation(server, document, report_dir, 
         # the document, and no link schemathesis guessed (inference is off):
         # what its "API Links" line says, too.
         assert main.scenario_starts[OPERATIONS["linkIdentity"]] > 0, dict(main.scenario_starts)
+        if not MAX_EXAMPLES:
+            # The whole budget ran: each scenario began from the same data
+            # (hooks.py resets it), else Hypothesis ends the phase at the
+            # first replay that takes another path, a few dozen scenarios in.
+            budget = tomllib.loads(SCHEMATHESIS_CONFIG.read_text())["phases"]["stateful"]["generation"]["max-examples"]
+            assert main.stateful_scenarios >= budget, (main.stateful_scenarios, budget)
         missing = sorted(link for link in links if not main.links_followed[link])
         assert not missing, f"the stateful phase never followed {missing}; followed: {dict(main.links_followed)}"
         assert set(main.links_followed) == links, set(main.links_followed) - links
@@ -257,7 +275,7 @@ def test_schemathesis_finds_no_contract_violation(server, document, report_dir, 
         assert f"API Links:    {n} covered / {n} selected / {n} total\n" in main.result.stdout, main.output
     finally:
         summary.append(
-            f"schemathesis {main.report['schemathesis_version']} (README recipe), --max-examples {MAX_EXAMPLES}: "
+            f"schemathesis {main.report['schemathesis_version']} (README recipe), --max-examples {MAX_EXAMPLES or 'as configured'}: "
             f"{main.report['test_cases']['generated']} test cases, {main.report['test_cases']['with_failures']} with failures"
         )
         summary.append("  " + main.describe())
@@ -265,7 +283,8 @@ def test_schemathesis_finds_no_contract_violation(server, document, report_dir, 
             if label in OPERATIONS.values():
                 summary.append(f"  contract {label}: " + ", ".join(f"{s}x{n}" for s, n in sorted(counter.items())))
         summary.append(
-            f"  stateful links: {sum(1 for link in links if main.links_followed[link])} of {len(links)} followed; "
+            f"  stateful: {main.stateful_scenarios} scenarios; "
+            f"links: {sum(1 for link in links if main.links_followed[link])} of {len(links)} followed; "
             "scenarios start at " + ", ".join(f"{label} {n}x" for label, n in main.scenario_starts.most_common())
         )
         for link_id in sorted(links):
