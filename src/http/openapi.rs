@@ -22,7 +22,6 @@ use warp::path::{FullPath, Tail};
 use warp::reply::Response as HttpResponse;
 use warp::{Filter, Rejection};
 
-use super::handlers;
 use super::problem::{ApiError, FieldError, ProblemCode};
 use super::rate_limit::RateLimited;
 use crate::domain::Operation;
@@ -41,19 +40,9 @@ use crate::domain::Operation;
         license(name = "MIT", identifier = "MIT"),
     ),
     servers((url = "/", description = "The linkid server that serves this document.")),
-    paths(
-        handlers::list_identity_providers,
-        handlers::list_linked_identities,
-        handlers::link_identity,
-        handlers::get_linked_identity,
-        handlers::delete_linked_identity,
-        handlers::search_linked_identities,
-        handlers::list_events,
-    ),
     // Embed is only named by the `embed` query parameters, which utoipa does
     // not collect on its own: without it their `$ref` dangles.
     components(schemas(super::problem::Problem, ProblemCode, FieldError, crate::domain::Embed)),
-    modifiers(&Finish),
     tags(
         (name = "Linked Identities", description = "Links between local users and accounts at remote identity providers."),
         (name = "System of record", description = "Every link at once: the login-time reverse lookup, paging through all links, and the change feed."),
@@ -64,11 +53,22 @@ struct ApiDoc;
 /// The document as pretty JSON with a trailing newline: what `linkid
 /// openapi` prints, `/openapi.json` serves and `openapi/openapi.json` holds.
 pub fn document_json() -> String {
-    let mut text = ApiDoc::openapi()
+    let mut text = document()
         .to_pretty_json()
         .expect("the OpenAPI document serializes");
     text.push('\n');
     text
+}
+
+/// The document: the info and tags above, each operation's path from its
+/// file (in the table's order), then what `Finish` adds.
+fn document() -> utoipa::openapi::OpenApi {
+    let mut document = ApiDoc::openapi();
+    for operation in Operation::ALL {
+        (super::ops::file(operation).document)(&mut document);
+    }
+    Finish.modify(&mut document);
+    document
 }
 
 /// Every error answer the document gives an operation, one per example,
@@ -105,7 +105,7 @@ pub(crate) fn documented_statuses(operation: Operation) -> Vec<u16> {
 
 /// One error response: the problems it can carry, one example each, all
 /// with one status.
-struct Answer {
+pub(crate) struct Answer {
     /// Its schema's name: `Problem` with `code` narrowed to these problems'
     /// codes, so that a generated client has a type to switch on.
     schema: &'static str,
@@ -113,7 +113,7 @@ struct Answer {
 }
 
 impl Answer {
-    fn new(schema: &'static str, examples: Vec<ApiError>) -> Self {
+    pub(crate) fn new(schema: &'static str, examples: Vec<ApiError>) -> Self {
         Answer { schema, examples }
     }
 
@@ -134,7 +134,7 @@ impl Answer {
 
 /// How an operation documents an error status: by reference to a shared
 /// answer in `components/responses` (by name), or with its own.
-enum Use {
+pub(crate) enum Use {
     Shared(&'static str),
     Own(Answer),
 }
@@ -213,7 +213,7 @@ fn shared_answers() -> Vec<(&'static str, Answer)> {
     ]
 }
 
-fn store_unavailable() -> ApiError {
+pub(crate) fn store_unavailable() -> ApiError {
     ApiError::StoreUnavailable(
         "the database file was deleted or replaced while linkid ran; put it back or restart linkid"
             .into(),
@@ -221,129 +221,22 @@ fn store_unavailable() -> ApiError {
 }
 
 /// A page refused while answers wait for clients that do not read them.
-fn server_busy() -> ApiError {
+pub(crate) fn server_busy() -> ApiError {
     ApiError::ServerBusy { held: 33_000_000 }
 }
 
 /// What the parsers say about bad input, as a validation problem.
-fn invalid(errors: Vec<FieldError>) -> ApiError {
+pub(crate) fn invalid(errors: Vec<FieldError>) -> ApiError {
     assert!(!errors.is_empty(), "an example of bad input has errors");
     ApiError::Validation(errors)
 }
 
-/// Every error response an operation can answer with, by status. The
-/// validation examples come from the handlers' own parsers, so they say
-/// what the server says.
+/// Every error response an operation can answer with, by status: those its
+/// file documents (whose validation examples come from its own parsers, so
+/// they say what the server says), then those of every operation.
 fn operation_answers(operation: Operation) -> Vec<Use> {
-    use Use::{Own, Shared};
-    let bad_user_and_embed = || {
-        let mut errors = handlers::parse_user("u%0042").err().unwrap_or_default();
-        errors.extend(
-            handlers::parse_embed("embed=EVERYTHING")
-                .err()
-                .unwrap_or_default(),
-        );
-        invalid(errors)
-    };
-    let mut answers = match operation {
-        Operation::ListIdentityProviders => vec![],
-        Operation::ListLinkedIdentities => vec![
-            Own(Answer::new(
-                "ValidationFailedProblem",
-                vec![bad_user_and_embed()],
-            )),
-            Shared("StoreUnavailable"),
-        ],
-        Operation::LinkIdentity => {
-            let body = br#"{"provider_id": "okta", "linked_username": "ada@example.com", "nickname": "ada"}"#;
-            let bad_body = match handlers::parse_link_body(body) {
-                Ok(Err(errors)) => invalid(errors),
-                _ => unreachable!("the example body has bad fields"),
-            };
-            let malformed = match handlers::parse_link_body(br#"{"provider_id": "okta""#) {
-                Err(error) => error,
-                Ok(_) => unreachable!("the example body is malformed"),
-            };
-            vec![
-                Own(Answer::new(
-                    "LinkBadRequestProblem",
-                    vec![
-                        bad_body,
-                        malformed,
-                        ApiError::InvalidIdentityProvider("github".into()),
-                        ApiError::UserAlreadyLinked {
-                            user_id: "u-42".into(),
-                            provider_id: Some("azure-ad".into()),
-                        },
-                    ],
-                )),
-                Shared("RequestTimeout"),
-                Own(Answer::new(
-                    "IdentityAlreadyLinkedProblem",
-                    vec![ApiError::IdentityAlreadyLinked {
-                        provider_id: "okta".into(),
-                        linked_user_id: "00u1a2b3c4".into(),
-                    }],
-                )),
-                Shared("PayloadTooLarge"),
-                Shared("UnsupportedMediaType"),
-                Shared("StoreUnavailable"),
-                Shared("StorageFull"),
-            ]
-        }
-        Operation::GetLinkedIdentity | Operation::DeleteLinkedIdentity => {
-            let mut errors = handlers::parse_user("u-42").err().unwrap_or_default();
-            errors.extend(
-                handlers::parse_provider("ok%00ta")
-                    .err()
-                    .unwrap_or_default(),
-            );
-            let mut answers = vec![
-                Own(Answer::new(
-                    "ValidationFailedProblem",
-                    vec![invalid(errors)],
-                )),
-                Shared("LinkedIdentityNotFound"),
-                Shared("StoreUnavailable"),
-            ];
-            if operation == Operation::DeleteLinkedIdentity {
-                answers.push(Shared("StorageFull"));
-            }
-            answers
-        }
-        Operation::SearchLinkedIdentities => vec![
-            Own(Answer::new(
-                "ValidationFailedProblem",
-                vec![invalid(
-                    handlers::parse_search("linked_user_id=00u1a2b3c4&limit=5000")
-                        .err()
-                        .unwrap_or_default(),
-                )],
-            )),
-            Own(Answer::new(
-                "SearchUnavailableProblem",
-                vec![store_unavailable(), server_busy()],
-            )),
-        ],
-        Operation::ListEvents => vec![
-            Own(Answer::new(
-                "ValidationFailedProblem",
-                vec![invalid(
-                    handlers::parse_feed("after=-1&wait=120")
-                        .err()
-                        .unwrap_or_default(),
-                )],
-            )),
-            Own(Answer::new(
-                "EventsExpiredProblem",
-                vec![ApiError::EventsExpired { pruned_through: 41 }],
-            )),
-            Own(Answer::new(
-                "EventsUnavailableProblem",
-                vec![ApiError::TooManyStreams, store_unavailable(), server_busy()],
-            )),
-        ],
-    };
+    use Use::Shared;
+    let mut answers = (super::ops::file(operation).answers)();
     // Every operation: authentication, authorization (and CORS), rate
     // limits, and a server fault.
     answers.extend([
