@@ -289,6 +289,40 @@ fn a_mistyped_log_level_is_refused_naming_the_valid_levels() {
     );
 }
 
+#[test]
+fn a_broken_database_url_is_refused_naming_the_key_and_the_fix_never_the_password() {
+    let dir = TempDir::new().unwrap();
+    let password = "hunter2-9c4e";
+    let broken = [
+        format!("mysql://linkid:{password}@db/linkid"),
+        format!("postgres://linkid:{password}@db:99999/linkid"),
+        format!("postgres://linkid:{password}@[::1/linkid"),
+        format!("postgres://linkid:{password}@db/linkid?sslmode=allow"),
+        format!("postgres://linkid:{password}@db/linkid?sslcert=/x.pem"),
+        format!("postgres://linkid:{password}@db/linkid?connect_timeout=soon"),
+        format!("postgres://linkid@db/linkid?password={password}&target_session_attrs=read-only"),
+    ];
+    for url in broken {
+        for command in ["check-config", "serve"] {
+            let output = run_with_env(dir.path(), &[("LINKID_DATABASE__URL", &url)], &[command]);
+
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{command} {url}: {stderr}");
+            let problem = problem_lines(&stderr).join("\n");
+            assert!(
+                problem.contains("(database.url): is not a PostgreSQL URL")
+                    && problem.contains("write it as e.g. postgres://"),
+                "{command} {url}: {stderr}"
+            );
+            assert!(!stderr.contains(password), "{command} {url}: {stderr}");
+            assert!(
+                !String::from_utf8_lossy(&output.stdout).contains(password),
+                "{command} {url}"
+            );
+        }
+    }
+}
+
 /// What a case puts in its directory before the config is read.
 type Prepare = fn(&std::path::Path);
 
