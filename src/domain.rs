@@ -308,6 +308,9 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// Every type, in the order the API lists them.
+    pub const ALL: [EventType; 3] = [EventType::Linked, EventType::Updated, EventType::Unlinked];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Linked => "LINKED",
@@ -317,9 +320,7 @@ impl EventType {
     }
 
     pub fn parse(text: &str) -> Option<EventType> {
-        [EventType::Linked, EventType::Updated, EventType::Unlinked]
-            .into_iter()
-            .find(|t| t.as_str() == text)
+        EventType::ALL.into_iter().find(|t| t.as_str() == text)
     }
 }
 
