@@ -284,3 +284,184 @@ async fn the_standard_webhooks_python_library_verifies_every_delivery_by_either_
         assert_eq!(body, expected_body(&event), "{}", line["id"]);
     }
 }
+
+/// A throwaway CA and a certificate it signed for 127.0.0.1, made with
+/// openssl (as scripts/pg-cluster.sh makes the test database's): `ca.pem`,
+/// `server.pem`, `server.key` in `dir`.
+fn private_ca(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-sha256",
+    ];
+    openssl(
+        &[
+            &["req", "-x509", "-new"][..],
+            &ec,
+            &["-days", "2", "-keyout", "ca.key", "-out", "ca.pem"],
+            &["-subj", "/CN=linkid webhook test CA (throwaway)"],
+            &["-addext", "basicConstraints=critical,CA:TRUE"],
+            &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req", "-new"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints = critical, CA:FALSE\n\
+         keyUsage = critical, digitalSignature, keyEncipherment\n\
+         extendedKeyUsage = serverAuth\n\
+         subjectAltName = IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        "0x1f2e3d4c5b6a7988",
+        "-days",
+        "2",
+        "-sha256",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+/// An https receiver on 127.0.0.1 with `server.pem`: answers 204 and
+/// records each webhook-id.
+async fn tls_receiver(
+    dir: &std::path::Path,
+    seen: Arc<Mutex<Vec<String>>>,
+) -> (u16, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certificates = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certificates, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let Ok(mut stream) = acceptor.accept(stream).await else {
+                continue;
+            };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                    .unwrap_or_default()
+            };
+            let mut body = vec![0; header("content-length:").parse().unwrap_or(0)];
+            let _ = stream.read_exact(&mut body).await;
+            seen.lock().unwrap().push(header("webhook-id:"));
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_whose_certificate_a_private_ca_signed_is_trusted_through_ca_file() {
+    if store_pass_only() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    private_ca(dir.path());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (port, server) = tls_receiver(dir.path(), seen.clone()).await;
+    let url = format!("https://127.0.0.1:{port}/hooks");
+    let feed = feed_of(3);
+    let (trusting, untrusting) = (Arc::new(MemoryLedger::new()), Arc::new(MemoryLedger::new()));
+
+    let with_ca = Engine::start(
+        vec![webhook(&url, NEW_SECRET)],
+        DeliverySettings {
+            ca_file: Some(dir.path().join("ca.pem")),
+            ..settings()
+        },
+        trusting.clone(),
+        feed.clone(),
+    )
+    .unwrap();
+    delivered_through(&trusting, 3).await;
+    with_ca.stop().await;
+    let without_ca = Engine::start(
+        vec![webhook(&url, NEW_SECRET)],
+        settings(),
+        untrusting.clone(),
+        feed,
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while untrusting.get("receiver").is_none_or(|s| s.attempts == 0) {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    without_ca.stop().await;
+    server.abort();
+
+    assert_eq!(*seen.lock().unwrap(), ["evt_1", "evt_2", "evt_3"]);
+    let refused = untrusting.get("receiver").unwrap();
+    assert_eq!(refused.delivered_seq, 0);
+    let error = refused.last_error.unwrap();
+    assert!(error.contains("certificate"), "{error}");
+}
