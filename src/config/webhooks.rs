@@ -36,16 +36,22 @@ const SECRET_BYTES: std::ops::RangeInclusive<usize> = 24..=64;
 /// The fix named for a malformed or missing secret.
 const SECRET_FIX: &str = "write one secret a line as whsec_<base64 of 24-64 random bytes>, e.g. `echo whsec_$(openssl rand -base64 32) > FILE && chmod 600 FILE`";
 
-/// One `[[webhooks]]` entry, as written.
+/// One `[[webhooks]]` entry, as written. Even the required keys have a
+/// default (empty) here, and `parse` says they are missing: an entry of a
+/// list has no built-in default to mend a bad value with, so a key that
+/// serde found missing would stop the reading of the whole file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// The webhook's name (`[a-z0-9-]`, unique): its state is kept and its
     /// metrics are labelled under it.
+    #[serde(default)]
     pub id: String,
     /// Where events are POSTed: http or https.
+    #[serde(default)]
     pub url: WebhookUrl,
     /// The signing secrets, `whsec_<base64>` one a line; every one signs.
+    #[serde(default)]
     pub secret_file: PathBuf,
     /// The event types delivered (`LINKED`, `UPDATED`, `UNLINKED`); unset: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,27 +213,45 @@ impl WebhookConfig {
     ) -> Result<Webhook, Vec<Problem>> {
         let key = |name: &str| format!("webhooks[{index}].{name}");
         let mut problems = Vec::new();
-        if !is_webhook_id(&self.id) {
+        let missing = |name: &str, example: &str| {
+            Problem::new(
+                key(name),
+                "is missing",
+                format!("add it, e.g. `{name} = {example}`"),
+            )
+        };
+        if self.id.is_empty() {
+            problems.push(missing("id", "\"crm\""));
+        } else if !is_webhook_id(&self.id) {
             problems.push(Problem::new(
                 key("id"),
                 format!("{:?} is not a webhook id", self.id),
                 format!("use 1-{MAX_ID_CHARS} lowercase letters, digits and -, e.g. \"crm\""),
             ));
         }
-        let url = self
-            .url
-            .parse()
-            .map_err(|why| {
-                problems.push(Problem::new(
-                    key("url"),
-                    why,
-                    "write it as http://host[:port]/path or https://host[:port]/path",
-                ))
-            })
-            .ok();
-        let secrets = read_secret_file(&key("secret_file"), &self.secret_file)
-            .map_err(|problem| problems.push(problem))
-            .ok();
+        let url = if self.url.is_empty() {
+            problems.push(missing("url", "\"https://crm.internal/hooks/linkid\""));
+            None
+        } else {
+            self.url
+                .parse()
+                .map_err(|why| {
+                    problems.push(Problem::new(
+                        key("url"),
+                        why,
+                        "write it as http://host[:port]/path or https://host[:port]/path",
+                    ))
+                })
+                .ok()
+        };
+        let secrets = if self.secret_file.as_os_str().is_empty() {
+            problems.push(missing("secret_file", "\"/etc/linkid/crm.whsec\""));
+            None
+        } else {
+            read_secret_file(&key("secret_file"), &self.secret_file)
+                .map_err(|problem| problems.push(problem))
+                .ok()
+        };
         let events = self.events.as_ref().map(|names| {
             if names.is_empty() {
                 problems.push(Problem::new(
@@ -343,6 +367,11 @@ pub struct WebhookUrl(String);
 impl WebhookUrl {
     pub fn new(text: impl Into<String>) -> WebhookUrl {
         WebhookUrl(text.into())
+    }
+
+    /// Not given (the entry lacks `url`).
+    pub fn is_empty(&self) -> bool {
+        self.0.trim().is_empty()
     }
 
     /// The URL, checked; the error says what is wrong without quoting it.
@@ -470,7 +499,7 @@ impl SigningSecrets {
             secrets.push(SigningSecret(bytes));
         }
         if secrets.is_empty() {
-            return Err("holds no whsec_ secret".to_string());
+            return Err("no line holds a whsec_ secret".to_string());
         }
         Ok(SigningSecrets(secrets))
     }
@@ -513,9 +542,9 @@ pub fn read_secret_file(key: &str, path: &Path) -> Result<SigningSecrets, Proble
         ));
     }
     let secrets = std::str::from_utf8(&bytes)
-        .map_err(|_| "is not text".to_string())
+        .map_err(|_| "it is not UTF-8 text".to_string())
         .and_then(SigningSecrets::parse)
-        .map_err(|why| Problem::new(key, format!("{shown} {why}"), SECRET_FIX))?;
+        .map_err(|why| Problem::new(key, format!("{shown}: {why}"), SECRET_FIX))?;
     // As ssh does with a private key: a secret others can read is no secret.
     let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
@@ -592,7 +621,7 @@ mod tests {
             (&format!("{SECRET}\n{long}"), "line 2"),
             ("C2FVsBQIhrscChlQIMV+b5sSYspob7oD", "line 1 is not whsec_"),
             ("whsec_not base64!", "line 1 is not whsec_"),
-            ("# only a comment\n", "holds no whsec_ secret"),
+            ("# only a comment\n", "no line holds a whsec_ secret"),
         ] {
             let why = SigningSecrets::parse(text).unwrap_err();
 
@@ -717,6 +746,24 @@ mod tests {
         assert!(text.contains("did you mean `UNLINKED`?"), "{text}");
         assert!(text.contains("did you mean `okta`?"), "{text}");
         assert!(!text.contains("pw-7q"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_id_url_or_secret_file_is_named_as_missing() {
+        let mut bare = entry("", Path::new(""));
+        bare.id = String::new();
+
+        let problems = bare.parse(0, &okta()).unwrap_err();
+
+        let shown: Vec<String> = problems.iter().map(Problem::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "webhooks[0].id: is missing — add it, e.g. `id = \"crm\"`",
+                "webhooks[0].url: is missing — add it, e.g. `url = \"https://crm.internal/hooks/linkid\"`",
+                "webhooks[0].secret_file: is missing — add it, e.g. `secret_file = \"/etc/linkid/crm.whsec\"`",
+            ]
+        );
     }
 
     #[test]

@@ -301,6 +301,39 @@ fn write_webhook_secret(dir: &std::path::Path) {
 }
 
 #[test]
+fn a_webhook_entry_with_keys_missing_or_mistyped_is_reported_with_the_rest_of_the_file() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("linkid.toml");
+    std::fs::write(
+        &file,
+        "[[webhooks]]\nid = \"crm\"\nsecret = \"x\"\nevents = \"LINKED\"\n\n[log]\nlevel = \"verbose\"\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+
+    let output = run_with_env(dir.path(), &[], &["--config", file, "check-config"]);
+
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let keys: Vec<String> = problem_lines(&stderr)
+        .iter()
+        .filter_map(|l| l.strip_prefix(&format!("{file}:")))
+        .filter_map(|l| l.split_once(": ").map(|(key, _)| key.to_string()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "log.level",
+            "webhooks[0].events",
+            "webhooks[0].secret",
+            "webhooks[0].secret_file",
+            "webhooks[0].url"
+        ],
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_webhook_is_checked_without_showing_its_url_credentials() {
     let dir = TempDir::new().unwrap();
     write_webhook_secret(dir.path());
