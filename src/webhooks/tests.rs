@@ -24,7 +24,9 @@ fn settings() -> DeliverySettings {
             max: Duration::from_millis(50),
         },
         ca_file: None,
-        lease_ttl: Duration::from_millis(600),
+        // Renewed every 100 ms, so only a stall of almost 2 s on a busy
+        // machine could cost a lease (and resend the event in flight).
+        lease_ttl: Duration::from_secs(2),
         check_every: Duration::from_millis(100),
         // Small pages, so that paging is part of every test.
         batch: 3,
