@@ -244,6 +244,33 @@ fn describe() {
         "linkid_rate_limited_total",
         "Requests answered 429, by limit."
     );
+    metrics::describe_counter!(
+        "linkid_webhook_deliveries_total",
+        "Webhook delivery attempts, by webhook id and outcome (delivered, gone, rejected, redirected, timeout, unreachable, failed)."
+    );
+    metrics::describe_gauge!(
+        "linkid_webhook_pending_events",
+        "Events in the change feed after the last one a webhook delivered or skipped, by webhook id (0 on an instance that does not deliver it)."
+    );
+}
+
+/// One attempt at a webhook delivery, by how it ended (`Outcome::label`).
+/// Labelled by the webhook's id only: never its URL.
+pub fn webhook_attempt(webhook: &str, outcome: &'static str) {
+    prometheus();
+    metrics::counter!(
+        "linkid_webhook_deliveries_total",
+        "webhook" => webhook.to_string(),
+        "outcome" => outcome
+    )
+    .increment(1);
+}
+
+/// How many events wait for a webhook (see `linkid_webhook_pending_events`).
+pub fn webhook_pending(webhook: &str, pending: u64) {
+    prometheus();
+    metrics::gauge!("linkid_webhook_pending_events", "webhook" => webhook.to_string())
+        .set(pending as f64);
 }
 
 /// Records one answered request under its operation's label. Each thread
