@@ -3,7 +3,7 @@
 //! a stream of them (with its `Content-Length`), so that each chunk is
 //! freed once the client's socket has taken it. A client that reads half
 //! of a big page then holds half of it, as the budget of unsent answers
-//! counts it (`server::Unsent`), not the whole allocation. And few answers
+//! counts it (`unsent::Unsent`), not the whole allocation. And few answers
 //! of many rows are built at once (`PageSlot`).
 
 use std::io::Write;

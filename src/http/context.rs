@@ -164,7 +164,7 @@ pub(crate) struct Head {
     pub started: Instant,
     /// Its connection's account with the budget of unsent answers (none
     /// for a request that did not come through the server loop).
-    pub unsent: Option<super::server::UnsentAccount>,
+    pub unsent: Option<std::sync::Arc<super::unsent::UnsentAccount>>,
     /// It came as a HEAD, and is routed as the GET it stands for.
     pub was_head: bool,
 }

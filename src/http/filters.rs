@@ -43,8 +43,8 @@ pub(super) fn authorized(
             let authenticated = authenticate(&state, &head);
             async move {
                 let bearer = authenticated?;
-                if state.dev.is_some() {
-                    super::dev::apply(operation, &head).await?;
+                if let Some(dev) = &state.dev {
+                    super::dev::apply(dev, operation, &head).await?;
                 }
                 Ok::<_, Rejection>((head, state, bearer))
             }

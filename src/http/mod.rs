@@ -21,6 +21,8 @@ use crate::store::Store;
 mod answer;
 mod context;
 pub(crate) mod dev;
+mod docs;
+pub(crate) mod error_answers;
 mod filters;
 pub(crate) mod openapi;
 mod ops;
@@ -29,6 +31,7 @@ mod query;
 pub(crate) mod rate_limit;
 pub(crate) mod server;
 mod service;
+mod unsent;
 mod url;
 
 use context::{head, Head, ServedAs};
@@ -55,7 +58,7 @@ pub struct AppState {
     /// polls end then, so that draining does not wait for them.
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// The budget of answers waiting for their clients to read them.
-    pub unsent: Arc<server::Unsent>,
+    pub unsent: Arc<unsent::Unsent>,
     /// Answers of many rows being built at once (see `handlers::PageSlot`).
     pub pages: Arc<tokio::sync::Semaphore>,
     /// `linkid dev`'s controls; `None` in `serve`, which has none.
@@ -83,7 +86,7 @@ pub fn app(
         // answered (or refused) by warp's CORS filter.
         let cors = warp::cors()
             .allow_origins(origins.iter().map(String::as_str))
-            .allow_methods(["GET", "POST", "DELETE"])
+            .allow_methods(cors_methods())
             .allow_headers(["authorization", "content-type", "x-request-id"])
             .expose_headers([
                 "x-request-id",
@@ -115,6 +118,18 @@ pub fn app(
             }
             response
         })
+}
+
+/// The methods of the operations table (and HEAD wherever GET is), for
+/// CORS preflights.
+fn cors_methods() -> Vec<&'static str> {
+    let mut methods = vec!["HEAD"];
+    for spec in Operation::ALL.map(Operation::spec) {
+        if !methods.contains(&spec.method) {
+            methods.push(spec.method);
+        }
+    }
+    methods
 }
 
 /// Refuses CONNECT, on any target: this server is no proxy and opens no
@@ -198,7 +213,7 @@ fn finish(head: &Head, method: Method, outcome: Result<Response, Rejection>) -> 
 /// reads nothing could otherwise pipeline one after another).
 fn within_unsent_budget(
     response: Response,
-    unsent: &server::UnsentAccount,
+    unsent: &unsent::UnsentAccount,
     request_id: &str,
 ) -> Response {
     use hyper::body::Body as _;

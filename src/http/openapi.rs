@@ -1,8 +1,7 @@
-//! The OpenAPI 3.1 document, generated from the handlers and types, and the
-//! offline docs page.
+//! The OpenAPI 3.1 document, generated from the operations' files and the
+//! types: their paths, the error answers and the links between them.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde_json::json;
 use utoipa::openapi::example::ExampleBuilder;
@@ -13,15 +12,9 @@ use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
-use utoipa_swagger_ui::Config;
-use warp::http::header::{
-    HeaderValue, CONTENT_SECURITY_POLICY, CONTENT_TYPE, LOCATION, X_CONTENT_TYPE_OPTIONS,
-};
 use warp::http::StatusCode;
-use warp::path::{FullPath, Tail};
-use warp::reply::Response as HttpResponse;
-use warp::{Filter, Rejection};
 
+use super::error_answers::{store_unavailable, Answer, Use};
 use super::problem::{ApiError, FieldError, ProblemCode};
 use super::rate_limit::RateLimited;
 use crate::domain::Operation;
@@ -71,9 +64,18 @@ fn document() -> utoipa::openapi::OpenApi {
     document
 }
 
+/// What the document says an operation answers (for `linkid dev`'s
+/// `Prefer: code=`).
+pub(crate) fn documented(operation: Operation) -> super::dev::Documented {
+    super::dev::Documented {
+        statuses: documented_statuses(operation),
+        errors: documented_errors(operation),
+    }
+}
+
 /// Every error answer the document gives an operation, one per example,
 /// in the document's order (`linkid dev` answers them on request).
-pub(crate) fn documented_errors(operation: Operation) -> Vec<ApiError> {
+fn documented_errors(operation: Operation) -> Vec<ApiError> {
     let shared = shared_answers();
     operation_answers(operation)
         .into_iter()
@@ -89,7 +91,7 @@ pub(crate) fn documented_errors(operation: Operation) -> Vec<ApiError> {
 }
 
 /// The statuses the document gives an operation, in ascending order.
-pub(crate) fn documented_statuses(operation: Operation) -> Vec<u16> {
+fn documented_statuses(operation: Operation) -> Vec<u16> {
     static DOCUMENT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
     let document = DOCUMENT
         .get_or_init(|| serde_json::from_str(&document_json()).expect("the document is JSON"));
@@ -101,42 +103,6 @@ pub(crate) fn documented_statuses(operation: Operation) -> Vec<u16> {
         .unwrap_or_default();
     statuses.sort_unstable();
     statuses
-}
-
-/// One error response: the problems it can carry, one example each, all
-/// with one status.
-pub(crate) struct Answer {
-    /// Its schema's name: `Problem` with `code` narrowed to these problems'
-    /// codes, so that a generated client has a type to switch on.
-    schema: &'static str,
-    examples: Vec<ApiError>,
-}
-
-impl Answer {
-    pub(crate) fn new(schema: &'static str, examples: Vec<ApiError>) -> Self {
-        Answer { schema, examples }
-    }
-
-    fn status(&self) -> StatusCode {
-        self.examples[0].status()
-    }
-
-    fn codes(&self) -> Vec<ProblemCode> {
-        let mut codes: Vec<ProblemCode> = Vec::new();
-        for error in &self.examples {
-            if !codes.contains(&error.code()) {
-                codes.push(error.code());
-            }
-        }
-        codes
-    }
-}
-
-/// How an operation documents an error status: by reference to a shared
-/// answer in `components/responses` (by name), or with its own.
-pub(crate) enum Use {
-    Shared(&'static str),
-    Own(Answer),
 }
 
 /// The answers several operations share: (`components/responses` name, answer).
@@ -211,24 +177,6 @@ fn shared_answers() -> Vec<(&'static str, Answer)> {
             vec![ApiError::StorageFull("database or disk is full".into())],
         ),
     ]
-}
-
-pub(crate) fn store_unavailable() -> ApiError {
-    ApiError::StoreUnavailable(
-        "the database file was deleted or replaced while linkid ran; put it back or restart linkid"
-            .into(),
-    )
-}
-
-/// A page refused while answers wait for clients that do not read them.
-pub(crate) fn server_busy() -> ApiError {
-    ApiError::ServerBusy { held: 33_000_000 }
-}
-
-/// What the parsers say about bad input, as a validation problem.
-pub(crate) fn invalid(errors: Vec<FieldError>) -> ApiError {
-    assert!(!errors.is_empty(), "an example of bad input has errors");
-    ApiError::Validation(errors)
 }
 
 /// Every error response an operation can answer with, by status: those its
@@ -697,65 +645,4 @@ fn error_response(answer: &Answer) -> Response {
         response = response.header_ref(name, Ref::new(format!("#/components/headers/{component}")));
     }
     response.build()
-}
-
-/// The `/docs` page's Content-Security-Policy. Swagger UI sets element
-/// styles from script, hence `'unsafe-inline'` for styles only; its icons
-/// are data: URIs.
-const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
-     img-src 'self' data:; font-src 'self' data:; connect-src 'self'; \
-     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-/// `/docs`: Swagger UI from files built into the binary, pointed at `/openapi.json`.
-pub fn docs() -> impl Filter<Extract = (HttpResponse,), Error = Rejection> + Clone {
-    let config = Arc::new(
-        Config::from("/openapi.json")
-            .validator_url("none")
-            // A token typed into the page lives only as long as the page:
-            // persisting it would leave it in the browser's localStorage.
-            .persist_authorization(false)
-            .try_it_out_enabled(true),
-    );
-    warp::path("docs")
-        .and(warp::get())
-        .and(warp::path::full())
-        .and(warp::path::tail())
-        .and(warp::any().map(move || config.clone()))
-        .and_then(serve_docs)
-}
-
-async fn serve_docs(
-    full: FullPath,
-    tail: Tail,
-    config: Arc<Config<'static>>,
-) -> Result<HttpResponse, Rejection> {
-    if full.as_str() == "/docs" {
-        let mut response = HttpResponse::new(Default::default());
-        *response.status_mut() = StatusCode::FOUND;
-        response
-            .headers_mut()
-            .insert(LOCATION, HeaderValue::from_static("/docs/"));
-        return Ok(response);
-    }
-    match utoipa_swagger_ui::serve(tail.as_str(), config) {
-        Ok(Some(file)) => {
-            let mut response = HttpResponse::new(file.bytes.into_owned().into());
-            if let Ok(value) = HeaderValue::from_str(&file.content_type) {
-                response.headers_mut().insert(CONTENT_TYPE, value);
-            }
-            // The page holds a bearer token: it runs only its own scripts,
-            // talks only to this server, and cannot be framed.
-            response
-                .headers_mut()
-                .insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(DOCS_CSP));
-            response
-                .headers_mut()
-                .insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-            Ok(response)
-        }
-        Ok(None) => Err(warp::reject::not_found()),
-        Err(error) => Err(warp::reject::custom(ApiError::from(anyhow::anyhow!(
-            "cannot serve the docs page: {error}"
-        )))),
-    }
 }

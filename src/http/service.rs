@@ -36,7 +36,7 @@ pub(super) fn routes(
         .unify()
         .or(openapi_json(state))
         .unify()
-        .or(super::openapi::docs())
+        .or(super::docs::docs())
         .unify()
         .or(dev_reset_route(state))
         .unify()

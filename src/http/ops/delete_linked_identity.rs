@@ -13,7 +13,7 @@ use crate::auth::Bearer;
 use crate::domain::{LinkedIdentity, Operation, Right};
 use crate::http::context::RequestId;
 use crate::http::filters::{bearer, path2, request_id};
-use crate::http::openapi::{Answer, Use};
+use crate::http::error_answers::{Answer, Use};
 use crate::http::problem::ApiError;
 use crate::http::{answer, AppState};
 

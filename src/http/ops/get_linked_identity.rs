@@ -14,7 +14,7 @@ use super::{add_path, authorize, identity_actions, OperationFile, LINKED_IDENTIT
 use crate::auth::Bearer;
 use crate::domain::{Embed, LinkedIdentity, Operation, Right};
 use crate::http::filters::{path2, query_and_bearer};
-use crate::http::openapi::{Answer, Use};
+use crate::http::error_answers::{Answer, Use};
 use crate::http::problem::ApiError;
 use crate::http::{answer, AppState};
 

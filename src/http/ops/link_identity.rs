@@ -19,7 +19,7 @@ use crate::domain::{
 };
 use crate::http::context::RequestId;
 use crate::http::filters::{json_body, path1, query_and_bearer, request_id};
-use crate::http::openapi::{invalid, Answer, Use};
+use crate::http::error_answers::{invalid, Answer, Use};
 use crate::http::problem::{ApiError, FieldError};
 use crate::http::{answer, AppState};
 use crate::store::{LinkOutcome, StoreError};

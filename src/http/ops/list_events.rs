@@ -18,7 +18,7 @@ use crate::domain::{Event, Operation, Right};
 use crate::http::answer::{page_slot, PageSlot};
 use crate::http::context::{optional_header, query, Header};
 use crate::http::filters::{bearer, path0};
-use crate::http::openapi::{invalid, server_busy, store_unavailable, Answer, Use};
+use crate::http::error_answers::{invalid, server_busy, store_unavailable, Answer, Use};
 use crate::http::problem::{ApiError, FieldError};
 use crate::http::query::{Params, DEFAULT_LIMIT, MAX_LIMIT, MAX_WAIT_SECS};
 use crate::http::{answer, AppState};

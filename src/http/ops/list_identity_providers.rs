@@ -11,7 +11,7 @@ use super::{add_path, authorize, OperationFile, LINKED_IDENTITIES};
 use crate::auth::Bearer;
 use crate::domain::{IdentityProvider, IdentityProviderList, Operation, Right};
 use crate::http::filters::{bearer, path0};
-use crate::http::openapi::Use;
+use crate::http::error_answers::Use;
 use crate::http::{answer, AppState};
 
 const OPERATION: Operation = Operation::ListIdentityProviders;

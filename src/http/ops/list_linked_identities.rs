@@ -13,7 +13,7 @@ use super::{add_path, authorize, identity_actions, OperationFile, LINKED_IDENTIT
 use crate::auth::{Access, Bearer};
 use crate::domain::{Embed, LinkedIdentity, LinkedIdentityList, ListAction, Operation, Right};
 use crate::http::filters::{path1, query_and_bearer};
-use crate::http::openapi::{Answer, Use};
+use crate::http::error_answers::{Answer, Use};
 use crate::http::problem::ApiError;
 use crate::http::{answer, AppState};
 

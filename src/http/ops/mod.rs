@@ -18,7 +18,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use super::context::RequestId;
-use super::openapi::Use;
+use super::error_answers::Use;
 use super::problem::ApiError;
 use super::AppState;
 use crate::auth::{Access, Bearer};

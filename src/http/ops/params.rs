@@ -5,7 +5,7 @@
 use percent_encoding::percent_decode_str;
 
 use crate::domain::{Embed, ProviderId, UserId};
-use crate::http::openapi::invalid;
+use crate::http::error_answers::invalid;
 use crate::http::problem::{ApiError, FieldError};
 
 /// The user of the operations on one user's links, for the document (the

@@ -13,7 +13,7 @@ use crate::auth::Bearer;
 use crate::domain::{LinkRecord, Operation, Right};
 use crate::http::answer::{page_slot, PageSlot};
 use crate::http::filters::{path0, query_and_bearer};
-use crate::http::openapi::{invalid, server_busy, store_unavailable, Answer, Use};
+use crate::http::error_answers::{invalid, server_busy, store_unavailable, Answer, Use};
 use crate::http::problem::{ApiError, FieldError};
 use crate::http::query::{Cursor, Params, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::http::{answer, AppState};
