@@ -419,6 +419,9 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// Every type, in the order the API lists them.
+    pub const ALL: [EventType; 3] = [EventType::Linked, EventType::Updated, EventType::Unlinked];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Linked => "LINKED",
@@ -428,9 +431,7 @@ impl EventType {
     }
 
     pub fn parse(text: &str) -> Option<EventType> {
-        [EventType::Linked, EventType::Updated, EventType::Unlinked]
-            .into_iter()
-            .find(|t| t.as_str() == text)
+        EventType::ALL.into_iter().find(|t| t.as_str() == text)
     }
 }
 
@@ -619,6 +620,85 @@ impl<'de> Deserialize<'de> for JsonMembers {
 pub enum Embed {
     #[serde(rename = "ACTIONS")]
     Actions,
+}
+
+/// Where a webhook's delivery stands: `linkid webhooks status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum WebhookState {
+    /// Delivering, or waiting for the next event.
+    Active,
+    /// The last attempt failed; the next is scheduled.
+    Retrying,
+    /// The receiver answered 410 Gone: nothing is sent until it is enabled.
+    Disabled,
+    /// The event it waits on was pruned by retention before it was delivered.
+    Expired,
+}
+
+impl WebhookState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookState::Active => "ACTIVE",
+            WebhookState::Retrying => "RETRYING",
+            WebhookState::Disabled => "DISABLED",
+            WebhookState::Expired => "EXPIRED",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<WebhookState> {
+        [
+            WebhookState::Active,
+            WebhookState::Retrying,
+            WebhookState::Disabled,
+            WebhookState::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// Where one webhook stands, as kept in the database so that a restart
+/// resumes there. The delivery engine (`webhooks`) writes it, the store
+/// keeps it and the CLI shows it, so it lives here, below all three.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookStanding {
+    /// The webhook's id (`[[webhooks]] id`).
+    pub webhook: String,
+    pub state: WebhookState,
+    /// Every event up to this `seq` was delivered or skipped by the
+    /// webhook's filters; the next attempt is at the first one after it.
+    pub delivered_seq: i64,
+    /// Failed attempts at that next event (0 once one is delivered).
+    pub attempts: u32,
+    pub last_attempt_at: Option<std::time::SystemTime>,
+    /// The last answer's status; none when no answer came.
+    pub last_status: Option<u16>,
+    /// Why the last attempt failed, in words (never a secret or URL credentials).
+    pub last_error: Option<String>,
+    /// When the next attempt is due, while `RETRYING`.
+    pub next_attempt_at: Option<std::time::SystemTime>,
+    /// Bumped by an operator's replay or enable: the engine's writes apply
+    /// only to the generation they read, so neither is overwritten.
+    pub generation: i64,
+}
+
+impl WebhookStanding {
+    /// A webhook seen for the first time: active, with everything up to
+    /// `delivered_seq` counted as delivered.
+    pub fn new(webhook: impl Into<String>, delivered_seq: i64) -> WebhookStanding {
+        WebhookStanding {
+            webhook: webhook.into(),
+            state: WebhookState::Active,
+            delivered_seq,
+            attempts: 0,
+            last_attempt_at: None,
+            last_status: None,
+            last_error: None,
+            next_attempt_at: None,
+            generation: 0,
+        }
+    }
 }
 
 #[cfg(test)]

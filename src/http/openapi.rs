@@ -1,8 +1,7 @@
-//! The OpenAPI 3.1 document, generated from the handlers and types, and the
-//! offline docs page.
+//! The OpenAPI 3.1 document, generated from the operations' files and the
+//! types: their paths, the error answers and the links between them.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde_json::json;
 use utoipa::openapi::example::ExampleBuilder;
@@ -13,16 +12,9 @@ use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
-use utoipa_swagger_ui::Config;
-use warp::http::header::{
-    HeaderValue, CONTENT_SECURITY_POLICY, CONTENT_TYPE, LOCATION, X_CONTENT_TYPE_OPTIONS,
-};
 use warp::http::StatusCode;
-use warp::path::{FullPath, Tail};
-use warp::reply::Response as HttpResponse;
-use warp::{Filter, Rejection};
 
-use super::handlers;
+use super::error_answers::{store_unavailable, Answer, Use};
 use super::problem::{ApiError, FieldError, ProblemCode};
 use super::rate_limit::RateLimited;
 use crate::domain::Operation;
@@ -45,19 +37,9 @@ use crate::domain::Operation;
         license(name = "MIT", identifier = "MIT"),
     ),
     servers((url = "/", description = "The linkid server that serves this document.")),
-    paths(
-        handlers::list_identity_providers,
-        handlers::list_linked_identities,
-        handlers::link_identity,
-        handlers::get_linked_identity,
-        handlers::delete_linked_identity,
-        handlers::search_linked_identities,
-        handlers::list_events,
-    ),
     // Embed is only named by the `embed` query parameters, which utoipa does
     // not collect on its own: without it their `$ref` dangles.
     components(schemas(super::problem::Problem, ProblemCode, FieldError, crate::domain::Embed)),
-    modifiers(&Finish),
     tags(
         (name = "Linked Identities", description = "Links between local users and accounts at remote identity providers."),
         (name = "System of record", description = "Every link at once: the login-time reverse lookup, paging through all links, and the change feed."),
@@ -68,7 +50,7 @@ struct ApiDoc;
 /// The document as pretty JSON with a trailing newline: what `linkid
 /// openapi` prints, `/openapi.json` serves and `openapi/openapi.json` holds.
 pub fn document_json() -> String {
-    let text = ApiDoc::openapi()
+    let text = document()
         .to_pretty_json()
         .expect("the OpenAPI document serializes");
     let mut text = challenges_in_answer_order(&text);
@@ -117,9 +99,29 @@ impl serde::Serialize for InOrder {
     }
 }
 
+/// The document: the info and tags above, each operation's path from its
+/// file (in the table's order), then what `Finish` adds.
+fn document() -> utoipa::openapi::OpenApi {
+    let mut document = ApiDoc::openapi();
+    for operation in Operation::ALL {
+        (super::ops::file(operation).document)(&mut document);
+    }
+    Finish.modify(&mut document);
+    document
+}
+
+/// What the document says an operation answers (for `linkid dev`'s
+/// `Prefer: code=`).
+pub(crate) fn documented(operation: Operation) -> super::dev::Documented {
+    super::dev::Documented {
+        statuses: documented_statuses(operation),
+        errors: documented_errors(operation),
+    }
+}
+
 /// Every error answer the document gives an operation, one per example,
 /// in the document's order (`linkid dev` answers them on request).
-pub(crate) fn documented_errors(operation: Operation) -> Vec<ApiError> {
+fn documented_errors(operation: Operation) -> Vec<ApiError> {
     let shared = shared_answers();
     operation_answers(operation)
         .into_iter()
@@ -135,7 +137,7 @@ pub(crate) fn documented_errors(operation: Operation) -> Vec<ApiError> {
 }
 
 /// The statuses the document gives an operation, in ascending order.
-pub(crate) fn documented_statuses(operation: Operation) -> Vec<u16> {
+fn documented_statuses(operation: Operation) -> Vec<u16> {
     static DOCUMENT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
     let document = DOCUMENT
         .get_or_init(|| serde_json::from_str(&document_json()).expect("the document is JSON"));
@@ -147,52 +149,6 @@ pub(crate) fn documented_statuses(operation: Operation) -> Vec<u16> {
         .unwrap_or_default();
     statuses.sort_unstable();
     statuses
-}
-
-/// One error response: the problems it can carry, one example each, all
-/// with one status.
-struct Answer {
-    /// Its schema's name: `Problem` with `code` narrowed to these problems'
-    /// codes, so that a generated client has a type to switch on.
-    schema: &'static str,
-    examples: Vec<ApiError>,
-}
-
-impl Answer {
-    fn new(schema: &'static str, examples: Vec<ApiError>) -> Self {
-        Answer { schema, examples }
-    }
-
-    fn status(&self) -> StatusCode {
-        self.examples[0].status()
-    }
-
-    /// Its first problem, as its schema's example when it has several: the
-    /// media type's examples are keyed by code, so sorted by name, and a
-    /// tool that answers "the first example" (Prism, for a status alone and
-    /// for a request without a token) takes the schema's example first. It
-    /// should get the common case (`UNAUTHENTICATED`, `FORBIDDEN`), not the
-    /// first code in the alphabet.
-    fn schema_example(&self) -> Option<serde_json::Value> {
-        (self.examples.len() > 1).then(|| example_value(&self.examples[0]))
-    }
-
-    fn codes(&self) -> Vec<ProblemCode> {
-        let mut codes: Vec<ProblemCode> = Vec::new();
-        for error in &self.examples {
-            if !codes.contains(&error.code()) {
-                codes.push(error.code());
-            }
-        }
-        codes
-    }
-}
-
-/// How an operation documents an error status: by reference to a shared
-/// answer in `components/responses` (by name), or with its own.
-enum Use {
-    Shared(&'static str),
-    Own(Answer),
 }
 
 /// The answers several operations share: (`components/responses` name, answer).
@@ -274,139 +230,22 @@ fn unauthorized_examples() -> Vec<ApiError> {
     ]
 }
 
-fn store_unavailable() -> ApiError {
-    ApiError::StoreUnavailable(
-        "the database file was deleted or replaced while linkid ran; put it back or restart linkid"
-            .into(),
-    )
+/// An answer's first problem, as its schema's example when it has several:
+/// the media type's examples are keyed by code, so sorted by name, and a
+/// tool that answers "the first example" (Prism, for a status alone and for
+/// a request without a token) takes the schema's example first. It should
+/// get the common case (`UNAUTHENTICATED`, `FORBIDDEN`), not the first code
+/// in the alphabet.
+fn schema_example(answer: &Answer) -> Option<serde_json::Value> {
+    (answer.examples.len() > 1).then(|| example_value(&answer.examples[0]))
 }
 
-/// A page refused while answers wait for clients that do not read them.
-fn server_busy() -> ApiError {
-    ApiError::ServerBusy { held: 33_000_000 }
-}
-
-/// What the parsers say about bad input, as a validation problem.
-fn invalid(errors: Vec<FieldError>) -> ApiError {
-    assert!(!errors.is_empty(), "an example of bad input has errors");
-    ApiError::Validation(errors)
-}
-
-/// Every error response an operation can answer with, by status. The
-/// validation examples come from the handlers' own parsers, so they say
-/// what the server says.
+/// Every error response an operation can answer with, by status: those its
+/// file documents (whose validation examples come from its own parsers, so
+/// they say what the server says), then those of every operation.
 fn operation_answers(operation: Operation) -> Vec<Use> {
-    use Use::{Own, Shared};
-    let bad_user_and_embed = || {
-        let mut errors = handlers::parse_user("u%0042").err().unwrap_or_default();
-        errors.extend(
-            handlers::parse_embed("embed=EVERYTHING")
-                .err()
-                .unwrap_or_default(),
-        );
-        invalid(errors)
-    };
-    let mut answers = match operation {
-        Operation::ListIdentityProviders => vec![],
-        Operation::ListLinkedIdentities => vec![
-            Own(Answer::new(
-                "ValidationFailedProblem",
-                vec![bad_user_and_embed()],
-            )),
-            Shared("StoreUnavailable"),
-        ],
-        Operation::LinkIdentity => {
-            let body = br#"{"provider_id": "okta", "linked_username": "ada@example.com", "nickname": "ada"}"#;
-            let bad_body = match handlers::parse_link_body(body) {
-                Ok(Err(errors)) => invalid(errors),
-                _ => unreachable!("the example body has bad fields"),
-            };
-            let malformed = match handlers::parse_link_body(br#"{"provider_id": "okta""#) {
-                Err(error) => error,
-                Ok(_) => unreachable!("the example body is malformed"),
-            };
-            vec![
-                Own(Answer::new(
-                    "LinkBadRequestProblem",
-                    vec![
-                        bad_body,
-                        malformed,
-                        ApiError::InvalidIdentityProvider("github".into()),
-                        ApiError::UserAlreadyLinked {
-                            user_id: "u-42".into(),
-                            provider_id: Some("azure-ad".into()),
-                        },
-                    ],
-                )),
-                Shared("RequestTimeout"),
-                Own(Answer::new(
-                    "IdentityAlreadyLinkedProblem",
-                    vec![ApiError::IdentityAlreadyLinked {
-                        provider_id: "okta".into(),
-                        linked_user_id: "00u1a2b3c4".into(),
-                    }],
-                )),
-                Shared("PayloadTooLarge"),
-                Shared("UnsupportedMediaType"),
-                Shared("StoreUnavailable"),
-                Shared("StorageFull"),
-            ]
-        }
-        Operation::GetLinkedIdentity | Operation::DeleteLinkedIdentity => {
-            let mut errors = handlers::parse_user("u-42").err().unwrap_or_default();
-            errors.extend(
-                handlers::parse_provider("ok%00ta")
-                    .err()
-                    .unwrap_or_default(),
-            );
-            let mut answers = vec![
-                Own(Answer::new(
-                    "ValidationFailedProblem",
-                    vec![invalid(errors)],
-                )),
-                Shared("LinkedIdentityNotFound"),
-                Shared("StoreUnavailable"),
-            ];
-            if operation == Operation::DeleteLinkedIdentity {
-                answers.push(Shared("StorageFull"));
-            }
-            answers
-        }
-        Operation::SearchLinkedIdentities => vec![
-            Own(Answer::new(
-                "ValidationFailedProblem",
-                vec![invalid(
-                    handlers::parse_search(
-                        "linked_user_id=00u1a2b3c4&limit=5000&cursor=bWFkZS11cA",
-                    )
-                    .err()
-                    .unwrap_or_default(),
-                )],
-            )),
-            Own(Answer::new(
-                "SearchUnavailableProblem",
-                vec![store_unavailable(), server_busy()],
-            )),
-        ],
-        Operation::ListEvents => vec![
-            Own(Answer::new(
-                "ValidationFailedProblem",
-                vec![invalid(
-                    handlers::parse_feed("after=-1&wait=120")
-                        .err()
-                        .unwrap_or_default(),
-                )],
-            )),
-            Own(Answer::new(
-                "EventsExpiredProblem",
-                vec![ApiError::EventsExpired { pruned_through: 41 }],
-            )),
-            Own(Answer::new(
-                "EventsUnavailableProblem",
-                vec![ApiError::TooManyStreams, store_unavailable(), server_busy()],
-            )),
-        ],
-    };
+    use Use::Shared;
+    let mut answers = (super::ops::file(operation).answers)();
     // Every operation: authentication, authorization (and CORS), rate
     // limits, and a server fault.
     answers.extend([
@@ -601,7 +440,7 @@ impl Modify for Finish {
         // Each narrowed problem schema, by name, with its codes and examples.
         let mut narrowed = BTreeMap::new();
         for (name, answer) in shared_answers() {
-            narrowed.insert(answer.schema, (answer.codes(), answer.schema_example()));
+            narrowed.insert(answer.schema, (answer.codes(), schema_example(&answer)));
             components
                 .responses
                 .insert(name.to_string(), error_response(&answer).into());
@@ -653,7 +492,7 @@ fn add_error_responses(
             }
             Use::Own(answer) => {
                 let codes = answer.codes();
-                let example = answer.schema_example();
+                let example = schema_example(&answer);
                 let (known, known_example) = narrowed
                     .entry(answer.schema)
                     .or_insert((codes.clone(), example.clone()));
@@ -962,65 +801,4 @@ fn headers_sent_with(error: &ApiError, documented: &[(&str, &str)]) -> Option<St
         })
         .collect();
     (!sent.is_empty()).then(|| format!("Sent with {}.", sent.join(", ")))
-}
-
-/// The `/docs` page's Content-Security-Policy. Swagger UI sets element
-/// styles from script, hence `'unsafe-inline'` for styles only; its icons
-/// are data: URIs.
-const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
-     img-src 'self' data:; font-src 'self' data:; connect-src 'self'; \
-     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-/// `/docs`: Swagger UI from files built into the binary, pointed at `/openapi.json`.
-pub fn docs() -> impl Filter<Extract = (HttpResponse,), Error = Rejection> + Clone {
-    let config = Arc::new(
-        Config::from("/openapi.json")
-            .validator_url("none")
-            // A token typed into the page lives only as long as the page:
-            // persisting it would leave it in the browser's localStorage.
-            .persist_authorization(false)
-            .try_it_out_enabled(true),
-    );
-    warp::path("docs")
-        .and(warp::get())
-        .and(warp::path::full())
-        .and(warp::path::tail())
-        .and(warp::any().map(move || config.clone()))
-        .and_then(serve_docs)
-}
-
-async fn serve_docs(
-    full: FullPath,
-    tail: Tail,
-    config: Arc<Config<'static>>,
-) -> Result<HttpResponse, Rejection> {
-    if full.as_str() == "/docs" {
-        let mut response = HttpResponse::new(Default::default());
-        *response.status_mut() = StatusCode::FOUND;
-        response
-            .headers_mut()
-            .insert(LOCATION, HeaderValue::from_static("/docs/"));
-        return Ok(response);
-    }
-    match utoipa_swagger_ui::serve(tail.as_str(), config) {
-        Ok(Some(file)) => {
-            let mut response = HttpResponse::new(file.bytes.into_owned().into());
-            if let Ok(value) = HeaderValue::from_str(&file.content_type) {
-                response.headers_mut().insert(CONTENT_TYPE, value);
-            }
-            // The page holds a bearer token: it runs only its own scripts,
-            // talks only to this server, and cannot be framed.
-            response
-                .headers_mut()
-                .insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(DOCS_CSP));
-            response
-                .headers_mut()
-                .insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-            Ok(response)
-        }
-        Ok(None) => Err(warp::reject::not_found()),
-        Err(error) => Err(warp::reject::custom(ApiError::from(anyhow::anyhow!(
-            "cannot serve the docs page: {error}"
-        )))),
-    }
 }
