@@ -13,7 +13,7 @@ VALIDATION_FAILED, for reasons no OpenAPI schema states:
 - an identifier (`user_id`, `provider_id`, `linked_user_id`,
   `linked_username`) must not hold a format or default-ignorable character.
   The schemas' `pattern` names those of the Basic Multilingual Plane only
-  (src/domain.rs, TEXT_PATTERN, says why: a class of code points above it
+  (src/domain/text.rs, TEXT_PATTERN, says why: a class of code points above it
   is written differently in ECMA-262 and in Python), so the generator makes
   ids holding the ones above it (tags and variation selectors
   U+E0000-E0FFF, and a few more, listed below), which the server refuses as
@@ -51,7 +51,7 @@ from schemathesis import GenerationMode
 SEARCH = "GET /api/admin/users/v4/linked-identities"
 
 # What the server refuses above U+FFFF: format characters (Cf) and
-# default-ignorable code points (src/domain.rs, is_invisible).
+# default-ignorable code points (src/domain/text.rs, is_invisible).
 REFUSED_ABOVE_BMP = (
     (0x110BD, 0x110BD),
     (0x110CD, 0x110CD),
