@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use super::WalStamp;
+use super::wal_stamp::WalStamp;
 use crate::domain::LinkRecord;
 
 /// What the cache holds: at most this many bytes of keys and records.
