@@ -8,8 +8,8 @@
 //! - `writer.rs`: the one writer thread, its group commit (one transaction
 //!   and one fsync for every write waiting) and its watch on the file;
 //! - `reads.rs`: the read path — short reads inline on the async threads,
-//!   through the row cache (`row_cache.rs`, `wal_stamp.rs`), and long
-//!   reads on a pool;
+//!   plain or fast (`row_cache.rs`, `wal_stamp.rs`; `database.row_cache_bytes`
+//!   chooses), and long reads on a pool;
 //! - `admin.rs`: seed, backup, export and import, beside a running server;
 //!   `lock.rs`: one server per file.
 //!
@@ -74,7 +74,7 @@ impl SqliteStore {
         let reads = Reads::open(
             path,
             config.pool_size,
-            row_cache::CAPACITY_BYTES,
+            config.row_cache_bytes,
             health.clone(),
         )?;
         let newest = newest_event_in(&conn).context("cannot read the change feed")?;

@@ -6,25 +6,28 @@
 //! page of a search, the feed, revocations, a count) run on a pooled
 //! connection in `spawn_blocking`, each in a transaction of its own.
 //!
-//! A short read takes one of two paths:
+//! A short read takes one of two paths, chosen when the store opens:
 //!
-//! - **The fast path**: the thread's connection keeps its read transaction
-//!   open from one read to the next for as long as nobody commits, and the
-//!   answers to the list and the lookup are kept in an exact row cache
-//!   (`row_cache.rs`), served while nobody commits. "Nobody commits" is read
-//!   without a lock from the header of SQLite's WAL index, mapped from the
-//!   `-shm` file (`wal_stamp.rs`). This assumes SQLite's WAL-index protocol
+//! - **The plain path** (`database.row_cache_bytes = 0`): the read's one
+//!   statement runs on the thread's connection in autocommit mode, so
+//!   SQLite begins a read transaction when the statement starts and ends it
+//!   when the statement is done. Its snapshot is taken after the read was
+//!   asked for, so it holds every commit answered before; nothing is kept
+//!   from one read to the next. This is SQLite used as documented, and the
+//!   path to compare the fast one against.
+//! - **The fast path** (the default): the thread's connection keeps its
+//!   read transaction open from one read to the next for as long as nobody
+//!   commits, and the answers to the list and the lookup are kept in an
+//!   exact row cache (`row_cache.rs`, `database.row_cache_bytes` at most),
+//!   served while nobody commits. "Nobody commits" is read without a lock
+//!   from the header of SQLite's WAL index, mapped from the `-shm` file
+//!   (`wal_stamp.rs`). This assumes SQLite's WAL-index protocol
 //!   (<https://sqlite.org/walformat.html>): every commit, from any process,
 //!   rewrites the header before it returns, and while this process has the
 //!   database open the `-shm` file is not re-created, so the mapping stays
 //!   the one SQLite writes. A read stamps the header before its snapshot is
 //!   taken, so an answer kept under a stamp is never older than the newest
 //!   commit while the header still shows that stamp.
-//! - **The plain path**: the read's one statement runs on the thread's
-//!   connection in autocommit mode, so SQLite begins a read transaction when
-//!   the statement starts and ends it when the statement is done. Its
-//!   snapshot is taken after the read was asked for, so it holds every
-//!   commit answered before; nothing is kept from one read to the next.
 //!
 //! How the fast path falls back: when the WAL index cannot be mapped (no
 //! `-shm` file, an unknown WAL-index version) the store takes the plain path
@@ -122,9 +125,8 @@ pub(super) struct Reads {
 
 impl Reads {
     /// The reads of the database at `path`, which the writer has open in
-    /// WAL mode: `pool_size` pooled connections, and the fast path with a
-    /// row cache of `row_cache_bytes` when the WAL index can be mapped (and
-    /// the cache has room).
+    /// WAL mode: `pool_size` pooled connections, and the fast path when
+    /// `row_cache_bytes` is not 0 and the WAL index can be mapped.
     pub(super) fn open(
         path: &Path,
         pool_size: u32,
@@ -163,6 +165,12 @@ impl Reads {
             health,
             fast,
         })
+    }
+
+    /// Whether short reads take the fast path.
+    #[cfg(test)]
+    pub(super) fn is_fast(&self) -> bool {
+        self.fast.is_some()
     }
 
     /// A short read whose answer the row cache may keep: on the fast path,
@@ -275,5 +283,153 @@ impl Reads {
     pub(super) fn pool_state(&self) -> (u32, u32) {
         let state = self.pool.state();
         (state.connections, state.idle_connections)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::SqliteStore;
+    use crate::config::DatabaseConfig;
+    use crate::domain::{IdRules, UserId};
+    use crate::store::{Backend, SearchQuery};
+
+    /// `database.row_cache_bytes`'s default.
+    const DEFAULT_BYTES: u64 = 4 * 1024 * 1024;
+
+    fn open(dir: &tempfile::TempDir, row_cache_bytes: u64) -> SqliteStore {
+        let config = DatabaseConfig {
+            path: dir.path().join("linkid.db"),
+            url: None,
+            pool_size: 2,
+            max_batch: 256,
+            row_cache_bytes,
+            statement_timeout_secs: 5,
+            clock: None,
+        };
+        SqliteStore::open(&config, &IdRules::default()).unwrap()
+    }
+
+    /// Another connection to the store's file, as another process would
+    /// have: it never waits for a lock.
+    fn other(dir: &tempfile::TempDir) -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open(dir.path().join("linkid.db")).unwrap();
+        conn.busy_timeout(Duration::ZERO).unwrap();
+        conn
+    }
+
+    fn insert(conn: &rusqlite::Connection, user: &str, username: &str) {
+        conn.execute(
+            "INSERT INTO linked_identities (user_id, provider_id, linked_user_id, linked_user_key, \
+             linked_username, created_at, updated_at) \
+             VALUES (?1, 'okta', ?1, ?1, ?2, '2026-01-02T03:04:05Z', '2026-01-02T03:04:05Z')",
+            [user, username],
+        )
+        .unwrap();
+    }
+
+    /// Whether a checkpoint that resets the WAL is kept from finishing by a
+    /// reader's snapshot.
+    fn wal_held(conn: &rusqlite::Connection) -> bool {
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap()
+            == 1
+    }
+
+    /// Short reads are inline: the runtime runs them on this thread, whose
+    /// connection they use.
+    fn on_this_thread<T>(work: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work)
+    }
+
+    fn usernames(store: &SqliteStore, user: &str) -> Vec<String> {
+        let user = UserId::parse(user).unwrap();
+        on_this_thread(store.list(&user))
+            .unwrap()
+            .into_iter()
+            .map(|l| l.linked_username)
+            .collect()
+    }
+
+    fn looked_up(store: &SqliteStore, remote: &str) -> Vec<String> {
+        let query = SearchQuery {
+            provider_id: Some("okta".into()),
+            linked_user_id: Some(remote.into()),
+            limit: 10,
+            ..Default::default()
+        };
+        on_this_thread(store.search(query))
+            .unwrap()
+            .links
+            .into_iter()
+            .map(|l| l.linked_username)
+            .collect()
+    }
+
+    #[test]
+    fn a_row_cache_of_0_bytes_is_the_plain_path_and_the_default_the_fast_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!open(&dir, 0).reads.is_fast());
+        assert!(open(&dir, DEFAULT_BYTES).reads.is_fast());
+    }
+
+    #[test]
+    fn a_plain_read_holds_no_snapshot_once_it_has_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, 0);
+        let other = other(&dir);
+        insert(&other, "u-1", "one");
+
+        assert_eq!(usernames(&store, "u-1"), ["one"]);
+        assert_eq!(looked_up(&store, "u-1"), ["one"]);
+
+        assert!(!wal_held(&other), "a plain read kept its snapshot");
+    }
+
+    #[test]
+    fn a_fast_read_holds_its_snapshot_until_the_thread_idles() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, DEFAULT_BYTES);
+        let other = other(&dir);
+        insert(&other, "u-1", "one");
+
+        assert_eq!(usernames(&store, "u-1"), ["one"]);
+
+        assert!(wal_held(&other), "the fast path holds the snapshot it read");
+        super::end_inline_reads();
+        assert!(!wal_held(&other));
+    }
+
+    #[test]
+    fn both_paths_read_another_connections_commit_at_once() {
+        for bytes in [0, DEFAULT_BYTES] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(&dir, bytes);
+            let other = other(&dir);
+            insert(&other, "u-1", "one");
+            // Read twice: whatever the path keeps, it has kept.
+            for _ in 0..2 {
+                assert_eq!(usernames(&store, "u-1"), ["one"], "{bytes} bytes");
+                assert_eq!(looked_up(&store, "u-1"), ["one"], "{bytes} bytes");
+            }
+
+            other
+                .execute(
+                    "UPDATE linked_identities SET linked_username = 'renamed'",
+                    [],
+                )
+                .unwrap();
+
+            assert_eq!(usernames(&store, "u-1"), ["renamed"], "{bytes} bytes");
+            assert_eq!(looked_up(&store, "u-1"), ["renamed"], "{bytes} bytes");
+            super::end_inline_reads();
+        }
     }
 }
