@@ -1,28 +1,28 @@
-//! Biscuit bearer tokens: the root key, authentication, authorization, minting.
+//! Biscuit bearer tokens: authentication (caps, signature, revocation,
+//! expiry, a price for the datalog before it runs), the verified-token
+//! cache, and authorization. The root key is in `root_key`, minting and
+//! inspecting in `tokens`, the work estimate in `work`.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
 use biscuit_auth::builder::{fact, string, Check, Policy};
-use biscuit_auth::builder_ext::BuilderExt;
 use biscuit_auth::error::{FailedCheck, Logic, RunLimit, Token as TokenError};
-use biscuit_auth::{
-    AuthorizerBuilder, AuthorizerLimits, Biscuit, KeyPair, PublicKey, UnverifiedBiscuit,
-};
+use biscuit_auth::{AuthorizerBuilder, AuthorizerLimits, Biscuit, PublicKey, UnverifiedBiscuit};
 use tokio::sync::Semaphore;
 
-use crate::config::{AuthConfig, ConfigError, Problem};
+use crate::config::AuthConfig;
 pub use crate::domain::Right;
 
+mod root_key;
+mod tokens;
 mod work;
+
+pub use root_key::RootKey;
+pub use tokens::{inspect, mint, revocation_ids, MintRequest};
 
 use work::{Estimate, ServerSide, INLINE_WORK, WORK_BUDGET};
 
@@ -76,163 +76,6 @@ pub struct Access<'a> {
     pub right: Right,
     pub user: Option<&'a str>,
     pub provider: Option<&'a str>,
-}
-
-/// The root key: the public half always, the private half where we hold it.
-pub struct RootKey {
-    pub public: PublicKey,
-    pub keypair: Option<KeyPair>,
-    /// Set when this call generated the key file.
-    pub generated: Option<PathBuf>,
-}
-
-impl RootKey {
-    /// Reads the configured key without creating anything: `None` when
-    /// neither `auth.public_key` nor the key file exists yet. A key file
-    /// that cannot be used is a configuration problem, every reason named.
-    pub fn load(config: &AuthConfig) -> Result<Option<RootKey>, ConfigError> {
-        let path = &config.private_key_file;
-        let configured_public = config
-            .public_key
-            .as_deref()
-            .map(|text| {
-                text.parse::<PublicKey>().map_err(|e| {
-                    ConfigError::one(Problem::new(
-                        "auth.public_key",
-                        format!("is not a public key ({e})"),
-                        "use the text form \"ed25519/<64 hex digits>\"",
-                    ))
-                })
-            })
-            .transpose()?;
-        let keypair = if !path.as_os_str().is_empty() && path.exists() {
-            Some(read_key_file(path).map_err(ConfigError::one)?)
-        } else {
-            None
-        };
-        Ok(match (configured_public, keypair) {
-            (Some(public), keypair) => Some(RootKey {
-                public,
-                keypair,
-                generated: None,
-            }),
-            (None, Some(keypair)) => Some(RootKey {
-                public: keypair.public(),
-                keypair: Some(keypair),
-                generated: None,
-            }),
-            (None, None) => None,
-        })
-    }
-
-    /// Loads the key from the config, generating the key file on first use
-    /// when neither `auth.public_key` nor the key file exists. Processes
-    /// that start together agree: the first key put in place is everyone's.
-    pub fn load_or_create(config: &AuthConfig) -> anyhow::Result<RootKey> {
-        if let Some(key) = Self::load(config)? {
-            return Ok(key);
-        }
-        let path = &config.private_key_file;
-        let placed = write_key_file(path, &KeyPair::new())?;
-        let key = Self::load(config)?.with_context(|| {
-            format!(
-                "auth.private_key_file {} vanished as it was created",
-                path.display()
-            )
-        })?;
-        Ok(RootKey {
-            generated: placed.then(|| path.clone()),
-            ..key
-        })
-    }
-
-    /// The key pair, or why tokens cannot be minted here.
-    pub fn signing_key(&self) -> anyhow::Result<&KeyPair> {
-        self.keypair.as_ref().context(
-            "no private key: auth.public_key is set and auth.private_key_file does not exist, \
-             so tokens must be minted where the private key is",
-        )
-    }
-}
-
-/// Reads a key file, or says what is wrong with it.
-fn read_key_file(path: &Path) -> Result<KeyPair, Problem> {
-    const KEY: &str = "auth.private_key_file";
-    let shown = path.display();
-    let unreadable = |e: std::io::Error| {
-        Problem::new(
-            KEY,
-            format!("{shown} cannot be read ({e})"),
-            "let the server's user read it (chown, or chmod 600 as its owner)",
-        )
-    };
-    let mode = fs::metadata(path).map_err(unreadable)?.permissions().mode();
-    let bytes = fs::read(path).map_err(unreadable)?;
-    let text = String::from_utf8_lossy(&bytes);
-    let text = text.trim();
-    // The prefixed form is what we write; bare hex is what other tools print.
-    let private = text.parse::<biscuit_auth::PrivateKey>().or_else(|_| {
-        biscuit_auth::PrivateKey::from_bytes_hex(text, biscuit_auth::builder::Algorithm::Ed25519)
-    });
-    let Ok(private) = private else {
-        // Not a key at all: its mode is beside the point (no `chmod` advice
-        // for /etc/passwd).
-        return Err(Problem::new(
-            KEY,
-            format!("{shown} holds no private key"),
-            "point it at linkid's key file (\"ed25519-private/<hex>\" or 64 hex digits), or at a path where none exists yet to generate one",
-        ));
-    };
-    // As ssh does: a private key others can read is refused, not used.
-    if mode & 0o077 != 0 {
-        return Err(Problem::new(
-            KEY,
-            format!(
-                "{shown} is readable by group or others (mode {:o})",
-                mode & 0o777
-            ),
-            format!("run `chmod 600 {shown}`"),
-        ));
-    }
-    Ok(KeyPair::from(&private))
-}
-
-/// Puts a new key file in place atomically: written in full to a temporary
-/// file beside it, then linked to `path` only if nothing is there. Returns
-/// whether this key was placed (false: another process's came first).
-fn write_key_file(path: &Path, keypair: &KeyPair) -> Result<bool, ConfigError> {
-    let cannot = |e: &dyn std::fmt::Display| {
-        ConfigError::one(Problem::new(
-            "auth.private_key_file",
-            format!("{} cannot be created ({e})", path.display()),
-            "point it at a path in a directory the server's user can write, or set auth.public_key",
-        ))
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| cannot(&e))?;
-    // tempfile creates it with mode 0600.
-    let mut file = tempfile::Builder::new()
-        .prefix(".root.key.")
-        .tempfile_in(dir)
-        .map_err(|e| cannot(&e))?;
-    let text = keypair.private().to_prefixed_string();
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.write_all(b"\n"))
-        .and_then(|()| file.as_file().sync_all())
-        .map_err(|e| cannot(&e))?;
-    let placed = match file.persist_noclobber(path) {
-        Ok(_) => true,
-        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => false,
-        Err(e) => return Err(cannot(&e.error)),
-    };
-    // The new name must survive a crash as the key's contents do.
-    if let Ok(dir) = fs::File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(placed)
 }
 
 /// Revocation ids (hex) the server refuses; refreshed from the database.
@@ -828,97 +671,4 @@ fn subject_of(token: &Biscuit) -> Option<String> {
     });
     let subject = subjects.next()?;
     subjects.next().is_none().then_some(subject)
-}
-
-/// What `linkid token mint` puts in a new token.
-#[derive(Debug, Default, Clone)]
-pub struct MintRequest {
-    pub admin: bool,
-    pub rights: Vec<Right>,
-    pub user: Option<String>,
-    pub ttl: Option<Duration>,
-    /// Who the token is for: an authority fact `subject("…")`, which the
-    /// change feed reports.
-    pub subject: Option<String>,
-}
-
-/// Mints a token signed by the root key.
-pub fn mint(keypair: &KeyPair, request: &MintRequest) -> anyhow::Result<String> {
-    if !request.admin && request.rights.is_empty() {
-        bail!("a token needs --admin or at least one --right");
-    }
-    let mut builder = Biscuit::builder();
-    if request.admin {
-        builder = builder.fact(fact("role", &[string("admin")]))?;
-    }
-    for right in &request.rights {
-        builder = builder.fact(fact("right", &[string(right.as_str())]))?;
-    }
-    if let Some(subject) = &request.subject {
-        crate::domain::check_text(subject).map_err(|why| anyhow::anyhow!("--subject {why}"))?;
-        builder = builder.fact(fact("subject", &[string(subject)]))?;
-    }
-    if let Some(user) = &request.user {
-        // The authorizer's user fact is the id in NFC: so is the token's.
-        let user = crate::domain::UserId::parse(user)
-            .map_err(|why| anyhow::anyhow!("--user {why}"))?
-            .into_inner();
-        // Listing the providers names no user, and a user's own token needs it.
-        builder = builder.code_with_params(
-            r#"check if user({user}) or operation("identity_providers:list");"#,
-            HashMap::from([("user".to_string(), string(&user))]),
-            HashMap::new(),
-        )?;
-    }
-    if let Some(ttl) = request.ttl {
-        builder = builder.check_expiration_date(SystemTime::now() + ttl);
-    }
-    Ok(builder.build(keypair)?.to_base64()?)
-}
-
-/// A token's revocation ids (hex), verified against the root key.
-pub fn revocation_ids(root: PublicKey, token: &str) -> anyhow::Result<Vec<String>> {
-    let token = Biscuit::from_base64(token.trim(), root)
-        .context("the token is malformed or not signed by this root key")?;
-    Ok(token.revocation_identifiers().iter().map(hex).collect())
-}
-
-/// A readable description of a token: its blocks and revocation ids.
-pub fn inspect(root: PublicKey, token: &str) -> anyhow::Result<String> {
-    use std::fmt::Write as _;
-    let token = token.trim();
-    let (verified, blocks, ids) = match Biscuit::from_base64(token, root) {
-        Ok(t) => {
-            let blocks: Vec<String> = (0..t.block_count())
-                .map(|i| t.print_block_source(i).unwrap_or_default())
-                .collect();
-            (true, blocks, t.revocation_identifiers())
-        }
-        Err(_) => {
-            let t = biscuit_auth::UnverifiedBiscuit::from_base64(token)
-                .context("the token is not a biscuit")?;
-            let blocks: Vec<String> = (0..t.block_count())
-                .map(|i| t.print_block_source(i).unwrap_or_default())
-                .collect();
-            (false, blocks, t.revocation_identifiers())
-        }
-    };
-    let mut out = String::new();
-    writeln!(
-        out,
-        "signature: {}",
-        if verified {
-            "valid for this server's root key"
-        } else {
-            "NOT valid for this server's root key"
-        }
-    )?;
-    for (i, (source, id)) in blocks.iter().zip(&ids).enumerate() {
-        writeln!(out, "block {i}:")?;
-        writeln!(out, "  revocation id: {}", hex(id))?;
-        for line in source.lines().filter(|l| !l.trim().is_empty()) {
-            writeln!(out, "  {}", line.trim())?;
-        }
-    }
-    Ok(out)
 }

@@ -13,9 +13,14 @@ use crate::domain::Protocol;
 
 mod database_url;
 mod problem;
+mod webhooks;
 
 pub use database_url::{DatabaseUrl, Host, Password, PostgresUrl, SslMode};
 pub use problem::{ConfigError, Origin, Problem, Sources};
+pub use webhooks::{
+    read_secret_file, ReceiverUrl, SigningSecret, SigningSecrets, Start, Webhook, WebhookConfig,
+    WebhookDeliveryConfig, WebhookUrl,
+};
 
 /// The shipped `config.toml`, which is also the built-in defaults layer.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
@@ -46,6 +51,10 @@ pub struct Config {
     pub events: EventsConfig,
     #[serde(default)]
     pub identity_providers: Vec<IdentityProviderConfig>,
+    /// `[[webhooks]]`: receivers the change feed is pushed to.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
+    pub webhook_delivery: WebhookDeliveryConfig,
     /// Where the configuration came from, for messages and the start-up log.
     #[serde(skip)]
     pub sources: Sources,
@@ -519,15 +528,46 @@ impl Config {
                 if !config.auth.private_key_file.as_os_str().is_empty() {
                     config.auth.private_key_file = absolute(&config.auth.private_key_file);
                 }
+                for webhook in &mut config.webhooks {
+                    webhook.secret_file = absolute(&webhook.secret_file);
+                }
+                if let Some(file) = &mut config.webhook_delivery.ca_file {
+                    *file = absolute(file);
+                }
                 Ok(config)
             }
             _ => Err(ConfigError { problems, read }.located(&sources)),
         }
     }
 
+    /// The `[[webhooks]]`, checked and with their secrets read, for the
+    /// delivery engine. The configuration was checked when it was read, so
+    /// an error here means a secret file changed since.
+    pub fn webhooks(&self) -> Result<Vec<Webhook>, ConfigError> {
+        let mut parsed = Vec::new();
+        let mut problems = Vec::new();
+        for (i, webhook) in self.webhooks.iter().enumerate() {
+            match webhook.parse(i, &self.identity_providers) {
+                Ok(webhook) => parsed.push(webhook),
+                Err(found) => problems.extend(found),
+            }
+        }
+        if problems.is_empty() {
+            Ok(parsed)
+        } else {
+            Err(ConfigError {
+                problems,
+                read: Vec::new(),
+            }
+            .located(&self.sources))
+        }
+    }
+
     /// Checks that types alone cannot express.
     fn problems(&self) -> Vec<Problem> {
         let mut problems = self.database.problems();
+        problems.extend(webhooks::problems(&self.webhooks, &self.identity_providers));
+        problems.extend(self.webhook_delivery.problems());
         let one_or_more = "set it to 1 or more";
         for (key, value) in [
             (
@@ -1024,6 +1064,36 @@ mod tests {
                 installed.display()
             )
         );
+    }
+
+    #[test]
+    fn webhooks_are_read_with_their_secrets_and_shown_without_credentials() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("crm.whsec");
+        std::fs::write(&secret, "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML)).merge(Toml::string(&format!(
+            "[[webhooks]]\nid = \"crm\"\nurl = \"https://hook:pw-7q@crm.internal/x\"\nsecret_file = {:?}\nproviders = [\"okta\"]\n",
+            secret.display().to_string()
+        )));
+
+        let config = Config::from_figment(figment).unwrap();
+        let webhooks = config.webhooks().unwrap();
+
+        assert_eq!(config.webhook_delivery.timeout_secs, 10);
+        assert_eq!(config.webhook_delivery.max_backoff_secs, 300);
+        assert_eq!(webhooks.len(), 1);
+        assert_eq!(webhooks[0].start, Start::Now);
+        assert_eq!(webhooks[0].url.to_string(), "https://crm.internal/x");
+        for shown in [
+            format!("{config:?}"),
+            format!("{webhooks:?}"),
+            serde_json::to_string(&config).unwrap(),
+        ] {
+            assert!(!shown.contains("pw-7q"), "{shown}");
+            assert!(!shown.contains("C2FV"), "{shown}");
+        }
     }
 
     #[test]

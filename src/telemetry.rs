@@ -119,12 +119,10 @@ fn format_request_line(
     let mut status = itoa::Buffer::new();
     let mut latency = itoa::Buffer::new();
     let (status, latency) = (status.format(line.status), latency.format(line.latency_us));
-    let mut timestamp = [0u8; 27];
-    let timestamp = rfc3339_micros(now, &mut timestamp);
     if json {
-        let parts: [&[u8]; 15] = [
-            b"{\"timestamp\":\"",
-            timestamp,
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        write_timestamp(out, now);
+        let parts: [&[u8]; 13] = [
             b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"method\":\"",
             line.method.as_bytes(),
             b"\",\"route\":\"",
@@ -141,8 +139,8 @@ fn format_request_line(
         ];
         parts.iter().for_each(|part| out.extend_from_slice(part));
     } else {
-        let parts: [&[u8]; 14] = [
-            timestamp,
+        write_timestamp(out, now);
+        let parts: [&[u8]; 13] = [
             b"  INFO linkid::request: request method=",
             line.method.as_bytes(),
             b" route=",
@@ -162,54 +160,15 @@ fn format_request_line(
 }
 
 /// `2026-11-30T10:39:00.123456Z`, as tracing's default timer writes it.
-fn rfc3339_micros(now: std::time::SystemTime, out: &mut [u8; 27]) -> &[u8] {
-    let since = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days as i64);
-    let mut put = |at: usize, value: u64, digits: usize| {
-        let mut value = value;
-        for i in (0..digits).rev() {
-            out[at + i] = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
-    };
-    put(0, year.clamp(0, 9999) as u64, 4);
-    put(5, month, 2);
-    put(8, day, 2);
-    put(11, rest / 3600, 2);
-    put(14, rest / 60 % 60, 2);
-    put(17, rest % 60, 2);
-    put(20, u64::from(since.subsec_micros()), 6);
-    for (at, byte) in [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b'T'),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-        (26, b'Z'),
-    ] {
-        out[at] = byte;
-    }
-    &out[..]
-}
-
-/// The proleptic Gregorian (year, month, day) of a day counted from
-/// 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u64, u64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u64;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// A clock outside what RFC 3339 can write (before 1970, after 9999) is
+/// written as the nearest time it can: humantime panics on the one and
+/// refuses the other, and a log line must not do either.
+fn write_timestamp(out: &mut Vec<u8>, now: std::time::SystemTime) {
+    use std::io::Write;
+    const LAST: Duration = Duration::from_micros(253_402_300_799_999_999);
+    let now = now.clamp(std::time::UNIX_EPOCH, std::time::UNIX_EPOCH + LAST);
+    // Writing to a `Vec` cannot fail, and the clamp keeps humantime's within range.
+    let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
 }
 
 /// The process-wide Prometheus recorder, installed on first use.
@@ -285,6 +244,33 @@ fn describe() {
         "linkid_rate_limited_total",
         "Requests answered 429, by limit."
     );
+    metrics::describe_counter!(
+        "linkid_webhook_deliveries_total",
+        "Webhook delivery attempts, by webhook id and outcome (delivered, gone, rejected, redirected, timeout, unreachable, failed)."
+    );
+    metrics::describe_gauge!(
+        "linkid_webhook_pending_events",
+        "Events in the change feed after the last one a webhook delivered or skipped, by webhook id (0 on an instance that does not deliver it)."
+    );
+}
+
+/// One attempt at a webhook delivery, by how it ended (`Outcome::label`).
+/// Labelled by the webhook's id only: never its URL.
+pub fn webhook_attempt(webhook: &str, outcome: &'static str) {
+    prometheus();
+    metrics::counter!(
+        "linkid_webhook_deliveries_total",
+        "webhook" => webhook.to_string(),
+        "outcome" => outcome
+    )
+    .increment(1);
+}
+
+/// How many events wait for a webhook (see `linkid_webhook_pending_events`).
+pub fn webhook_pending(webhook: &str, pending: u64) {
+    prometheus();
+    metrics::gauge!("linkid_webhook_pending_events", "webhook" => webhook.to_string())
+        .set(pending as f64);
 }
 
 /// Records one answered request under its operation's label. Each thread
@@ -380,20 +366,30 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_with_microseconds_in_utc() {
         let at = |secs: u64, micros: u64| {
-            let mut out = [0u8; 27];
-            String::from_utf8(
-                rfc3339_micros(
-                    UNIX_EPOCH + Duration::from_micros(secs * 1_000_000 + micros),
-                    &mut out,
-                )
-                .to_vec(),
-            )
-            .unwrap()
+            let mut out = Vec::new();
+            write_timestamp(
+                &mut out,
+                UNIX_EPOCH + Duration::from_micros(secs * 1_000_000 + micros),
+            );
+            String::from_utf8(out).unwrap()
         };
         assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
         assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
         assert_eq!(at(1_796_035_140, 123_456), "2026-11-30T10:39:00.123456Z");
         assert_eq!(at(4_107_542_399, 999_999), "2100-02-28T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn a_clock_outside_rfc3339_writes_the_nearest_time_it_can() {
+        let at = |time| {
+            let mut out = Vec::new();
+            write_timestamp(&mut out, time);
+            String::from_utf8(out).unwrap()
+        };
+        let years = Duration::from_secs(20_000 * 366 * 86_400);
+
+        assert_eq!(at(UNIX_EPOCH - years), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(at(UNIX_EPOCH + years), "9999-12-31T23:59:59.999999Z");
     }
 
     #[test]

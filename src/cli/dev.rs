@@ -92,6 +92,7 @@ pub(super) async fn run(mut config: Config, options: Options) -> anyhow::Result<
             .iter()
             .map(|p| p.id.clone())
             .collect(),
+        documented: crate::http::openapi::documented,
     };
     let app = Application::build_with(&config, Some(controls)).await?;
     if let Some(file) = &options.fixtures {

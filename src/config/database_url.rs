@@ -1,17 +1,20 @@
 //! `database.url`: a PostgreSQL connection URL, read as libpq reads one
 //! (`postgres://user:password@host:port/dbname?sslmode=verify-full&sslrootcert=FILE`).
 //!
-//! The URL holds a password, so the text is kept in a type whose `Debug`,
-//! `Display` and `Serialize` leave the password out: printing a config, a
-//! store description or an error can never show it. Parsing is pure and
-//! names no driver; the PostgreSQL store builds its connection from the
-//! parts.
+//! `tokio_postgres::Config` parses the URL: user, password, hosts, ports,
+//! database and the parameters it knows. This module adds only what it
+//! lacks: libpq's `verify-ca` and `verify-full` with `sslrootcert` (checked
+//! by `store::postgres::tls`), a `port` parameter for the hosts that name
+//! none, the list of parameters linkid understands, and types whose `Debug`,
+//! `Display` and `Serialize` leave the password out, so printing a config, a
+//! store description or an error can never show it.
 
 use std::fmt;
 use std::path::PathBuf;
 
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize, Serializer};
+use tokio_postgres::config::TargetSessionAttrs;
 
 /// The port PostgreSQL listens on when the URL names none.
 pub const DEFAULT_PORT: u16 = 5432;
@@ -73,12 +76,14 @@ impl Serialize for DatabaseUrl {
     }
 }
 
-/// A password: shown nowhere, handed only to the connection.
+/// A password whose `Debug` hides it, for users of `linkid::config`.
+/// (linkid's own connection takes the password from the parsed
+/// `tokio_postgres::Config`, whose `Debug` hides it too.)
 #[derive(Clone, PartialEq, Eq)]
 pub struct Password(String);
 
 impl Password {
-    /// The password itself, for the connection's authentication only.
+    /// The password itself, for a connection's authentication only.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -129,6 +134,17 @@ impl SslMode {
             SslMode::VerifyFull => "verify-full",
         }
     }
+
+    /// The mode tokio-postgres knows: `verify-*` are `require` plus the
+    /// certificate check that the TLS connector makes.
+    fn driver_mode(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as Driver;
+        match self {
+            SslMode::Disable => Driver::Disable,
+            SslMode::Prefer => Driver::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Driver::Require,
+        }
+    }
 }
 
 /// One server to try: a host name, an IP address or (starting with `/`) a
@@ -150,28 +166,23 @@ impl fmt::Display for Host {
 }
 
 /// A parsed `database.url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct PostgresUrl {
-    /// Tried in order until one accepts the connection (at least one).
-    pub hosts: Vec<Host>,
-    /// The role; PostgreSQL's default is the operating-system user.
-    pub user: Option<String>,
-    pub password: Option<Password>,
-    /// The database; PostgreSQL's default is the role's name.
-    pub dbname: Option<String>,
+    /// Everything but the certificate check, as tokio-postgres reads it
+    /// (its `Debug` hides the password); the store adds its own settings.
+    pub connection: tokio_postgres::Config,
     pub ssl_mode: SslMode,
     /// The CA certificate(s) (PEM) that the server's certificate must chain to.
     pub ssl_root_cert: Option<PathBuf>,
-    pub application_name: Option<String>,
-    /// `target_session_attrs=read-write`: skip hosts that are read-only standbys.
-    pub read_write_only: bool,
-    /// Seconds to wait for a connection (libpq's `connect_timeout`); 0 or
-    /// unset: `database.statement_timeout_secs`.
-    pub connect_timeout_secs: Option<u64>,
 }
 
 impl PostgresUrl {
     /// Parses `postgres[ql]://[user[:password]@][host[:port][,...]][/dbname][?key=value&...]`.
+    ///
+    /// Beyond tokio-postgres, as linkid always has: the scheme's case does
+    /// not matter; an unencoded `@` belongs to the password unless it is
+    /// the authority's last; `host=` replaces the URL's hosts; `port=` is
+    /// the port of the hosts that name none.
     pub fn parse(text: &str) -> Result<PostgresUrl, String> {
         let rest = ["postgresql://", "postgres://"]
             .iter()
@@ -181,111 +192,125 @@ impl PostgresUrl {
                     .map(|_| &text[scheme.len()..])
             })
             .ok_or("it must start with postgres:// (postgres://user:password@host:port/dbname)")?;
-        let (rest, query) = match rest.split_once('?') {
-            Some((rest, query)) => (rest, Some(query)),
-            None => (rest, None),
-        };
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, path) = match rest.split_once('/') {
             Some((authority, path)) => (authority, Some(path)),
             None => (rest, None),
         };
-        let (userinfo, hostspec) = match authority.rsplit_once('@') {
-            Some((userinfo, hostspec)) => (Some(userinfo), hostspec),
+        let (userinfo, mut hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => (Some(userinfo), hosts),
             None => (None, authority),
         };
 
-        let mut url = PostgresUrl {
-            hosts: Vec::new(),
-            user: None,
-            password: None,
-            dbname: None,
-            ssl_mode: SslMode::Prefer,
-            ssl_root_cert: None,
-            application_name: None,
-            read_write_only: false,
-            connect_timeout_secs: None,
-        };
-        if let Some(userinfo) = userinfo {
-            let (user, password) = match userinfo.split_once(':') {
-                Some((user, password)) => (user, Some(password)),
-                None => (userinfo, None),
-            };
-            url.user = Some(decode(user, "the user name")?).filter(|u| !u.is_empty());
-            if let Some(password) = password {
-                // The password's own text never goes into a message.
-                let password = decode(password, "the password")?;
-                url.password = Some(Password(password));
-            }
-        }
-        let mut hosts = parse_hosts(hostspec)?;
-        if let Some(path) = path {
-            url.dbname = Some(decode(path, "the database name")?).filter(|d| !d.is_empty());
-        }
-
-        let mut port_param = None;
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (mut ssl_mode, mut ssl_root_cert, mut port) = (SslMode::Prefer, None, None);
+        let mut passed = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').ok_or_else(|| {
                 format!(
                     "the parameter {:?} has no value (write key=value)",
                     clip(pair)
                 )
             })?;
-            let key = decode(key, "a parameter name")?;
-            if !PARAMETERS.contains(&key.as_str()) {
-                return Err(format!(
-                    "the parameter {:?} is not one linkid understands: use {}",
-                    clip(&key),
-                    PARAMETERS.join(", ")
-                ));
-            }
-            if key == "password" {
-                url.password = Some(Password(decode(value, "the password")?));
-                continue;
-            }
-            let value = decode(value, &format!("the parameter {key}"))?;
-            match key.as_str() {
-                "sslmode" => url.ssl_mode = SslMode::parse(&value)?,
-                "sslrootcert" => url.ssl_root_cert = Some(PathBuf::from(value)),
-                "application_name" => url.application_name = Some(value),
-                "target_session_attrs" => {
-                    url.read_write_only = match value.as_str() {
-                        "read-write" => true,
-                        "any" => false,
-                        other => {
-                            return Err(format!(
-                                "target_session_attrs={:?} is not supported: use read-write or any",
-                                clip(other)
-                            ))
-                        }
-                    }
+            match decode(key, "a parameter name")?.as_str() {
+                "sslmode" => ssl_mode = SslMode::parse(&decode(value, "the parameter sslmode")?)?,
+                "sslrootcert" => {
+                    ssl_root_cert = Some(PathBuf::from(decode(value, "the parameter sslrootcert")?))
                 }
-                "host" => hosts = parse_hosts(&value)?,
-                "port" => port_param = Some(parse_port(&value)?),
-                "user" => url.user = Some(value).filter(|u| !u.is_empty()),
-                "dbname" => url.dbname = Some(value).filter(|d| !d.is_empty()),
-                "connect_timeout" => {
-                    url.connect_timeout_secs = Some(value.parse().map_err(|_| {
-                        format!(
-                            "connect_timeout={:?} is not a number of seconds",
-                            clip(&value)
-                        )
-                    })?)
-                    .filter(|&s| s > 0)
+                "host" => hosts = value,
+                "port" => port = Some(value),
+                known if PARAMETERS.contains(&known) => passed.push(escape(pair)),
+                unknown => {
+                    return Err(format!(
+                        "the parameter {:?} is not one linkid understands: use {}",
+                        clip(unknown),
+                        PARAMETERS.join(", ")
+                    ))
                 }
-                _ => unreachable!("every known parameter is handled"),
             }
         }
+        // (No hosts at all is not one empty host.)
+        let hosts = Some(hosts).filter(|h| !h.is_empty()).into_iter();
+        let hosts = hosts
+            .flat_map(|h| h.split(','))
+            .map(|host| {
+                if host.starts_with('[') && !host.contains(']') {
+                    return Err("an IPv6 host lacks its closing ]");
+                }
+                let names_port = host.rsplit_once(']').map_or(host, |(_, p)| p).contains(':');
+                Ok(match port {
+                    Some(port) if !names_port => format!("{host}:{port}"),
+                    _ => host.to_owned(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // tokio-postgres splits at the first `@`, `/` and `?`, and decodes
+        // every part: it is handed each of them but the authority's `@`
+        // encoded.
+        let userinfo = userinfo.map_or(String::new(), |u| escape(u) + "@");
+        let path = path.map_or(String::new(), |p| "/".to_owned() + &escape(p));
+        let url = format!(
+            "postgres://{userinfo}{}{path}?{}",
+            escape(&hosts.join(",")),
+            passed.join("&")
+        );
+        let mut connection: tokio_postgres::Config = url.parse().map_err(|e| driver_error(&e))?;
+        connection.ssl_mode(ssl_mode.driver_mode());
+        let url = PostgresUrl {
+            connection,
+            ssl_mode,
+            ssl_root_cert,
+        };
+
+        let hosts = url.hosts();
         if hosts.is_empty() {
             return Err("it names no host: write postgres://user:password@host:port/dbname".into());
         }
-        url.hosts = hosts
-            .into_iter()
-            .map(|(name, port)| Host {
-                name,
-                port: port.or(port_param).unwrap_or(DEFAULT_PORT),
-            })
-            .collect();
+        if hosts.iter().any(|h| h.name.is_empty()) {
+            return Err("a host is empty: write host[:port], separated by commas".into());
+        }
+        if hosts.iter().any(|h| h.port == 0) {
+            return Err("the port \"0\" is not a port number (1-65535)".into());
+        }
+        if url.connection.get_target_session_attrs() == TargetSessionAttrs::ReadOnly {
+            return Err(
+                "target_session_attrs=\"read-only\" is not supported: use read-write or any".into(),
+            );
+        }
         Ok(url)
+    }
+
+    /// The servers to try, in order (at least one), each with its port.
+    pub fn hosts(&self) -> Vec<Host> {
+        let ports = self.connection.get_ports();
+        self.connection
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| Host {
+                name: match host {
+                    tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                    #[cfg(unix)]
+                    tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+                },
+                // (tokio-postgres' own rule: a lone port is every host's.)
+                port: ports
+                    .get(i)
+                    .or(ports.first())
+                    .copied()
+                    .unwrap_or(DEFAULT_PORT),
+            })
+            .collect()
+    }
+
+    /// The role, when the URL names one.
+    pub fn user(&self) -> Option<&str> {
+        self.connection.get_user().filter(|u| !u.is_empty())
+    }
+
+    /// The database, when the URL names one.
+    pub fn dbname(&self) -> Option<&str> {
+        self.connection.get_dbname().filter(|d| !d.is_empty())
     }
 }
 
@@ -300,11 +325,11 @@ impl fmt::Display for PostgresUrl {
         const PATH: &percent_encoding::AsciiSet = &PART.remove(b'/');
         let encode = |text: &str| percent_encoding::utf8_percent_encode(text, PART).to_string();
         f.write_str("postgres://")?;
-        if let Some(user) = &self.user {
+        if let Some(user) = self.user() {
             write!(f, "{}@", encode(user))?;
         }
         let hosts: Vec<String> = self
-            .hosts
+            .hosts()
             .iter()
             .map(|h| {
                 if h.name.starts_with('/') {
@@ -315,7 +340,7 @@ impl fmt::Display for PostgresUrl {
             })
             .collect();
         f.write_str(&hosts.join(","))?;
-        if let Some(dbname) = &self.dbname {
+        if let Some(dbname) = self.dbname() {
             write!(f, "/{}", encode(dbname))?;
         }
         let mut params = Vec::new();
@@ -328,7 +353,7 @@ impl fmt::Display for PostgresUrl {
                 .to_string();
             params.push(format!("sslrootcert={path}"));
         }
-        if self.read_write_only {
+        if self.connection.get_target_session_attrs() == TargetSessionAttrs::ReadWrite {
             params.push("target_session_attrs=read-write".into());
         }
         if !params.is_empty() {
@@ -338,47 +363,24 @@ impl fmt::Display for PostgresUrl {
     }
 }
 
-/// `host[:port]` items separated by commas; IPv6 addresses in brackets.
-fn parse_hosts(spec: &str) -> Result<Vec<(String, Option<u16>)>, String> {
-    if spec.is_empty() {
-        return Ok(Vec::new());
+impl fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PostgresUrl({:?})", self.to_string())
     }
-    spec.split(',')
-        .map(|item| {
-            let (host, port) = if let Some(bracketed) = item.strip_prefix('[') {
-                let (host, after) = bracketed
-                    .split_once(']')
-                    .ok_or("an IPv6 host lacks its closing ]")?;
-                let port = match after {
-                    "" => None,
-                    _ => Some(
-                        after
-                            .strip_prefix(':')
-                            .ok_or("after an [IPv6] host only :port may follow")?,
-                    ),
-                };
-                (host, port)
-            } else {
-                match item.rsplit_once(':') {
-                    Some((host, port)) => (host, Some(port)),
-                    None => (item, None),
-                }
-            };
-            let host = decode(host, "a host")?;
-            if host.is_empty() {
-                return Err("a host is empty: write host[:port], separated by commas".to_string());
-            }
-            let port = port.map(parse_port).transpose()?;
-            Ok((host, port))
-        })
-        .collect()
 }
 
-fn parse_port(text: &str) -> Result<u16, String> {
-    text.parse::<u16>()
-        .ok()
-        .filter(|&p| p > 0)
-        .ok_or_else(|| format!("the port {:?} is not a port number (1-65535)", clip(text)))
+/// `text` with each `@`, `/` and `?` percent-encoded, so that tokio-postgres
+/// does not split at them.
+fn escape(text: &str) -> String {
+    text.replace('@', "%40")
+        .replace('/', "%2F")
+        .replace('?', "%3F")
+}
+
+/// tokio-postgres' reason (e.g. "invalid value for option `port`"), which
+/// names the part that is wrong and never quotes it.
+fn driver_error(error: &tokio_postgres::Error) -> String {
+    std::error::Error::source(error).map_or_else(|| error.to_string(), ToString::to_string)
 }
 
 /// Percent-decodes one part; `what` names it in the error.
@@ -405,28 +407,32 @@ mod tests {
         )
         .unwrap();
 
-        assert_eq!(url.user.as_deref(), Some("linkid"));
-        assert_eq!(url.password.as_ref().unwrap().expose(), "s@cr/et");
+        assert_eq!(url.user(), Some("linkid"));
+        assert_eq!(url.connection.get_password(), Some(&b"s@cr/et"[..]));
         assert_eq!(
-            url.hosts,
+            url.hosts(),
             [Host {
                 name: "db.example.com".into(),
                 port: 6543
             }]
         );
-        assert_eq!(url.dbname.as_deref(), Some("links"));
+        assert_eq!(url.dbname(), Some("links"));
         assert_eq!(url.ssl_mode, SslMode::VerifyFull);
         assert_eq!(url.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
-        assert_eq!(url.application_name.as_deref(), Some("a"));
+        assert_eq!(url.connection.get_application_name(), Some("a"));
     }
 
     #[test]
     fn defaults_are_libpqs() {
         let url = PostgresUrl::parse("postgresql://h").unwrap();
 
-        assert_eq!(url.hosts[0].port, DEFAULT_PORT);
+        assert_eq!(url.hosts()[0].port, DEFAULT_PORT);
         assert_eq!(url.ssl_mode, SslMode::Prefer);
-        assert!(url.user.is_none() && url.password.is_none() && url.dbname.is_none());
+        assert!(
+            url.user().is_none()
+                && url.connection.get_password().is_none()
+                && url.dbname().is_none()
+        );
     }
 
     #[test]
@@ -434,9 +440,73 @@ mod tests {
         let url = PostgresUrl::parse("postgres://u@a:1,[::1]:2,b/d?port=7").unwrap();
         let socket = PostgresUrl::parse("postgres:///d?host=%2Fvar%2Frun%2Fpostgresql").unwrap();
 
-        let hosts: Vec<String> = url.hosts.iter().map(Host::to_string).collect();
+        let hosts: Vec<String> = url.hosts().iter().map(Host::to_string).collect();
         assert_eq!(hosts, ["a:1", "[::1]:2", "b:7"]);
-        assert_eq!(socket.hosts[0].name, "/var/run/postgresql");
+        assert_eq!(socket.hosts()[0].name, "/var/run/postgresql");
+    }
+
+    #[test]
+    fn a_host_parameter_replaces_the_urls_hosts_and_may_be_a_plain_path() {
+        let url = PostgresUrl::parse("postgres://u@a:1/d?host=/run/pg,b&port=6").unwrap();
+
+        assert_eq!(
+            url.hosts(),
+            [
+                Host {
+                    name: "/run/pg".into(),
+                    port: 6
+                },
+                Host {
+                    name: "b".into(),
+                    port: 6
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unencoded_at_sign_belongs_to_the_password_or_the_parameter_it_is_in() {
+        let url =
+            PostgresUrl::parse("POSTGRES://u:p@ss@h/d@b?application_name=a@b&user=v").unwrap();
+
+        assert_eq!(url.connection.get_password(), Some(&b"p@ss"[..]));
+        assert_eq!(url.hosts()[0].name, "h");
+        assert_eq!(url.dbname(), Some("d@b"));
+        assert_eq!(url.connection.get_application_name(), Some("a@b"));
+        assert_eq!(url.user(), Some("v"));
+    }
+
+    #[test]
+    fn target_session_attrs_read_write_is_kept_and_shown() {
+        let url =
+            PostgresUrl::parse("postgres://db1:5432,db2:5432/l?target_session_attrs=read-write")
+                .unwrap();
+
+        assert_eq!(
+            url.connection.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(
+            url.to_string(),
+            "postgres://db1:5432,db2:5432/l?target_session_attrs=read-write"
+        );
+    }
+
+    #[test]
+    fn the_ssl_mode_reaches_the_driver_as_one_it_knows() {
+        let mode = |text: &str| {
+            PostgresUrl::parse(&format!("postgres://h?sslmode={text}"))
+                .unwrap()
+                .connection
+                .get_ssl_mode()
+        };
+        use tokio_postgres::config::SslMode as Driver;
+
+        assert_eq!(mode("disable"), Driver::Disable);
+        assert_eq!(mode("prefer"), Driver::Prefer);
+        for verifies in ["require", "verify-ca", "verify-full"] {
+            assert_eq!(mode(verifies), Driver::Require, "{verifies}");
+        }
     }
 
     #[test]
@@ -448,6 +518,7 @@ mod tests {
             url.to_string(),
             format!("{url:?}"),
             format!("{:?}", url.parse().unwrap()),
+            format!("{:?}", url.parse().unwrap().connection),
             serde_json::to_string(&url).unwrap(),
         ];
 
@@ -466,17 +537,32 @@ mod tests {
         let cases = [
             ("mysql://u:pw-secret@h/d", "postgres://"),
             ("postgres://u:pw-secret@h:99999/d", "port"),
+            ("postgres://u:pw-secret@h:0/d", "port"),
+            ("postgres://u:pw-secret@h/d?port=x", "port"),
             ("postgres://u:pw-secret@h/d?sslmode=allow", "allow"),
             ("postgres://u:pw-secret@h/d?sslmode=bogus", "sslmode"),
             ("postgres://u:pw-secret@h/d?sslcert=x", "sslcert"),
+            (
+                "postgres://u:pw-secret@h/d?connect_timeout=x",
+                "connect_timeout",
+            ),
+            (
+                "postgres://u:pw-secret@h/d?target_session_attrs=read-only",
+                "target_session_attrs",
+            ),
             ("postgres://u:pw-secret@/d", "no host"),
+            ("postgres://u:pw-secret@a,,b/d", "empty"),
             ("postgres://u:pw-secret@[::1/d", "]"),
+            ("postgres://u:pw-secret@[::1]x/d", "host"),
+            ("postgres://u%FF:pw-secret@h/d", "utf-8"),
+            ("postgres://u:pw-secret@h/d?password", "no value"),
         ];
         for (text, names) in cases {
             let error = PostgresUrl::parse(text).unwrap_err();
 
-            assert!(error.contains(names), "{text}: {error}");
+            assert!(error.to_lowercase().contains(names), "{text}: {error}");
             assert!(!error.contains("pw-secret"), "{text}: {error}");
+            assert!(!error.contains("secret"), "{text}: {error}");
         }
         assert_eq!(
             DatabaseUrl::new("postgres://u:pw-secret@h:x/d").to_string(),

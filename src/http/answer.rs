@@ -3,15 +3,21 @@
 //! a stream of them (with its `Content-Length`), so that each chunk is
 //! freed once the client's socket has taken it. A client that reads half
 //! of a big page then holds half of it, as the budget of unsent answers
-//! counts it (`server::Unsent`), not the whole allocation.
+//! counts it (`unsent::Unsent`), not the whole allocation. And few answers
+//! of many rows are built at once (`PageSlot`).
 
 use std::io::Write;
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use warp::http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
+
+use super::problem::ApiError;
+use super::AppState;
 
 /// The most bytes one chunk holds.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -89,6 +95,49 @@ impl Chunks {
         response.extensions_mut().insert(AnswerSize(total));
         response
     }
+}
+
+/// Room to build one answer of many rows (a search page, a feed page):
+/// few are built at once, each holding its slot until the answer is
+/// counted against the budget of unsent answers, so that clients that ask
+/// for big pages and never read them cannot make the server build
+/// hundreds at once. While that budget is full, a page is refused before
+/// any work (503 `SERVER_BUSY`).
+#[derive(Clone)]
+pub(crate) struct PageSlot {
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl PageSlot {
+    /// The answer, carrying the slot until the server has counted it (an
+    /// extension is dropped when hyper takes the response).
+    pub(crate) fn ride_with(slot: Option<PageSlot>, mut response: Response) -> Response {
+        if let Some(slot) = slot {
+            response.extensions_mut().insert(slot);
+        }
+        response
+    }
+}
+
+pub(crate) async fn page_slot(state: &AppState) -> Result<PageSlot, ApiError> {
+    let busy = || ApiError::ServerBusy {
+        held: state.unsent.held(),
+    };
+    if state.unsent.is_full() {
+        return Err(busy());
+    }
+    let permit = state
+        .pages
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    if state.unsent.is_full() {
+        return Err(busy());
+    }
+    Ok(PageSlot {
+        _permit: Arc::new(permit),
+    })
 }
 
 #[cfg(test)]

@@ -25,9 +25,18 @@ pub(crate) enum ServedAs {
     Token(Bearer),
 }
 
+/// What the request's filters learned on its way, for its log line, its
+/// metrics and a 405's `Allow`.
+#[derive(Default)]
+struct Served {
+    by: ServedAs,
+    /// The route whose path it matched last (its method may not have).
+    route: Option<super::Route>,
+}
+
 tokio::task_local! {
     /// The server loop gives each request its own (`ServedAs::scope`).
-    static SERVED_AS: RefCell<ServedAs>;
+    static SERVED: RefCell<Served>;
 }
 
 impl ServedAs {
@@ -35,19 +44,29 @@ impl ServedAs {
     pub(crate) fn scope<F: std::future::Future>(
         request: F,
     ) -> impl std::future::Future<Output = F::Output> {
-        SERVED_AS.scope(RefCell::new(ServedAs::Nobody), request)
+        SERVED.scope(RefCell::new(Served::default()), request)
     }
 
     /// Records whom the request is served for.
     pub(crate) fn record(served: ServedAs) {
-        let _ = SERVED_AS.try_with(|slot| *slot.borrow_mut() = served);
+        let _ = SERVED.try_with(|slot| slot.borrow_mut().by = served);
+    }
+
+    /// Records the route whose path the request matched.
+    pub(crate) fn record_route(route: super::Route) {
+        let _ = SERVED.try_with(|slot| slot.borrow_mut().route = Some(route));
+    }
+
+    /// The route whose path the request matched last, if any.
+    pub(crate) fn route() -> Option<super::Route> {
+        SERVED.try_with(|slot| slot.borrow().route).ok().flatten()
     }
 
     /// The log id of whom the request was served for: the token's, or
     /// `anonymous`, or `-` when no token was asked for.
     pub(crate) fn with_log_id<R>(f: impl FnOnce(&str) -> R) -> R {
-        let served = SERVED_AS
-            .try_with(|slot| slot.borrow().clone())
+        let served = SERVED
+            .try_with(|slot| slot.borrow().by.clone())
             .unwrap_or_default();
         match &served {
             ServedAs::Nobody => f("-"),
@@ -145,7 +164,7 @@ pub(crate) struct Head {
     pub started: Instant,
     /// Its connection's account with the budget of unsent answers (none
     /// for a request that did not come through the server loop).
-    pub unsent: Option<super::server::UnsentAccount>,
+    pub unsent: Option<std::sync::Arc<super::unsent::UnsentAccount>>,
     /// It came as a HEAD, and is routed as the GET it stands for.
     pub was_head: bool,
 }

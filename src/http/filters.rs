@@ -1,79 +1,27 @@
-//! warp filters: one function per operation (path, method, then the
-//! bearer, so a wrong path is a 404 and not a 401), and the injectors they
-//! share.
+//! The warp filters the operations (and the routes beside them) are built
+//! of: an operation's path, matched against its template in the operations
+//! table and recorded as the request's route; the bearer, authenticated
+//! (and `linkid dev`'s controls); the state; a JSON body within its limits.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
-use warp::http::header::{HeaderValue, CONTENT_TYPE};
-use warp::reply::Response;
-use warp::{Filter, Rejection, Reply};
+use warp::http::header::HeaderValue;
+use warp::{Filter, Rejection};
 
-use super::context::{head, optional_header, query, request_id, Client, Head, Header, ServedAs};
+use warp::path::FullPath;
+
+pub(super) use super::context::request_id;
+use super::context::{head, optional_header, Client, Head, Header, ServedAs};
 use super::problem::ApiError;
 use super::server::BodyTimedOut;
-use super::{handlers, AppState, MAX_BODY_BYTES};
+use super::{AppState, Route, MAX_BODY_BYTES};
 use crate::auth::Bearer;
 use crate::domain::Operation;
 
-/// Every route: the API operations, the ones a busy install calls most
-/// first, then the service endpoints.
-pub(super) fn routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    list_linked_identities(&state)
-        .or(search_linked_identities(&state))
-        .unify()
-        .or(get_linked_identity(&state))
-        .unify()
-        .or(list_identity_providers(&state))
-        .unify()
-        .or(link_identity(&state))
-        .unify()
-        .or(delete_linked_identity(&state))
-        .unify()
-        .or(list_events(&state))
-        .unify()
-        .or(healthz())
-        .unify()
-        .or(readyz(&state))
-        .unify()
-        .or(metrics(&state))
-        .unify()
-        .or(openapi_json(&state))
-        .unify()
-        .or(super::openapi::docs())
-        .unify()
-        .or(dev_reset(&state))
-        .unify()
-}
-
-/// POST /_dev/reset (`linkid dev` only: elsewhere there is no such path)
-fn dev_reset(
-    state: &Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    let dev = state.dev.is_some();
-    warp::path!("_dev" / "reset")
-        .and_then(move || {
-            std::future::ready(if dev {
-                Ok(())
-            } else {
-                Err(warp::reject::not_found())
-            })
-        })
-        .untuple_one()
-        .and(warp::post())
-        .and(head())
-        .and(with_state(state))
-        .and_then(|head: Arc<Head>, state: Arc<AppState>| async move {
-            let bearer = authenticate(&state, &head)?;
-            handlers::dev_reset(state, bearer).await
-        })
-}
-
-fn with_state(
+pub(super) fn with_state(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Arc<AppState>,), Error = Infallible> + Clone {
     let state = state.clone();
@@ -84,7 +32,7 @@ fn with_state(
 /// (after path and method matched): one filter, so that a request passes
 /// few combinators. In `linkid dev`, an authenticated request's `Prefer`
 /// controls act here, before the operation does (see `dev`).
-fn authorized(
+pub(super) fn authorized(
     state: &Arc<AppState>,
     operation: Operation,
 ) -> impl Filter<Extract = (Arc<Head>, Arc<AppState>, Bearer), Error = Rejection> + Clone {
@@ -95,8 +43,8 @@ fn authorized(
             let authenticated = authenticate(&state, &head);
             async move {
                 let bearer = authenticated?;
-                if state.dev.is_some() {
-                    super::dev::apply(operation, &head).await?;
+                if let Some(dev) = &state.dev {
+                    super::dev::apply(dev, operation, &head).await?;
                 }
                 Ok::<_, Rejection>((head, state, bearer))
             }
@@ -105,7 +53,7 @@ fn authorized(
 }
 
 /// The state and the authenticated bearer token.
-fn bearer(
+pub(super) fn bearer(
     state: &Arc<AppState>,
     operation: Operation,
 ) -> impl Filter<Extract = (Arc<AppState>, Bearer), Error = Rejection> + Clone {
@@ -115,7 +63,7 @@ fn bearer(
 }
 
 /// The query string, the state and the authenticated bearer token.
-fn query_and_bearer(
+pub(super) fn query_and_bearer(
     state: &Arc<AppState>,
     operation: Operation,
 ) -> impl Filter<Extract = (String, Arc<AppState>, Bearer), Error = Rejection> + Clone {
@@ -124,125 +72,75 @@ fn query_and_bearer(
         .untuple_one()
 }
 
-/// GET /api/admin/users/v4/users/identity-providers
-fn list_identity_providers(
-    state: &Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("api" / "admin" / "users" / "v4" / "users" / "identity-providers")
-        .and(warp::get())
-        .and(bearer(state, Operation::ListIdentityProviders))
-        .and_then(handlers::list_identity_providers)
+/// An operation's path, without captures (see `template`).
+pub(super) fn path0(operation: Operation) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    template(operation).map(|_: Captured| ()).untuple_one()
 }
 
-/// GET /api/admin/users/v4/users/{user_id}/linked-identities?embed=ACTIONS
-fn list_linked_identities(
-    state: &Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities")
-        .and(warp::get())
-        .and(query_and_bearer(state, Operation::ListLinkedIdentities))
-        .and_then(handlers::list_linked_identities)
+/// An operation's path and its one `{…}` segment, raw.
+pub(super) fn path1(
+    operation: Operation,
+) -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+    template(operation).map(|[first, _]: Captured| first)
 }
 
-/// POST /api/admin/users/v4/users/{user_id}/linked-identities?embed=ACTIONS
-fn link_identity(
-    state: &Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities")
-        .and(warp::post())
-        .and(query_and_bearer(state, Operation::LinkIdentity))
-        .and(json_body())
-        .and(request_id())
-        .and_then(handlers::link_identity)
+/// An operation's path and its two `{…}` segments, raw.
+pub(super) fn path2(
+    operation: Operation,
+) -> impl Filter<Extract = (String, String), Error = Rejection> + Clone {
+    template(operation)
+        .map(|[first, second]: Captured| (first, second))
+        .untuple_one()
 }
 
-/// GET /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}?embed=ACTIONS
-fn get_linked_identity(
-    state: &Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities" / String)
-        .and(warp::get())
-        .and(query_and_bearer(state, Operation::GetLinkedIdentity))
-        .and_then(handlers::get_linked_identity)
+/// The `{…}` segments of a path, in order (unused ones empty).
+type Captured = [String; 2];
+
+/// The request's path matched against an operation's route template in
+/// the table; a match is recorded as the request's route, for its log
+/// line, its metrics and a 405's `Allow` (whether its method then matches
+/// or not).
+fn template(operation: Operation) -> impl Filter<Extract = (Captured,), Error = Rejection> + Clone {
+    warp::path::full().and_then(move |path: FullPath| {
+        let captured = captures(operation.spec().route, path.as_str());
+        if captured.is_some() {
+            ServedAs::record_route(Route::Operation(operation));
+        }
+        std::future::ready(captured.ok_or_else(warp::reject::not_found))
+    })
 }
 
-/// DELETE /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}
-fn delete_linked_identity(
-    state: &Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("api" / "admin" / "users" / "v4" / "users" / String / "linked-identities" / String)
-        .and(warp::delete())
-        .and(bearer(state, Operation::DeleteLinkedIdentity))
-        .and(request_id())
-        .and_then(handlers::delete_linked_identity)
+/// A path's `{…}` segments when it fits the template: every literal
+/// segment equal, each `{…}` one non-empty segment (taken raw: decoding is
+/// the parser's), nothing more — no trailing slash, as warp's `path!`.
+fn captures(template: &str, path: &str) -> Option<Captured> {
+    let mut captured = Captured::default();
+    let mut found = 0;
+    let mut segments = path.strip_prefix('/')?.split('/');
+    for part in template.trim_start_matches('/').split('/') {
+        let segment = segments.next()?;
+        if part.starts_with('{') {
+            if segment.is_empty() || found == captured.len() {
+                return None;
+            }
+            captured[found] = segment.to_owned();
+            found += 1;
+        } else if part != segment {
+            return None;
+        }
+    }
+    segments.next().is_none().then_some(captured)
 }
 
-/// GET /api/admin/users/v4/linked-identities?provider_id=&linked_user_id=&limit=&cursor=
-fn search_linked_identities(
-    state: &Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("api" / "admin" / "users" / "v4" / "linked-identities")
-        .and(warp::get())
-        .and(query_and_bearer(state, Operation::SearchLinkedIdentities))
-        .and_then(handlers::search_linked_identities)
-}
-
-/// GET /api/admin/users/v4/linked-identities/events?after=&limit=&wait=
-/// (or `Accept: text/event-stream`, resuming after `Last-Event-ID`)
-fn list_events(
-    state: &Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("api" / "admin" / "users" / "v4" / "linked-identities" / "events")
-        .and(warp::get())
-        .and(query())
-        .and(optional_header(Header::Accept))
-        .and(optional_header(Header::LastEventId))
-        .and(bearer(state, Operation::ListEvents))
-        .and_then(handlers::list_events)
-}
-
-/// GET /healthz
-fn healthz() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("healthz")
-        .and(warp::get())
-        .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response())
-}
-
-/// GET /readyz
-fn readyz(state: &Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("readyz")
-        .and(warp::get())
-        .and(with_state(state))
-        .and_then(handlers::readyz)
-}
-
-/// GET /metrics
-fn metrics(state: &Arc<AppState>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("metrics")
-        .and(warp::get())
-        .and(with_state(state))
-        .and(client(state))
-        .and_then(handlers::metrics)
-}
-
-/// GET /openapi.json
-fn openapi_json(
-    state: &Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("openapi.json")
-        .and(warp::get())
-        .and(with_state(state))
-        .map(|state: Arc<AppState>| {
-            let mut response = Response::new(state.openapi_json.clone().into());
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        })
+/// Records a route beside the API as the request's, once its path matched.
+pub(super) fn recorded(route: Route) -> impl Filter<Extract = (), Error = Infallible> + Clone {
+    warp::any()
+        .map(move || ServedAs::record_route(route))
+        .untuple_one()
 }
 
 /// The request's client (see `Head::client`).
-fn client(
+pub(super) fn client(
     state: &Arc<AppState>,
 ) -> impl Filter<Extract = (Option<Client>,), Error = Infallible> + Clone {
     let trusted = Arc::new(state.trusted_proxies.clone());
@@ -251,7 +149,7 @@ fn client(
 
 /// Authenticates the bearer, within the rate limits: a client that keeps
 /// failing is refused for a while, and a token may have a request budget.
-fn authenticate(state: &AppState, head: &Head) -> Result<Bearer, Rejection> {
+pub(super) fn authenticate(state: &AppState, head: &Head) -> Result<Bearer, Rejection> {
     let client = head.client(&state.trusted_proxies);
     let header = head.header(Header::Authorization);
     state
@@ -283,7 +181,7 @@ fn authenticate(state: &AppState, head: &Head) -> Result<Bearer, Rejection> {
 
 /// A JSON request body: declared as JSON (415 otherwise) and at most
 /// `MAX_BODY_BYTES` (413 otherwise, whether or not a length was declared).
-fn json_body() -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+pub(super) fn json_body() -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
     optional_header(Header::ContentType)
         .and(optional_header(Header::ContentLength))
         .and_then(
@@ -352,4 +250,53 @@ fn is_json(value: &HeaderValue) -> bool {
         .to_ascii_lowercase();
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: &str = "/api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}";
+
+    #[test]
+    fn a_path_fits_its_template_and_gives_its_segments_raw() {
+        let captured = captures(
+            ONE,
+            "/api/admin/users/v4/users/ada%2F1/linked-identities/okta",
+        );
+
+        assert_eq!(captured, Some(["ada%2F1".to_string(), "okta".to_string()]));
+        assert_eq!(
+            captures(
+                "/api/admin/users/v4/linked-identities",
+                "/api/admin/users/v4/linked-identities"
+            ),
+            Some(Captured::default())
+        );
+    }
+
+    #[test]
+    fn a_path_that_differs_anywhere_does_not_fit() {
+        for path in [
+            "/api/admin/users/v4/users/u/linked-identities",
+            "/api/admin/users/v4/users/u/linked-identities/okta/",
+            "/api/admin/users/v4/users//linked-identities/okta",
+            "/api/admin/users/v4/users/u/linked-identities/okta/more",
+            "/api/admin/users/v5/users/u/linked-identities/okta",
+            "api/admin/users/v4/users/u/linked-identities/okta",
+            "",
+        ] {
+            assert_eq!(captures(ONE, path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn json_is_application_json_or_a_json_suffix() {
+        let is = |v: &str| is_json(&HeaderValue::from_str(v).unwrap());
+        assert!(is("application/json"));
+        assert!(is("Application/JSON; charset=utf-8"));
+        assert!(is("application/problem+json"));
+        assert!(!is("text/json"));
+        assert!(!is("application/jsonx"));
+    }
 }

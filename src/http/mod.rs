@@ -1,7 +1,8 @@
-//! The HTTP edge: warp filters (one per operation), handlers, the one
-//! mapping of outcomes to problem details, the OpenAPI document, rate limits
-//! and the per-request context. Everything here speaks HTTP; nothing below
-//! it does.
+//! The HTTP edge: the operations (one file each, in `ops`), the routes
+//! beside them (`service`), the filters they are built of, the one mapping
+//! of outcomes to problem details, the OpenAPI document, rate limits, the
+//! per-request context and the connection loop. Everything here speaks
+//! HTTP; nothing below it does.
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
@@ -9,7 +10,6 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use warp::http::header::{HeaderValue, ALLOW, CONNECTION, VARY};
 use warp::http::Method;
-use warp::path::FullPath;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -21,13 +21,17 @@ use crate::store::Store;
 mod answer;
 mod context;
 pub(crate) mod dev;
+mod docs;
+pub(crate) mod error_answers;
 mod filters;
-mod handlers;
 pub(crate) mod openapi;
+mod ops;
 mod problem;
 mod query;
 pub(crate) mod rate_limit;
 pub(crate) mod server;
+mod service;
+mod unsent;
 mod url;
 
 use context::{head, Head, ServedAs};
@@ -54,7 +58,7 @@ pub struct AppState {
     /// polls end then, so that draining does not wait for them.
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// The budget of answers waiting for their clients to read them.
-    pub unsent: Arc<server::Unsent>,
+    pub unsent: Arc<unsent::Unsent>,
     /// Answers of many rows being built at once (see `handlers::PageSlot`).
     pub pages: Arc<tokio::sync::Semaphore>,
     /// `linkid dev`'s controls; `None` in `serve`, which has none.
@@ -74,14 +78,15 @@ pub fn app(
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let origins = state.cors_origins.clone();
     let cors = !origins.is_empty();
+    let routes = ops::routes(&state).or(service::routes(&state)).unify();
     let routes = if origins.is_empty() {
-        filters::routes(state).boxed()
+        routes.boxed()
     } else {
         // Preflights and cross-origin requests from other origins are
         // answered (or refused) by warp's CORS filter.
         let cors = warp::cors()
             .allow_origins(origins.iter().map(String::as_str))
-            .allow_methods(["GET", "POST", "DELETE"])
+            .allow_methods(cors_methods())
             .allow_headers(["authorization", "content-type", "x-request-id"])
             .expose_headers([
                 "x-request-id",
@@ -94,10 +99,7 @@ pub fn app(
                 "ratelimit-policy",
             ])
             .max_age(600);
-        filters::routes(state)
-            .with(cors)
-            .map(Reply::into_response)
-            .boxed()
+        routes.with(cors).map(Reply::into_response).boxed()
     };
     let outcome = no_tunnels()
         .and(routes)
@@ -105,10 +107,9 @@ pub fn app(
         .or_else(|rejection| async move { Ok::<_, Infallible>((Err(rejection),)) });
     head()
         .and(warp::method())
-        .and(warp::path::full())
         .and(outcome)
-        .map(move |head: Arc<Head>, method, path, outcome| {
-            let mut response = finish(&head, method, path, outcome);
+        .map(move |head: Arc<Head>, method, outcome| {
+            let mut response = finish(&head, method, outcome);
             if cors {
                 // Answers differ by Origin: caches must keep them apart.
                 response
@@ -117,6 +118,18 @@ pub fn app(
             }
             response
         })
+}
+
+/// The methods of the operations table (and HEAD wherever GET is), for
+/// CORS preflights.
+fn cors_methods() -> Vec<&'static str> {
+    let mut methods = vec!["HEAD"];
+    for spec in Operation::ALL.map(Operation::spec) {
+        if !methods.contains(&spec.method) {
+            methods.push(spec.method);
+        }
+    }
+    methods
 }
 
 /// Refuses CONNECT, on any target: this server is no proxy and opens no
@@ -135,13 +148,8 @@ fn no_tunnels() -> impl Filter<Extract = (), Error = Rejection> + Clone {
 
 /// Turns every outcome into the response: problem details for errors, the
 /// request id on everything, and one metrics sample and log line each.
-fn finish(
-    head: &Head,
-    method: Method,
-    path: FullPath,
-    outcome: Result<Response, Rejection>,
-) -> Response {
-    let route = route_of(path.as_str());
+fn finish(head: &Head, method: Method, outcome: Result<Response, Rejection>) -> Response {
+    let route = ServedAs::route();
     let mut response = match outcome {
         Ok(response) => response,
         Err(rejection) => {
@@ -153,7 +161,7 @@ fn finish(
             if matches!(error, ApiError::MethodNotAllowed) {
                 // Empty where the target is no resource here: nothing is
                 // allowed on it (RFC 9110 §10.2.1).
-                let allow = route.map_or("", Route::allow);
+                let allow = route.map_or("", |route| route.allow());
                 response
                     .headers_mut()
                     .insert(ALLOW, HeaderValue::from_static(allow));
@@ -189,7 +197,7 @@ fn finish(
             } else {
                 method.as_str()
             },
-            route: route.map_or("unknown", |r| r.template),
+            route: route.map_or("unknown", |r| r.template()),
             status: response.status().as_u16(),
             latency_us: elapsed.as_micros() as u64,
             request_id: &head.id.0,
@@ -205,7 +213,7 @@ fn finish(
 /// reads nothing could otherwise pipeline one after another).
 fn within_unsent_budget(
     response: Response,
-    unsent: &server::UnsentAccount,
+    unsent: &unsent::UnsentAccount,
     request_id: &str,
 ) -> Response {
     use hyper::body::Body as _;
@@ -232,53 +240,58 @@ fn within_unsent_budget(
     busy
 }
 
-/// A known path: its template and, through the operations table, its
-/// methods and metrics labels.
+/// The route a request's path matched: an API operation's (whose method
+/// may not have matched), or one beside the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route {
-    pub template: &'static str,
-    /// The label of a route that is not an API operation (`healthz`, …).
-    service: Option<&'static str>,
+pub(crate) enum Route {
+    Operation(Operation),
+    Service {
+        template: &'static str,
+        /// Its metrics label.
+        label: &'static str,
+        /// Its `Allow` header.
+        allow: &'static str,
+    },
 }
 
-/// `linkid dev`'s reset's metrics label.
-const DEV_RESET: &str = "devReset";
-
-/// Routes beside the API: (template, metrics label). `/docs` also covers
-/// everything below it; `/_dev/reset` exists in `linkid dev` only.
-const SERVICE_ROUTES: [(&str, &str); 6] = [
-    ("/healthz", "healthz"),
-    ("/readyz", "readyz"),
-    ("/metrics", "metrics"),
-    ("/openapi.json", "openapi"),
-    ("/docs", "docs"),
-    ("/_dev/reset", DEV_RESET),
-];
-
 impl Route {
+    /// A route beside the API, answered to GET (and HEAD).
+    pub(crate) const fn service(template: &'static str, label: &'static str) -> Route {
+        Route::Service {
+            template,
+            label,
+            allow: "GET, HEAD",
+        }
+    }
+
+    /// Its template, as the log line names it.
+    pub fn template(self) -> &'static str {
+        match self {
+            Route::Operation(operation) => operation.spec().route,
+            Route::Service { template, .. } => template,
+        }
+    }
+
     /// The metrics label of this route with this method: the operation's
     /// id, the service route's name, or `other` for a method it lacks.
     pub fn label(self, method: &Method) -> &'static str {
-        if let Some(service) = self.service {
-            return service;
+        match self {
+            Route::Service { label, .. } => label,
+            Route::Operation(matched) => Operation::ALL
+                .into_iter()
+                .map(Operation::spec)
+                .find(|spec| spec.route == matched.spec().route && spec.method == method.as_str())
+                .map_or("other", |spec| spec.id),
         }
-        Operation::ALL
-            .into_iter()
-            .map(Operation::spec)
-            .find(|spec| spec.route == self.template && spec.method == method.as_str())
-            .map_or("other", |spec| spec.id)
     }
 
     /// The `Allow` header of this route (HEAD wherever GET is).
     pub fn allow(self) -> &'static str {
         static ALLOWS: OnceLock<Vec<(&'static str, &'static str)>> = OnceLock::new();
-        if let Some(service) = self.service {
-            return if service == DEV_RESET {
-                "POST"
-            } else {
-                "GET, HEAD"
-            };
-        }
+        let template = match self {
+            Route::Service { allow, .. } => return allow,
+            Route::Operation(operation) => operation.spec().route,
+        };
         let allows = ALLOWS.get_or_init(|| {
             let mut allows: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
             for spec in Operation::ALL.map(Operation::spec) {
@@ -299,62 +312,8 @@ impl Route {
         });
         allows
             .iter()
-            .find(|(route, _)| *route == self.template)
-            .map_or("GET", |(_, allow)| allow)
-    }
-}
-
-/// The known route a request path falls under, if any.
-pub fn route_of(path: &str) -> Option<Route> {
-    let path = path.trim_matches('/');
-    if path == "docs" || path.starts_with("docs/") {
-        return Some(Route {
-            template: "/docs",
-            service: Some("docs"),
-        });
-    }
-    if let Some((template, label)) = SERVICE_ROUTES
-        .into_iter()
-        .find(|(template, _)| template.trim_start_matches('/') == path)
-    {
-        return Some(Route {
-            template,
-            service: Some(label),
-        });
-    }
-    // Each request looks its route up: compare segments only with the
-    // templates that have as many.
-    static TEMPLATES: OnceLock<Vec<(&'static str, usize)>> = OnceLock::new();
-    let templates = TEMPLATES.get_or_init(|| {
-        Operation::ALL
-            .into_iter()
-            .map(|op| op.spec().route)
-            .map(|t| (t, t.trim_matches('/').split('/').count()))
-            .collect()
-    });
-    let segments = path.split('/').count();
-    templates
-        .iter()
-        .filter(|(_, n)| *n == segments)
-        .map(|(template, _)| *template)
-        .find(|template| template_matches(template, path))
-        .map(|template| Route {
-            template,
-            service: None,
-        })
-}
-
-/// Whether a path (without its outer slashes) fits a template whose
-/// `{name}` segments stand for any one segment.
-fn template_matches(template: &str, path: &str) -> bool {
-    let mut template = template.trim_matches('/').split('/');
-    let mut path = path.split('/');
-    loop {
-        match (template.next(), path.next()) {
-            (None, None) => return true,
-            (Some(t), Some(p)) if t.starts_with('{') || t == p => {}
-            _ => return false,
-        }
+            .find(|(route, _)| *route == template)
+            .map_or("GET, HEAD", |(_, allow)| allow)
     }
 }
 
@@ -363,21 +322,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_fall_under_their_route_with_its_methods_and_labels() {
-        let list = route_of("/api/admin/users/v4/users/u-1/linked-identities").unwrap();
+    fn a_route_has_its_methods_and_labels_from_the_table() {
+        let list = Route::Operation(Operation::ListLinkedIdentities);
         assert_eq!(
-            list.template,
+            list.template(),
             "/api/admin/users/v4/users/{user_id}/linked-identities"
         );
         assert_eq!(list.allow(), "GET, HEAD, POST");
         assert_eq!(list.label(&Method::POST), "linkIdentity");
         assert_eq!(list.label(&Method::PUT), "other");
-        let one = route_of("/api/admin/users/v4/users/u-1/linked-identities/okta").unwrap();
+        let one = Route::Operation(Operation::DeleteLinkedIdentity);
         assert_eq!(one.allow(), "GET, HEAD, DELETE");
         assert_eq!(one.label(&Method::GET), "getLinkedIdentity");
-        assert_eq!(route_of("/healthz").unwrap().label(&Method::GET), "healthz");
-        assert_eq!(route_of("/docs/index.html").unwrap().template, "/docs");
-        assert_eq!(route_of("/api/admin/users/v4/users"), None);
-        assert_eq!(route_of("/nope"), None);
+        let healthz = Route::service("/healthz", "healthz");
+        assert_eq!(healthz.label(&Method::GET), "healthz");
+        assert_eq!(healthz.allow(), "GET, HEAD");
     }
 }

@@ -1,8 +1,7 @@
-//! The OpenAPI 3.1 document, generated from the handlers and types, and the
-//! offline docs page.
+//! The OpenAPI 3.1 document, generated from the operations' files and the
+//! types: their paths, the error answers and the links between them.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde_json::json;
 use utoipa::openapi::example::ExampleBuilder;
@@ -13,16 +12,9 @@ use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
-use utoipa_swagger_ui::Config;
-use warp::http::header::{
-    HeaderValue, CONTENT_SECURITY_POLICY, CONTENT_TYPE, LOCATION, X_CONTENT_TYPE_OPTIONS,
-};
 use warp::http::StatusCode;
-use warp::path::{FullPath, Tail};
-use warp::reply::Response as HttpResponse;
-use warp::{Filter, Rejection};
 
-use super::handlers;
+use super::error_answers::{store_unavailable, Answer, Use};
 use super::problem::{ApiError, FieldError, ProblemCode};
 use super::rate_limit::RateLimited;
 use crate::domain::Operation;
@@ -36,24 +28,18 @@ use crate::domain::Operation;
             `linkid token mint --admin`. Errors are RFC 9457 problem details \
             (`application/problem+json`) with a stable `code` (see `ProblemCode`; each error \
             response narrows it to the codes it can carry) and the `request_id`; every \
-            response carries `x-request-id`.",
+            response carries `x-request-id`. Query parameters that an operation does not name \
+            are ignored, not refused, as most HTTP APIs do (an older server still answers a \
+            newer client, and what proxies and caches add passes): a misspelt optional \
+            parameter is simply absent, so a lookup whose `linked_user_id` is misspelt lists \
+            every link at the provider.",
         contact(name = "linkid maintainers"),
         license(name = "MIT", identifier = "MIT"),
     ),
     servers((url = "/", description = "The linkid server that serves this document.")),
-    paths(
-        handlers::list_identity_providers,
-        handlers::list_linked_identities,
-        handlers::link_identity,
-        handlers::get_linked_identity,
-        handlers::delete_linked_identity,
-        handlers::search_linked_identities,
-        handlers::list_events,
-    ),
     // Embed is only named by the `embed` query parameters, which utoipa does
     // not collect on its own: without it their `$ref` dangles.
     components(schemas(super::problem::Problem, ProblemCode, FieldError, crate::domain::Embed)),
-    modifiers(&Finish),
     tags(
         (name = "Linked Identities", description = "Links between local users and accounts at remote identity providers."),
         (name = "System of record", description = "Every link at once: the login-time reverse lookup, paging through all links, and the change feed."),
@@ -64,16 +50,78 @@ struct ApiDoc;
 /// The document as pretty JSON with a trailing newline: what `linkid
 /// openapi` prints, `/openapi.json` serves and `openapi/openapi.json` holds.
 pub fn document_json() -> String {
-    let mut text = ApiDoc::openapi()
+    let text = document()
         .to_pretty_json()
         .expect("the OpenAPI document serializes");
+    let mut text = challenges_in_answer_order(&text);
     text.push('\n');
     text
 }
 
+/// Stands in the serialized document for the examples of the 401's
+/// `WWW-Authenticate` header, until `challenges_in_answer_order` writes them.
+const CHALLENGE_EXAMPLES: &str = "(the examples of WWW-Authenticate)";
+
+/// Writes the `WWW-Authenticate` examples in place of their placeholder, in
+/// the 401's order: the missing token's first. utoipa keeps a header's
+/// examples in a map sorted by name, which puts `INVALID_TOKEN` first, and
+/// Prism's mock answers every 401 (a request without a token too) with the
+/// header's first example, whichever body example it sends.
+fn challenges_in_answer_order(text: &str) -> String {
+    let placeholder = format!("\"example\": {}", json!(CHALLENGE_EXAMPLES));
+    let at = text
+        .find(&placeholder)
+        .expect("the document has the challenge header");
+    let indent = &text[text[..at].rfind('\n').map_or(0, |line| line + 1)..at];
+    let examples = InOrder(
+        challenges()
+            .into_iter()
+            .map(|(code, challenge)| (code, json!({ "value": challenge })))
+            .collect(),
+    );
+    let examples = serde_json::to_string_pretty(&examples)
+        .expect("examples serialize")
+        .replace('\n', &format!("\n{indent}"));
+    text.replacen(&placeholder, &format!("\"examples\": {examples}"), 1)
+}
+
+/// A JSON object whose members keep the order they are given in.
+struct InOrder(Vec<(&'static str, serde_json::Value)>);
+
+impl serde::Serialize for InOrder {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, value) in &self.0 {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+/// The document: the info and tags above, each operation's path from its
+/// file (in the table's order), then what `Finish` adds.
+fn document() -> utoipa::openapi::OpenApi {
+    let mut document = ApiDoc::openapi();
+    for operation in Operation::ALL {
+        (super::ops::file(operation).document)(&mut document);
+    }
+    Finish.modify(&mut document);
+    document
+}
+
+/// What the document says an operation answers (for `linkid dev`'s
+/// `Prefer: code=`).
+pub(crate) fn documented(operation: Operation) -> super::dev::Documented {
+    super::dev::Documented {
+        statuses: documented_statuses(operation),
+        errors: documented_errors(operation),
+    }
+}
+
 /// Every error answer the document gives an operation, one per example,
 /// in the document's order (`linkid dev` answers them on request).
-pub(crate) fn documented_errors(operation: Operation) -> Vec<ApiError> {
+fn documented_errors(operation: Operation) -> Vec<ApiError> {
     let shared = shared_answers();
     operation_answers(operation)
         .into_iter()
@@ -89,7 +137,7 @@ pub(crate) fn documented_errors(operation: Operation) -> Vec<ApiError> {
 }
 
 /// The statuses the document gives an operation, in ascending order.
-pub(crate) fn documented_statuses(operation: Operation) -> Vec<u16> {
+fn documented_statuses(operation: Operation) -> Vec<u16> {
     static DOCUMENT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
     let document = DOCUMENT
         .get_or_init(|| serde_json::from_str(&document_json()).expect("the document is JSON"));
@@ -103,42 +151,6 @@ pub(crate) fn documented_statuses(operation: Operation) -> Vec<u16> {
     statuses
 }
 
-/// One error response: the problems it can carry, one example each, all
-/// with one status.
-struct Answer {
-    /// Its schema's name: `Problem` with `code` narrowed to these problems'
-    /// codes, so that a generated client has a type to switch on.
-    schema: &'static str,
-    examples: Vec<ApiError>,
-}
-
-impl Answer {
-    fn new(schema: &'static str, examples: Vec<ApiError>) -> Self {
-        Answer { schema, examples }
-    }
-
-    fn status(&self) -> StatusCode {
-        self.examples[0].status()
-    }
-
-    fn codes(&self) -> Vec<ProblemCode> {
-        let mut codes: Vec<ProblemCode> = Vec::new();
-        for error in &self.examples {
-            if !codes.contains(&error.code()) {
-                codes.push(error.code());
-            }
-        }
-        codes
-    }
-}
-
-/// How an operation documents an error status: by reference to a shared
-/// answer in `components/responses` (by name), or with its own.
-enum Use {
-    Shared(&'static str),
-    Own(Answer),
-}
-
 /// The answers several operations share: (`components/responses` name, answer).
 fn shared_answers() -> Vec<(&'static str, Answer)> {
     let answer =
@@ -147,10 +159,7 @@ fn shared_answers() -> Vec<(&'static str, Answer)> {
         answer(
             "Unauthorized",
             "UnauthorizedProblem",
-            vec![
-                ApiError::MissingToken,
-                ApiError::InvalidToken("expired".into()),
-            ],
+            unauthorized_examples(),
         ),
         answer(
             "Forbidden",
@@ -213,137 +222,30 @@ fn shared_answers() -> Vec<(&'static str, Answer)> {
     ]
 }
 
-fn store_unavailable() -> ApiError {
-    ApiError::StoreUnavailable(
-        "the database file was deleted or replaced while linkid ran; put it back or restart linkid"
-            .into(),
-    )
+/// The two 401s: no token, and a token that is not valid.
+fn unauthorized_examples() -> Vec<ApiError> {
+    vec![
+        ApiError::MissingToken,
+        ApiError::InvalidToken("expired".into()),
+    ]
 }
 
-/// A page refused while answers wait for clients that do not read them.
-fn server_busy() -> ApiError {
-    ApiError::ServerBusy { held: 33_000_000 }
+/// An answer's first problem, as its schema's example when it has several:
+/// the media type's examples are keyed by code, so sorted by name, and a
+/// tool that answers "the first example" (Prism, for a status alone and for
+/// a request without a token) takes the schema's example first. It should
+/// get the common case (`UNAUTHENTICATED`, `FORBIDDEN`), not the first code
+/// in the alphabet.
+fn schema_example(answer: &Answer) -> Option<serde_json::Value> {
+    (answer.examples.len() > 1).then(|| example_value(&answer.examples[0]))
 }
 
-/// What the parsers say about bad input, as a validation problem.
-fn invalid(errors: Vec<FieldError>) -> ApiError {
-    assert!(!errors.is_empty(), "an example of bad input has errors");
-    ApiError::Validation(errors)
-}
-
-/// Every error response an operation can answer with, by status. The
-/// validation examples come from the handlers' own parsers, so they say
-/// what the server says.
+/// Every error response an operation can answer with, by status: those its
+/// file documents (whose validation examples come from its own parsers, so
+/// they say what the server says), then those of every operation.
 fn operation_answers(operation: Operation) -> Vec<Use> {
-    use Use::{Own, Shared};
-    let bad_user_and_embed = || {
-        let mut errors = handlers::parse_user("u%0042").err().unwrap_or_default();
-        errors.extend(
-            handlers::parse_embed("embed=EVERYTHING")
-                .err()
-                .unwrap_or_default(),
-        );
-        invalid(errors)
-    };
-    let mut answers = match operation {
-        Operation::ListIdentityProviders => vec![],
-        Operation::ListLinkedIdentities => vec![
-            Own(Answer::new(
-                "ValidationFailedProblem",
-                vec![bad_user_and_embed()],
-            )),
-            Shared("StoreUnavailable"),
-        ],
-        Operation::LinkIdentity => {
-            let body = br#"{"provider_id": "okta", "linked_username": "ada@example.com", "nickname": "ada"}"#;
-            let bad_body = match handlers::parse_link_body(body) {
-                Ok(Err(errors)) => invalid(errors),
-                _ => unreachable!("the example body has bad fields"),
-            };
-            let malformed = match handlers::parse_link_body(br#"{"provider_id": "okta""#) {
-                Err(error) => error,
-                Ok(_) => unreachable!("the example body is malformed"),
-            };
-            vec![
-                Own(Answer::new(
-                    "LinkBadRequestProblem",
-                    vec![
-                        bad_body,
-                        malformed,
-                        ApiError::InvalidIdentityProvider("github".into()),
-                        ApiError::UserAlreadyLinked {
-                            user_id: "u-42".into(),
-                            provider_id: Some("azure-ad".into()),
-                        },
-                    ],
-                )),
-                Shared("RequestTimeout"),
-                Own(Answer::new(
-                    "IdentityAlreadyLinkedProblem",
-                    vec![ApiError::IdentityAlreadyLinked {
-                        provider_id: "okta".into(),
-                        linked_user_id: "00u1a2b3c4".into(),
-                    }],
-                )),
-                Shared("PayloadTooLarge"),
-                Shared("UnsupportedMediaType"),
-                Shared("StoreUnavailable"),
-                Shared("StorageFull"),
-            ]
-        }
-        Operation::GetLinkedIdentity | Operation::DeleteLinkedIdentity => {
-            let mut errors = handlers::parse_user("u-42").err().unwrap_or_default();
-            errors.extend(
-                handlers::parse_provider("ok%00ta")
-                    .err()
-                    .unwrap_or_default(),
-            );
-            let mut answers = vec![
-                Own(Answer::new(
-                    "ValidationFailedProblem",
-                    vec![invalid(errors)],
-                )),
-                Shared("LinkedIdentityNotFound"),
-                Shared("StoreUnavailable"),
-            ];
-            if operation == Operation::DeleteLinkedIdentity {
-                answers.push(Shared("StorageFull"));
-            }
-            answers
-        }
-        Operation::SearchLinkedIdentities => vec![
-            Own(Answer::new(
-                "ValidationFailedProblem",
-                vec![invalid(
-                    handlers::parse_search("linked_user_id=00u1a2b3c4&limit=5000")
-                        .err()
-                        .unwrap_or_default(),
-                )],
-            )),
-            Own(Answer::new(
-                "SearchUnavailableProblem",
-                vec![store_unavailable(), server_busy()],
-            )),
-        ],
-        Operation::ListEvents => vec![
-            Own(Answer::new(
-                "ValidationFailedProblem",
-                vec![invalid(
-                    handlers::parse_feed("after=-1&wait=120")
-                        .err()
-                        .unwrap_or_default(),
-                )],
-            )),
-            Own(Answer::new(
-                "EventsExpiredProblem",
-                vec![ApiError::EventsExpired { pruned_through: 41 }],
-            )),
-            Own(Answer::new(
-                "EventsUnavailableProblem",
-                vec![ApiError::TooManyStreams, store_unavailable(), server_busy()],
-            )),
-        ],
-    };
+    use Use::Shared;
+    let mut answers = (super::ops::file(operation).answers)();
     // Every operation: authentication, authorization (and CORS), rate
     // limits, and a server fault.
     answers.extend([
@@ -382,12 +284,30 @@ const PROVIDER: (&str, LinkValue) = (
     "provider_id",
     LinkValue::Expression("$response.body#/provider_id"),
 );
+const LINKED_USER: (&str, LinkValue) = (
+    "linked_user_id",
+    LinkValue::Expression("$response.body#/linked_user_id"),
+);
 /// A feed read that a link leads to never long-polls.
 const NO_WAIT: (&str, LinkValue) = ("wait", LinkValue::Fixed("0"));
 const CREATED: &[&str] = &["201", "200"];
 
-/// From a new link to everything about it (including the login-time
-/// lookup), and from the lookup on to the change feed.
+/// From a new link to everything about it (reading, listing and deleting
+/// it, the login-time lookup, the change feed, the retry), on along the
+/// feed, and from a deleted link to what is left of it (a 404, an empty
+/// lookup).
+///
+/// Every chain begins where schemathesis' stateful phase begins scenarios,
+/// so that one run follows every link. It starts them at operations that
+/// have links, and only at the "reliable" ones when there are any: a POST,
+/// or a GET without path parameters, whose inputs some response produces.
+/// None of these is: `linkIdentity` needs a user nothing produces,
+/// `listEvents` a `Last-Event-ID` nothing produces, and the other two have
+/// path parameters. So scenarios start at all four (schemathesis 4.32's
+/// rules; its "API Links" line counts what a run followed). No link leaves the
+/// search: it would be reliable (a new link produces its filters) and the
+/// one place scenarios start, and no link out of a new link would ever be
+/// followed (as happened when the feed was linked from the search).
 const LINKS: &[DocLink] = &[
     DocLink {
         from: Operation::LinkIdentity,
@@ -421,16 +341,19 @@ const LINKS: &[DocLink] = &[
         statuses: CREATED,
         name: "LookUpLinkedIdentity",
         to: Operation::SearchLinkedIdentities,
-        parameters: &[
-            PROVIDER,
-            (
-                "linked_user_id",
-                LinkValue::Expression("$response.body#/linked_user_id"),
-            ),
-        ],
+        parameters: &[PROVIDER, LINKED_USER],
         request_body: None,
         description:
             "The login-time reverse lookup of the remote identity just linked: it finds this user.",
+    },
+    DocLink {
+        from: Operation::LinkIdentity,
+        statuses: CREATED,
+        name: "ListEvents",
+        to: Operation::ListEvents,
+        parameters: &[NO_WAIT],
+        request_body: None,
+        description: "The change feed: a new link is a `LINKED` event there, a new username an `UPDATED` one.",
     },
     DocLink {
         from: Operation::LinkIdentity,
@@ -452,13 +375,22 @@ const LINKS: &[DocLink] = &[
         description: "Delete this identity.",
     },
     DocLink {
-        from: Operation::SearchLinkedIdentities,
+        from: Operation::DeleteLinkedIdentity,
         statuses: &["200"],
-        name: "ListEvents",
-        to: Operation::ListEvents,
-        parameters: &[NO_WAIT],
+        name: "GetLinkedIdentity",
+        to: Operation::GetLinkedIdentity,
+        parameters: &[USER, PROVIDER],
         request_body: None,
-        description: "The change feed: who made these links, and every change since.",
+        description: "The identity just deleted: a 404 `LINKED_IDENTITY_NOT_FOUND` now.",
+    },
+    DocLink {
+        from: Operation::DeleteLinkedIdentity,
+        statuses: &["200"],
+        name: "LookUpLinkedIdentity",
+        to: Operation::SearchLinkedIdentities,
+        parameters: &[PROVIDER, LINKED_USER],
+        request_body: None,
+        description: "The login-time reverse lookup of the remote identity just unlinked: it finds no one now.",
     },
     DocLink {
         from: Operation::ListEvents,
@@ -505,10 +437,10 @@ impl Modify for Finish {
         if let Some(RefOr::T(code)) = components.schemas.get_mut("ProblemCode") {
             set_description(code, problem_code_table());
         }
-        // Each narrowed problem schema, by name, with its codes.
+        // Each narrowed problem schema, by name, with its codes and examples.
         let mut narrowed = BTreeMap::new();
         for (name, answer) in shared_answers() {
-            narrowed.insert(answer.schema, answer.codes());
+            narrowed.insert(answer.schema, (answer.codes(), schema_example(&answer)));
             components
                 .responses
                 .insert(name.to_string(), error_response(&answer).into());
@@ -534,10 +466,10 @@ impl Modify for Finish {
         }
 
         let components = openapi.components.get_or_insert_with(Default::default);
-        for (name, codes) in narrowed {
+        for (name, (codes, example)) in narrowed {
             components
                 .schemas
-                .insert(name.to_string(), narrowed_problem(&codes).into());
+                .insert(name.to_string(), narrowed_problem(&codes, example).into());
         }
     }
 }
@@ -547,7 +479,7 @@ impl Modify for Finish {
 fn add_error_responses(
     op: Operation,
     responses: &mut utoipa::openapi::Responses,
-    narrowed: &mut BTreeMap<&'static str, Vec<ProblemCode>>,
+    narrowed: &mut BTreeMap<&'static str, (Vec<ProblemCode>, Option<serde_json::Value>)>,
 ) {
     for answer in operation_answers(op) {
         let (status, response) = match answer {
@@ -560,12 +492,19 @@ fn add_error_responses(
             }
             Use::Own(answer) => {
                 let codes = answer.codes();
-                let known = narrowed.entry(answer.schema).or_insert(codes.clone());
+                let example = schema_example(&answer);
+                let (known, known_example) = narrowed
+                    .entry(answer.schema)
+                    .or_insert((codes.clone(), example.clone()));
                 assert_eq!(
                     *known, codes,
                     "{} narrows to one set of codes",
                     answer.schema
                 );
+                // A schema that answers with other examples elsewhere has none.
+                if *known_example != example {
+                    *known_example = None;
+                }
                 (answer.status(), error_response(&answer).into())
             }
         };
@@ -643,18 +582,7 @@ fn shared_headers() -> Vec<(&'static str, Header)> {
                 &[("", json!(EXAMPLE_REQUEST_ID))],
             ),
         ),
-        (
-            "WwwAuthenticate",
-            required_header(
-                Type::String,
-                "The RFC 6750 challenge: `Bearer` when no token was presented; \
-                 `Bearer error=\"invalid_token\"` when one was and it is not valid.",
-                &[
-                    ("UNAUTHENTICATED", json!("Bearer")),
-                    ("INVALID_TOKEN", json!("Bearer error=\"invalid_token\"")),
-                ],
-            ),
-        ),
+        ("WwwAuthenticate", www_authenticate_header()),
         (
             "RetryAfter",
             required_header(
@@ -694,6 +622,48 @@ fn shared_headers() -> Vec<(&'static str, Header)> {
     ]
 }
 
+/// The RFC 6750 challenge of each 401 example, by the example's name (its
+/// problem code), in the 401's order.
+fn challenges() -> Vec<(&'static str, String)> {
+    unauthorized_examples()
+        .iter()
+        .flat_map(|error| {
+            error
+                .headers()
+                .into_iter()
+                .filter(|(name, _)| *name == "www-authenticate")
+                .map(|(_, challenge)| (error.code().as_str(), challenge))
+        })
+        .collect()
+}
+
+/// The RFC 6750 challenge of a 401. OpenAPI gives a response one set of
+/// headers for all its examples, so the pairing is by name: the header's
+/// examples are named as the 401's body examples are (by problem code),
+/// which is how a mock that pairs examples by name (Microcks) sends each
+/// problem with its own challenge, and each body example says its challenge
+/// too (`headers_sent_with`). The schema lists the two values the server
+/// sends. Prism sends a header's first example whatever body example it
+/// answers: the missing token's comes first (`challenges_in_answer_order`).
+fn www_authenticate_header() -> Header {
+    HeaderBuilder::new()
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(
+                    challenges().into_iter().map(|(_, challenge)| challenge),
+                )),
+        ))
+        .description(Some(
+            "The RFC 6750 challenge: `Bearer` when no token was presented (the \
+             `UNAUTHENTICATED` example); `Bearer error=\"invalid_token\"` when one was and it \
+             is not valid (`INVALID_TOKEN`).",
+        ))
+        .example(Some(json!(CHALLENGE_EXAMPLES)))
+        .extensions(Some(Extensions::from_iter([("required", true)])))
+        .build()
+}
+
 fn location_header() -> Header {
     required_header(
         Type::String,
@@ -728,8 +698,12 @@ fn set_description(schema: &mut utoipa::openapi::Schema, description: String) {
     }
 }
 
-/// `Problem` with `code` narrowed to an error response's codes.
-fn narrowed_problem(codes: &[ProblemCode]) -> utoipa::openapi::Schema {
+/// `Problem` with `code` narrowed to an error response's codes, and its
+/// first example when it has several.
+fn narrowed_problem(
+    codes: &[ProblemCode],
+    example: Option<serde_json::Value>,
+) -> utoipa::openapi::Schema {
     let status = codes[0].status();
     let mut narrowing = ObjectBuilder::new()
         .schema_type(Type::Object)
@@ -755,7 +729,13 @@ fn narrowed_problem(codes: &[ProblemCode]) -> utoipa::openapi::Schema {
             status.as_u16(),
             listed.join(" or ")
         )))
+        .examples(example)
         .into()
+}
+
+/// A problem as an example value.
+fn example_value(error: &ApiError) -> serde_json::Value {
+    serde_json::to_value(error.to_problem(EXAMPLE_REQUEST_ID)).expect("a problem serializes")
 }
 
 fn error_response(answer: &Answer) -> Response {
@@ -767,24 +747,7 @@ fn error_response(answer: &Answer) -> Response {
     for code in answer.codes() {
         description.push_str(&format!("\n- `{}`: {}", code.as_str(), code.meaning()));
     }
-    let content = ContentBuilder::new()
-        .schema(Some(Ref::from_schema_name(answer.schema)))
-        .examples_from_iter(answer.examples.iter().map(|error| {
-            let value = serde_json::to_value(error.to_problem(EXAMPLE_REQUEST_ID))
-                .expect("a problem serializes");
-            (
-                error.code().as_str(),
-                ExampleBuilder::new()
-                    .summary(error.code().as_str())
-                    .value(Some(value))
-                    .build(),
-            )
-        }))
-        .build();
-    let mut response = ResponseBuilder::new()
-        .description(description)
-        .header_ref("x-request-id", Ref::new("#/components/headers/RequestId"))
-        .content("application/problem+json", content);
+    // The headers of this status: (name, `components/headers` name).
     let mut headers: Vec<(&str, &str)> = Vec::new();
     if status == StatusCode::UNAUTHORIZED {
         headers.push(("WWW-Authenticate", "WwwAuthenticate"));
@@ -800,69 +763,42 @@ fn error_response(answer: &Answer) -> Response {
             ("RateLimit-Policy", "RateLimitPolicy"),
         ]);
     }
+    let content = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name(answer.schema)))
+        .examples_from_iter(answer.examples.iter().map(|error| {
+            let mut example = ExampleBuilder::new()
+                .summary(error.code().as_str())
+                .value(Some(example_value(error)));
+            if let Some(sent) = headers_sent_with(error, &headers) {
+                example = example.description(sent);
+            }
+            (error.code().as_str(), example.build())
+        }))
+        .build();
+    let mut response = ResponseBuilder::new()
+        .description(description)
+        .header_ref("x-request-id", Ref::new("#/components/headers/RequestId"))
+        .content("application/problem+json", content);
     for (name, component) in headers {
         response = response.header_ref(name, Ref::new(format!("#/components/headers/{component}")));
     }
     response.build()
 }
 
-/// The `/docs` page's Content-Security-Policy. Swagger UI sets element
-/// styles from script, hence `'unsafe-inline'` for styles only; its icons
-/// are data: URIs.
-const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
-     img-src 'self' data:; font-src 'self' data:; connect-src 'self'; \
-     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-/// `/docs`: Swagger UI from files built into the binary, pointed at `/openapi.json`.
-pub fn docs() -> impl Filter<Extract = (HttpResponse,), Error = Rejection> + Clone {
-    let config = Arc::new(
-        Config::from("/openapi.json")
-            .validator_url("none")
-            // A token typed into the page lives only as long as the page:
-            // persisting it would leave it in the browser's localStorage.
-            .persist_authorization(false)
-            .try_it_out_enabled(true),
-    );
-    warp::path("docs")
-        .and(warp::get())
-        .and(warp::path::full())
-        .and(warp::path::tail())
-        .and(warp::any().map(move || config.clone()))
-        .and_then(serve_docs)
-}
-
-async fn serve_docs(
-    full: FullPath,
-    tail: Tail,
-    config: Arc<Config<'static>>,
-) -> Result<HttpResponse, Rejection> {
-    if full.as_str() == "/docs" {
-        let mut response = HttpResponse::new(Default::default());
-        *response.status_mut() = StatusCode::FOUND;
-        response
-            .headers_mut()
-            .insert(LOCATION, HeaderValue::from_static("/docs/"));
-        return Ok(response);
-    }
-    match utoipa_swagger_ui::serve(tail.as_str(), config) {
-        Ok(Some(file)) => {
-            let mut response = HttpResponse::new(file.bytes.into_owned().into());
-            if let Ok(value) = HeaderValue::from_str(&file.content_type) {
-                response.headers_mut().insert(CONTENT_TYPE, value);
-            }
-            // The page holds a bearer token: it runs only its own scripts,
-            // talks only to this server, and cannot be framed.
-            response
-                .headers_mut()
-                .insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(DOCS_CSP));
-            response
-                .headers_mut()
-                .insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-            Ok(response)
-        }
-        Ok(None) => Err(warp::reject::not_found()),
-        Err(error) => Err(warp::reject::custom(ApiError::from(anyhow::anyhow!(
-            "cannot serve the docs page: {error}"
-        )))),
-    }
+/// An example's own header values, said in its description: a response has
+/// one set of headers for all its examples, so this is where a 401 example
+/// says which challenge comes with it.
+fn headers_sent_with(error: &ApiError, documented: &[(&str, &str)]) -> Option<String> {
+    let sent: Vec<String> = error
+        .headers()
+        .into_iter()
+        .map(|(name, value)| {
+            let shown = documented
+                .iter()
+                .find(|(documented, _)| documented.eq_ignore_ascii_case(name))
+                .map_or(name, |(documented, _)| *documented);
+            format!("`{shown}: {value}`")
+        })
+        .collect();
+    (!sent.is_empty()).then(|| format!("Sent with {}.", sent.join(", ")))
 }

@@ -243,6 +243,12 @@ fn describe_fields(fields: &[FieldError]) -> String {
 
 impl warp::reject::Reject for ApiError {}
 
+impl From<Vec<FieldError>> for ApiError {
+    fn from(errors: Vec<FieldError>) -> Self {
+        ApiError::Validation(errors)
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
         ApiError::Internal(Arc::new(error))

@@ -38,7 +38,7 @@ use tokio::sync::watch;
 
 use super::{Answer, Backend, Reply};
 use super::{LinkOutcome, SearchPage, SearchQuery, StoreError};
-use crate::config::{DatabaseConfig, PostgresUrl, SslMode};
+use crate::config::{DatabaseConfig, PostgresUrl};
 use crate::domain::{Actor, Event, EventType, IdRules, LinkRecord, NewLink, ProviderId, UserId};
 
 /// linkid's advisory locks are `(LOCK_NAMESPACE, n)`: n = 0 for schema
@@ -532,7 +532,7 @@ impl PostgresStore {
 
     /// The hosts of the URL, for messages.
     fn hosts(&self) -> String {
-        let hosts: Vec<String> = self.url.hosts.iter().map(|h| h.to_string()).collect();
+        let hosts: Vec<String> = self.url.hosts().iter().map(|h| h.to_string()).collect();
         hosts.join(",")
     }
 
@@ -599,41 +599,20 @@ impl PostgresStore {
     }
 }
 
-/// The driver's connection settings for `url`. The statement timeout is
-/// set for every session, so the server itself cancels a stuck statement.
+/// The driver's connection settings for `url`: the URL's, with linkid's
+/// defaults where it names none. The statement timeout is set for every
+/// session, so the server itself cancels a stuck statement.
 fn connection_config(url: &PostgresUrl, timeout: Duration) -> tokio_postgres::Config {
-    let mut config = tokio_postgres::Config::new();
-    for host in &url.hosts {
-        config.host(&host.name);
-        config.port(host.port);
+    let mut config = url.connection.clone();
+    if url.user().is_none() {
+        config.user(std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
     }
-    let user = url
-        .user
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "postgres".into());
-    config.user(&user);
-    if let Some(password) = &url.password {
-        config.password(password.expose());
+    if config.get_application_name().is_none() {
+        config.application_name("linkid");
     }
-    if let Some(dbname) = &url.dbname {
-        config.dbname(dbname);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout);
     }
-    config.application_name(url.application_name.as_deref().unwrap_or("linkid"));
-    config.ssl_mode(match url.ssl_mode {
-        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
-        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-            tokio_postgres::config::SslMode::Require
-        }
-    });
-    if url.read_write_only {
-        config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
-    }
-    config.connect_timeout(
-        url.connect_timeout_secs
-            .map_or(timeout, Duration::from_secs),
-    );
     // A peer that stops acknowledging (a dead host, a cut network) closes
     // the connection instead of leaving it to hang.
     config.tcp_user_timeout(timeout + Duration::from_secs(1));

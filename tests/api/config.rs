@@ -289,15 +289,138 @@ fn a_mistyped_log_level_is_refused_naming_the_valid_levels() {
     );
 }
 
+#[test]
+fn a_broken_database_url_is_refused_naming_the_key_and_the_fix_never_the_password() {
+    let dir = TempDir::new().unwrap();
+    let password = "hunter2-9c4e";
+    let broken = [
+        format!("mysql://linkid:{password}@db/linkid"),
+        format!("postgres://linkid:{password}@db:99999/linkid"),
+        format!("postgres://linkid:{password}@[::1/linkid"),
+        format!("postgres://linkid:{password}@db/linkid?sslmode=allow"),
+        format!("postgres://linkid:{password}@db/linkid?sslcert=/x.pem"),
+        format!("postgres://linkid:{password}@db/linkid?connect_timeout=soon"),
+        format!("postgres://linkid@db/linkid?password={password}&target_session_attrs=read-only"),
+    ];
+    for url in broken {
+        for command in ["check-config", "serve"] {
+            let output = run_with_env(dir.path(), &[("LINKID_DATABASE__URL", &url)], &[command]);
+
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{command} {url}: {stderr}");
+            let problem = problem_lines(&stderr).join("\n");
+            assert!(
+                problem.contains("(database.url): is not a PostgreSQL URL")
+                    && problem.contains("write it as e.g. postgres://"),
+                "{command} {url}: {stderr}"
+            );
+            assert!(!stderr.contains(password), "{command} {url}: {stderr}");
+            assert!(
+                !String::from_utf8_lossy(&output.stdout).contains(password),
+                "{command} {url}"
+            );
+        }
+    }
+}
+
 /// What a case puts in its directory before the config is read.
 type Prepare = fn(&std::path::Path);
+
+/// A webhook secret file, `crm.whsec`, as it should be (mode 0600).
+fn write_webhook_secret(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let file = dir.join("crm.whsec");
+    std::fs::write(&file, "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn a_webhook_entry_with_keys_missing_or_mistyped_is_reported_with_the_rest_of_the_file() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("linkid.toml");
+    std::fs::write(
+        &file,
+        "[[webhooks]]\nid = \"crm\"\nsecret = \"x\"\nevents = \"LINKED\"\n\n[log]\nlevel = \"verbose\"\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+
+    let output = run_with_env(dir.path(), &[], &["--config", file, "check-config"]);
+
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let keys: Vec<String> = problem_lines(&stderr)
+        .iter()
+        .filter_map(|l| l.strip_prefix(&format!("{file}:")))
+        .filter_map(|l| l.split_once(": ").map(|(key, _)| key.to_string()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "log.level",
+            "webhooks[0].events",
+            "webhooks[0].secret",
+            "webhooks[0].secret_file",
+            "webhooks[0].url"
+        ],
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_webhook_is_checked_without_showing_its_url_credentials() {
+    let dir = TempDir::new().unwrap();
+    write_webhook_secret(dir.path());
+    let file = dir.path().join("linkid.toml");
+    let secret_file = dir.path().join("crm.whsec");
+    let config = |url: &str, events: &str| {
+        format!(
+            "[[webhooks]]\nid = \"crm\"\nurl = \"{url}\"\nsecret_file = \"{}\"\nevents = {events}\n",
+            secret_file.display()
+        )
+    };
+    std::fs::write(
+        &file,
+        config("https://hook:pw-7q@crm.internal/x", "[\"LINKED\"]"),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+
+    let good = run_with_env(dir.path(), &[], &["--config", file, "check-config"]);
+    std::fs::write(
+        file,
+        config("https://hook:pw-7q@crm.internal:99999/x", "[\"LINKD\"]"),
+    )
+    .unwrap();
+    let bad = run_with_env(dir.path(), &[], &["--config", file, "check-config"]);
+
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    let lines = problem_lines(&stderr);
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{file}:webhooks[0].url: "))),
+        "{stderr}"
+    );
+    assert!(stderr.contains("did you mean `LINKED`?"), "{stderr}");
+    for output in [&good.stdout, &good.stderr, &bad.stdout, &bad.stderr] {
+        assert!(!String::from_utf8_lossy(output).contains("pw-7q"));
+    }
+}
 
 /// Each case: what to write into the config (with `{dir}` for the case's
 /// directory), what to prepare there, and the key its problem names.
 #[test]
 fn check_config_catches_what_serve_catches_and_both_exit_2() {
     use std::os::unix::fs::PermissionsExt;
-    let cases: [(&str, &str, Prepare); 6] = [
+    let cases: [(&str, &str, Prepare); 11] = [
         (
             "[auth]\nprivate_key_file = \"/etc/passwd\"\n",
             "auth.private_key_file",
@@ -340,6 +463,38 @@ fn check_config_catches_what_serve_catches_and_both_exit_2() {
             },
         ),
         ("[log]\nlevel = \"verbose\"\n", "log.level", |_| {}),
+        (
+            "[[webhooks]]\nid = \"crm\"\nurl = \"ftp://crm.internal/x\"\nsecret_file = \"{dir}/crm.whsec\"\n",
+            "webhooks[0].url",
+            write_webhook_secret,
+        ),
+        (
+            "[[webhooks]]\nid = \"crm\"\nurl = \"https://crm.internal/x\"\nsecret_file = \"{dir}/none.whsec\"\n",
+            "webhooks[0].secret_file",
+            |_| {},
+        ),
+        (
+            "[[webhooks]]\nid = \"crm\"\nurl = \"https://crm.internal/x\"\nsecret_file = \"{dir}/crm.whsec\"\n",
+            "webhooks[0].secret_file",
+            |dir| {
+                write_webhook_secret(dir);
+                std::fs::set_permissions(
+                    dir.join("crm.whsec"),
+                    std::fs::Permissions::from_mode(0o644),
+                )
+                .unwrap();
+            },
+        ),
+        (
+            "[[webhooks]]\nid = \"crm\"\nurl = \"https://a/\"\nsecret_file = \"{dir}/crm.whsec\"\n\n[[webhooks]]\nid = \"crm\"\nurl = \"https://b/\"\nsecret_file = \"{dir}/crm.whsec\"\n",
+            "webhooks[1].id",
+            write_webhook_secret,
+        ),
+        (
+            "[[webhooks]]\nid = \"crm\"\nurl = \"https://crm.internal/x\"\nsecret_file = \"{dir}/crm.whsec\"\nevents = [\"LINK\"]\nproviders = [\"okta\"]\n",
+            "webhooks[0].events[0]",
+            write_webhook_secret,
+        ),
     ];
     for (text, key, prepare) in cases {
         let dir = TempDir::new().unwrap();

@@ -37,3 +37,4 @@ mod shutdown;
 mod slow_readers;
 mod transfer;
 mod upgrades;
+mod webhook_engine;

@@ -344,6 +344,13 @@ async fn cors_lets_a_configured_origin_call_the_api() {
         preflight.headers()["access-control-allow-origin"],
         "https://admin.example.com"
     );
+    let allowed = preflight.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for method in ["GET", "HEAD", "POST", "DELETE"] {
+        assert!(allowed.contains(method), "{method} in {allowed}");
+    }
     assert_eq!(call.status(), 201);
     assert_eq!(
         call.headers()["access-control-allow-origin"],

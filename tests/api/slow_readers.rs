@@ -174,16 +174,19 @@ fn three_hundred_clients_that_never_read_big_pages_hold_no_more_than_the_budget(
         );
         let held = unsent_bytes(&client, &server.base).await;
         assert!(held <= BUDGET + 300 * 16 * 1024, "{held} bytes held");
-        let busy = client
-            .get(format!("{}{PAGE}", server.base))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(busy.status(), 503);
-        assert_eq!(busy.headers()["retry-after"], "1");
-        let problem: serde_json::Value = busy.json().await.unwrap();
-        assert_eq!(problem["code"], "SERVER_BUSY", "{problem}");
+        // Each of them got its page or, past the budget, a small 503.
+        let (mut pages, mut busy) = (0, 0);
+        for stream in &mut stalled {
+            let mut status = [0u8; 12];
+            stream.read_exact(&mut status).await.unwrap();
+            match &status {
+                b"HTTP/1.1 200" => pages += 1,
+                b"HTTP/1.1 503" => busy += 1,
+                other => panic!("{}", String::from_utf8_lossy(other)),
+            }
+        }
+        eprintln!("{pages} pages sent, {busy} refused 503 SERVER_BUSY");
+        assert!(pages > 0 && busy > 0, "{pages} pages, {busy} refused");
 
         drop(stalled);
         eventually_no_unsent_bytes(&client, &server.base).await;

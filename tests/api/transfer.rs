@@ -308,7 +308,24 @@ async fn an_export_while_servers_write_is_one_consistent_snapshot() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until the writers have committed something, however slow the run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let page: Value = get(
+            &server,
+            "/api/admin/users/v4/linked-identities?limit=1",
+            &token,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        if !page["linked_identities"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no write committed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let exported = tokio::task::spawn_blocking({
         let dir = dir.path().to_path_buf();

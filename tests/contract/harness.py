@@ -23,22 +23,25 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SERVER_CONFIG = HERE / "linkid-test.toml"
 SCHEMATHESIS_CONFIG = HERE / "schemathesis.toml"
-SCHEMATHESIS_HOOKS = HERE / "hooks.py"
 
 STARTUP_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 15.0
 SCHEMATHESIS_TIMEOUT_S = 420
 
-# Every operation, as schemathesis labels them (by operationId).
-OPERATIONS = {
-    "listIdentityProviders": "GET /api/admin/users/v4/users/identity-providers",
-    "listLinkedIdentities": "GET /api/admin/users/v4/users/{user_id}/linked-identities",
-    "linkIdentity": "POST /api/admin/users/v4/users/{user_id}/linked-identities",
-    "getLinkedIdentity": "GET /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
-    "deleteLinkedIdentity": "DELETE /api/admin/users/v4/users/{user_id}/linked-identities/{provider_id}",
-    "searchLinkedIdentities": "GET /api/admin/users/v4/linked-identities",
-    "listEvents": "GET /api/admin/users/v4/linked-identities/events",
-}
+# Every operation, as schemathesis labels them, by operationId: read from
+# the committed document (which the Rust suite holds byte-identical to the
+# generated one), so a new operation needs no line here.
+def _operations() -> dict[str, str]:
+    document = json.loads((REPO_ROOT / "openapi" / "openapi.json").read_text())
+    return {
+        operation["operationId"]: f"{method.upper()} {path}"
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if isinstance(operation, dict) and "operationId" in operation
+    }
+
+
+OPERATIONS = _operations()
 
 
 def linkid_binary() -> Path:
@@ -74,7 +77,9 @@ class LinkidServer:
 
     `key_file` is `auth.private_key_file`; `public_key` (text form
     "ed25519/<hex>") is `auth.public_key`, for tokens minted elsewhere.
-    `extra_env` adds LINKID_* overrides of the config file.
+    `extra_env` adds LINKID_* overrides of the config file. With `dev`, the
+    process is `linkid dev --print-token` instead (its own data and key),
+    and `admin_token` is the token its banner prints.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class LinkidServer:
         public_key: str | None = None,
         config: Path = SERVER_CONFIG,
         extra_env: dict[str, str] | None = None,
+        dev: bool = False,
     ) -> None:
         self.binary = linkid_binary()
         self.workdir = workdir
@@ -95,6 +101,8 @@ class LinkidServer:
         self.extra_env = dict(extra_env or {})
         self.port = free_port()
         self.log_path = workdir / "server.log"
+        self.dev = dev
+        self.admin_token: str | None = None
         self.process: subprocess.Popen | None = None
         self.exit_code: int | None = None
 
@@ -141,7 +149,7 @@ class LinkidServer:
             log = open(self.log_path, "ab")
             try:
                 self.process = subprocess.Popen(
-                    [str(self.binary), "--config", str(self.config), "serve"],
+                    [str(self.binary), "--config", str(self.config), *(["dev", "--print-token"] if self.dev else ["serve"])],
                     env=self.env(),
                     cwd=self.workdir,
                     stdin=subprocess.DEVNULL,
@@ -153,6 +161,8 @@ class LinkidServer:
                 log.close()
             try:
                 self._wait_until_healthy()
+                if self.dev:
+                    self.admin_token = self._printed_token()
                 return self
             except _ExitedEarly:
                 # Most likely the free port was taken in between: try another.
@@ -183,6 +193,16 @@ class LinkidServer:
         raise RuntimeError(
             f"linkid serve did not answer /healthz within {STARTUP_TIMEOUT_S}s:\n{self.log_tail()}"
         )
+
+    def _printed_token(self) -> str:
+        """The admin token `linkid dev --print-token` printed (a `TOKEN=` line)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                if line.startswith("TOKEN="):
+                    return line.removeprefix("TOKEN=")
+            time.sleep(0.05)
+        raise RuntimeError(f"linkid dev printed no TOKEN= line:\n{self.log_tail()}")
 
     def stop(self) -> int | None:
         """SIGTERM (the server drains and exits 0), then SIGKILL if it lingers."""
@@ -218,7 +238,9 @@ class _ExitedEarly(Exception):
 
 
 def run_schemathesis(location: str, token: str, reports: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """Runs the schemathesis CLI; returns the process and its JSON report."""
+    """Runs the schemathesis CLI as README.md's recipe does (from the repository
+    root, with schemathesis.toml and the token in LINKID_TOKEN), with `args`,
+    its reports in `reports`; returns the process and its JSON report."""
     json_report = reports / f"{name}.json"
     for stale in reports.glob(f"{name}.*"):
         stale.unlink()
@@ -227,8 +249,6 @@ def run_schemathesis(location: str, token: str, reports: Path, name: str, *args:
         "--config-file", str(SCHEMATHESIS_CONFIG),
         "run", location,
         "--no-color",
-        "--generation-database", "none",
-        "--request-timeout", "10",
         "--report", "json,ndjson,junit",
         "--report-json-path", str(json_report),
         "--report-ndjson-path", str(reports / f"{name}.ndjson"),
@@ -237,12 +257,15 @@ def run_schemathesis(location: str, token: str, reports: Path, name: str, *args:
     ]
     env = base_env()
     env["LINKID_TOKEN"] = token
-    env["SCHEMATHESIS_HOOKS"] = str(SCHEMATHESIS_HOOKS)
+    env.pop("SCHEMATHESIS_HOOKS", None)  # schemathesis.toml names the hooks
+    # Hypothesis keeps its character tables under .hypothesis/ in the
+    # working directory; here they go with the reports.
+    env["HYPOTHESIS_STORAGE_DIRECTORY"] = str(reports / ".hypothesis")
     env["COLUMNS"] = "160"
     result = subprocess.run(
         command,
         env=env,
-        cwd=reports,  # anything schemathesis writes on its own lands here
+        cwd=REPO_ROOT,  # where the config's hooks path starts; nothing is written there
         capture_output=True,
         text=True,
         timeout=SCHEMATHESIS_TIMEOUT_S,

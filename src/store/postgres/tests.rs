@@ -369,3 +369,36 @@ async fn an_open_that_would_make_two_links_one_is_refused_naming_both_and_change
     assert_eq!(version, ["2"], "nothing was changed");
     assert_eq!(users, ["jose\u{301}", "u-3", "u-4"]);
 }
+
+#[test]
+fn the_connection_has_linkids_defaults_where_the_url_names_none() {
+    let timeout = std::time::Duration::from_secs(5);
+    let bare = DatabaseUrl::new("postgres://h/d").parse().unwrap();
+    let named = DatabaseUrl::new(
+        "postgres://u:pw@h/d?application_name=app&connect_timeout=9&sslmode=verify-ca&sslrootcert=/ca.pem",
+    )
+    .parse()
+    .unwrap();
+
+    let bare = super::connection_config(&bare, timeout);
+    let named = super::connection_config(&named, timeout);
+
+    let user = std::env::var("USER").unwrap_or_else(|_| "postgres".into());
+    assert_eq!(bare.get_user(), Some(user.as_str()));
+    assert_eq!(bare.get_application_name(), Some("linkid"));
+    assert_eq!(bare.get_connect_timeout(), Some(&timeout));
+    assert_eq!(named.get_user(), Some("u"));
+    assert_eq!(named.get_password(), Some(&b"pw"[..]));
+    assert_eq!(named.get_application_name(), Some("app"));
+    assert_eq!(
+        named.get_connect_timeout(),
+        Some(&std::time::Duration::from_secs(9))
+    );
+    assert_eq!(
+        named.get_ssl_mode(),
+        tokio_postgres::config::SslMode::Require
+    );
+    for config in [bare, named] {
+        assert_eq!(config.get_options(), Some("-c statement_timeout=5000"));
+    }
+}
