@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust HTTP tests against the real server (once on
-# SQLite, once on PostgreSQL), then the contract tests (schemathesis,
+# SQLite, once more on SQLite with the plain read path, once on PostgreSQL),
+# then the contract tests (schemathesis,
 # biscuit-python) against the built binary, then the docs page in a browser.
 # Safe to run on a fresh Debian machine, as root or not; it installs:
 #   - .venv/ (in the repository, git-ignored): a Python virtual environment
@@ -123,6 +124,12 @@ cargo clippy --locked --all-targets -- -D warnings
 
 phase "Rust tests (sqlite)"
 LINKID_TEST_BACKEND=sqlite cargo test --locked -- --test-threads 4
+
+phase "Rust HTTP tests (sqlite, database.row_cache_bytes = 0: the plain read path)"
+# The fast read path (row cache, held read transactions, WAL-index peek) off:
+# every HTTP test again, so both paths are held to the same answers (the
+# unit tests do not depend on it, and test both paths themselves).
+LINKID_TEST_BACKEND=sqlite LINKID_TEST_ROW_CACHE_BYTES=0 cargo test --locked --test api -- --test-threads 4
 
 phase "Rust tests (postgres)"
 LINKID_TEST_BACKEND=postgres cargo test --locked -- --test-threads 4

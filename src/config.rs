@@ -230,6 +230,10 @@ pub struct DatabaseConfig {
     pub pool_size: u32,
     /// SQLite's group commit: most writes in one transaction.
     pub max_batch: usize,
+    /// SQLite: the most memory the row cache may use; 0 = plain reads (no
+    /// row cache, no read transaction held between reads, no WAL-index
+    /// peek).
+    pub row_cache_bytes: u64,
     /// PostgreSQL: the longest a statement, a wait for a pooled connection
     /// or a new connection may take before the request fails with a 503.
     pub statement_timeout_secs: u64,

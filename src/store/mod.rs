@@ -1,17 +1,23 @@
-//! The storage seam: one interface, one function per operation, whatever
-//! the backend. `sqlite.rs` (the embedded default) and `postgres.rs` (many
-//! instances on one database) are the only files that name their driver;
-//! everything above speaks `Store`, `StoreError` and the domain's records.
+//! The storage seam: one contract (`Backend`, in `backend.rs`, every
+//! operation documented once), whatever the backend. `sqlite.rs` (the
+//! embedded default) and `postgres.rs` (many instances on one database)
+//! implement it, and they and the files under them are the only ones that
+//! name their driver; everything above speaks `Store` (a handle to either),
+//! `StoreError` and the domain's records. The admin work that runs beside a
+//! server (seed, backup, export, import) is the free functions here.
 
 use std::sync::Arc;
 
 use crate::config::{ConfigError, DatabaseConfig, PostgresUrl};
-use crate::domain::{Actor, Event, IdRules, LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{IdRules, LinkRecord};
 
+mod backend;
 mod keys;
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
 pub mod transfer;
+
+pub use backend::{Answer, Backend, Reply};
 
 /// Ends the calling thread's open inline read transactions (SQLite keeps
 /// one open between reads while nobody commits). The server's runtime calls
@@ -250,21 +256,18 @@ pub async fn replace_all(
     Ok(report)
 }
 
-/// A handle to the database: cheap to clone, shared by all requests.
+/// A handle to the database: cheap to clone, shared by all requests. It
+/// dereferences to the backend, so every operation of the contract
+/// (`Backend`) is a method call on it: `store.list(&user).await`.
 #[derive(Clone)]
-pub enum Store {
-    Sqlite(sqlite::SqliteStore),
-    Postgres(postgres::PostgresStore),
-}
+pub struct Store(Arc<dyn Backend>);
 
-/// Calls the same method on whichever backend this is.
-macro_rules! dispatch {
-    ($self:ident . $method:ident ( $($arg:expr),* )) => {
-        match $self {
-            Store::Sqlite(store) => store.$method($($arg),*).await,
-            Store::Postgres(store) => store.$method($($arg),*).await,
-        }
-    };
+impl std::ops::Deref for Store {
+    type Target = dyn Backend;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
 }
 
 impl Store {
@@ -275,8 +278,10 @@ impl Store {
     /// that would make two links one, the open fails naming them).
     pub async fn open(config: &DatabaseConfig, rules: &IdRules) -> anyhow::Result<Store> {
         Ok(match postgres_url(config)? {
-            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, rules, &url).await?),
-            None => Store::Sqlite(sqlite::SqliteStore::open(config, rules)?),
+            Some(url) => Store(Arc::new(
+                postgres::PostgresStore::open(config, rules, &url).await?,
+            )),
+            None => Store(Arc::new(sqlite::SqliteStore::open(config, rules)?)),
         })
     }
 
@@ -286,8 +291,10 @@ impl Store {
     pub async fn open_serving(config: &DatabaseConfig, rules: &IdRules) -> anyhow::Result<Store> {
         Ok(match postgres_url(config)? {
             // Any number of instances share one PostgreSQL database.
-            Some(url) => Store::Postgres(postgres::PostgresStore::open(config, rules, &url).await?),
-            None => Store::Sqlite(sqlite::SqliteStore::open_serving(config, rules)?),
+            Some(url) => Store(Arc::new(
+                postgres::PostgresStore::open(config, rules, &url).await?,
+            )),
+            None => Store(Arc::new(sqlite::SqliteStore::open_serving(config, rules)?)),
         })
     }
 
@@ -300,114 +307,5 @@ impl Store {
             return Ok(None);
         }
         Self::open(config, rules).await.map(Some)
-    }
-
-    /// Where the data lives, for people: a file path or a URL without its password.
-    pub fn describe(&self) -> String {
-        match self {
-            Store::Sqlite(store) => store.path().display().to_string(),
-            Store::Postgres(store) => store.url().to_string(),
-        }
-    }
-
-    /// A user's linked identities, oldest first.
-    pub async fn list(&self, user: &UserId) -> Result<Vec<LinkRecord>, StoreError> {
-        dispatch!(self.list(user))
-    }
-
-    /// Links a remote identity to a user (see `LinkOutcome`), recording the
-    /// change's event in the same transaction.
-    pub async fn link(
-        &self,
-        user: UserId,
-        link: NewLink,
-        actor: Actor,
-    ) -> Result<LinkOutcome, StoreError> {
-        dispatch!(self.link(user, link, actor))
-    }
-
-    /// Deletes a user's link to a provider, returning what was deleted and
-    /// recording the event in the same transaction.
-    pub async fn unlink(
-        &self,
-        user: UserId,
-        provider: ProviderId,
-        actor: Actor,
-    ) -> Result<LinkRecord, StoreError> {
-        dispatch!(self.unlink(user, provider, actor))
-    }
-
-    /// One page of all links, in `user_id` order.
-    pub async fn search(&self, query: SearchQuery) -> Result<SearchPage, StoreError> {
-        dispatch!(self.search(query))
-    }
-
-    /// Up to `limit` events after `after`, in `seq` order; `EventsExpired`
-    /// when retention pruned some of the events right after `after`.
-    pub async fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
-        dispatch!(self.events(after, limit))
-    }
-
-    /// The newest committed event's `seq`, kept current by this process's
-    /// writes and by `refresh`; long polls wait on it.
-    pub fn newest_event(&self) -> tokio::sync::watch::Receiver<i64> {
-        match self {
-            Store::Sqlite(store) => store.newest_event(),
-            Store::Postgres(store) => store.newest_event(),
-        }
-    }
-
-    /// Reads what other processes committed since the last call (new
-    /// events, for `newest_event`); the server calls it a few times a second.
-    pub async fn refresh(&self) -> Result<(), StoreError> {
-        dispatch!(self.refresh())
-    }
-
-    /// `refresh`, also taking a newest event older than the one known:
-    /// after `replace_all` started the feed again.
-    pub async fn reread_newest_event(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(store) => store.reread_newest_event().await,
-            Store::Postgres(store) => store.refresh().await,
-        }
-    }
-
-    /// Deletes events that occurred before `cutoff` (RFC 3339 UTC);
-    /// returns how many.
-    pub async fn prune_events(&self, cutoff: String) -> Result<u64, StoreError> {
-        dispatch!(self.prune_events(cutoff))
-    }
-
-    /// Records revocation ids; returns how many were new.
-    pub async fn revoke(&self, ids: Vec<String>) -> Result<usize, StoreError> {
-        dispatch!(self.revoke(ids))
-    }
-
-    /// Revocation ids recorded after the mark `after`, and the new mark.
-    pub async fn revoked_since(&self, after: i64) -> Result<(Vec<String>, i64), StoreError> {
-        dispatch!(self.revoked_since(after))
-    }
-
-    /// How many links are stored.
-    pub async fn count(&self) -> Result<i64, StoreError> {
-        dispatch!(self.count())
-    }
-
-    /// Whether the database answers reads and takes writes; the error says why not.
-    pub async fn ready(&self) -> Result<(), String> {
-        dispatch!(self.ready())
-    }
-
-    /// Open and idle connections.
-    pub fn pool_state(&self) -> (u32, u32) {
-        match self {
-            Store::Sqlite(store) => store.pool_state(),
-            Store::Postgres(store) => store.pool_state(),
-        }
-    }
-
-    /// Finishes queued writes and releases the database; later writes fail.
-    pub async fn close(&self) {
-        dispatch!(self.close())
     }
 }

@@ -24,7 +24,8 @@ pub struct Server {
 /// The binary, run in `dir` as a user would: none of the caller's
 /// `LINKID_*` settings or `RUST_LOG` (the suite's own `LINKID_TEST_*`
 /// would be unknown keys), and on PostgreSQL the database of `dir`
-/// (`LINKID_DATABASE__URL`), so that every command run in `dir` shares it.
+/// (`LINKID_DATABASE__URL`), so that every command run in `dir` shares it;
+/// `LINKID_TEST_ROW_CACHE_BYTES` becomes `LINKID_DATABASE__ROW_CACHE_BYTES`.
 pub fn command(dir: &Path) -> Command {
     // With no config.toml in `dir` the binary reads the installed config,
     // and these tests would run against that host's files.
@@ -44,6 +45,9 @@ pub fn command(dir: &Path) -> Command {
     }
     if let Some(url) = crate::helpers::database_url_for(dir) {
         command.env("LINKID_DATABASE__URL", url);
+    }
+    if let Some(bytes) = crate::helpers::row_cache_bytes() {
+        command.env("LINKID_DATABASE__ROW_CACHE_BYTES", bytes.to_string());
     }
     command
 }

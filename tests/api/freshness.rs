@@ -2,7 +2,9 @@
 //! server, or another connection to its database (`linkid import`, an
 //! operator's SQL shell, another instance). The read path keeps answers and
 //! open read transactions between requests; these tests read first, so
-//! that whatever is kept is kept, then change the data and read at once.
+//! that whatever is kept is kept, then change the data and read at once —
+//! on both of SQLite's read paths, the fast one (the default) and the plain
+//! one (`database.row_cache_bytes = 0`), whichever the suite runs with.
 
 use std::time::Duration;
 
@@ -10,7 +12,17 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::cli::{mint, Server};
-use crate::helpers::{link_body, skipped_unless, spawn_app, Backend, TestApp};
+use crate::helpers::{link_body, skipped_unless, spawn_app_with, Backend, TestApp};
+
+/// `database.row_cache_bytes` for each read path: the default's 4 MiB (the
+/// fast path), and 0 (the plain path).
+const READ_PATHS: [u64; 2] = [4 * 1024 * 1024, 0];
+
+/// An app whose SQLite store reads with `row_cache_bytes` (unused on
+/// PostgreSQL, which keeps nothing between reads).
+async fn app_reading_with(row_cache_bytes: u64) -> TestApp {
+    spawn_app_with(|config| config.database.row_cache_bytes = row_cache_bytes).await
+}
 
 /// The usernames of a user's links, as listed.
 async fn listed(app: &TestApp, user: &str) -> Vec<String> {
@@ -62,14 +74,20 @@ async fn read_everything(app: &TestApp) -> Vec<Vec<String>> {
 
 #[tokio::test]
 async fn a_commit_by_another_connection_is_read_at_once() {
-    let app = spawn_app().await;
+    for row_cache_bytes in READ_PATHS {
+        a_commit_by_another_connection_is_read_at_once_by(&app_reading_with(row_cache_bytes).await)
+            .await;
+    }
+}
+
+async fn a_commit_by_another_connection_is_read_at_once_by(app: &TestApp) {
     let linked = app
         .link(&app.admin, "u-1", &link_body("okta", "r-1", "one"))
         .await;
     assert_eq!(linked.status(), 201);
     let none: Vec<String> = Vec::new();
     assert_eq!(
-        read_everything(&app).await,
+        read_everything(app).await,
         [
             vec!["one".to_owned()],
             none.clone(),
@@ -81,8 +99,8 @@ async fn a_commit_by_another_connection_is_read_at_once() {
     app.execute_sql(
         "UPDATE linked_identities SET linked_username = 'renamed' WHERE user_id = 'u-1'",
     );
-    assert_eq!(listed(&app, "u-1").await, ["renamed"]);
-    assert_eq!(looked_up(&app, "okta", "r-1").await, ["renamed"]);
+    assert_eq!(listed(app, "u-1").await, ["renamed"]);
+    assert_eq!(looked_up(app, "okta", "r-1").await, ["renamed"]);
     let one: Value = app
         .get_link(&app.admin, "u-1", "okta", "")
         .await
@@ -96,12 +114,12 @@ async fn a_commit_by_another_connection_is_read_at_once() {
          (user_id, provider_id, linked_user_id, linked_user_key, linked_username, created_at, updated_at) \
          VALUES ('u-2', 'okta', 'r-2', 'r-2', 'two', '2026-01-02T03:04:05Z', '2026-01-02T03:04:05Z')",
     );
-    assert_eq!(listed(&app, "u-2").await, ["two"]);
-    assert_eq!(looked_up(&app, "okta", "r-2").await, ["two"]);
+    assert_eq!(listed(app, "u-2").await, ["two"]);
+    assert_eq!(looked_up(app, "okta", "r-2").await, ["two"]);
 
     app.execute_sql("DELETE FROM linked_identities WHERE user_id = 'u-1'");
     assert_eq!(
-        read_everything(&app).await,
+        read_everything(app).await,
         [
             none.clone(),
             vec!["two".to_owned()],
@@ -117,31 +135,36 @@ async fn a_commit_by_another_connection_is_read_at_once() {
 
 #[tokio::test]
 async fn this_servers_own_writes_are_read_at_once_after_reads_of_the_same_keys() {
-    let app = spawn_app().await;
+    for row_cache_bytes in READ_PATHS {
+        this_servers_own_writes_are_read_at_once_by(&app_reading_with(row_cache_bytes).await).await;
+    }
+}
+
+async fn this_servers_own_writes_are_read_at_once_by(app: &TestApp) {
     for round in 0..3 {
         let remote = format!("r-{round}");
         let none: Vec<String> = Vec::new();
-        assert_eq!(listed(&app, "u-1").await, none);
-        assert_eq!(looked_up(&app, "okta", &remote).await, none);
+        assert_eq!(listed(app, "u-1").await, none);
+        assert_eq!(looked_up(app, "okta", &remote).await, none);
 
         let linked = app
             .link(&app.admin, "u-1", &link_body("okta", &remote, "first"))
             .await;
         assert_eq!(linked.status(), 201);
-        assert_eq!(listed(&app, "u-1").await, ["first"]);
-        assert_eq!(looked_up(&app, "okta", &remote).await, ["first"]);
+        assert_eq!(listed(app, "u-1").await, ["first"]);
+        assert_eq!(looked_up(app, "okta", &remote).await, ["first"]);
 
         // The same link with a new username: 200, and read as such.
         let renamed = app
             .link(&app.admin, "u-1", &link_body("okta", &remote, "second"))
             .await;
         assert_eq!(renamed.status(), 200);
-        assert_eq!(listed(&app, "u-1").await, ["second"]);
-        assert_eq!(looked_up(&app, "okta", &remote).await, ["second"]);
+        assert_eq!(listed(app, "u-1").await, ["second"]);
+        assert_eq!(looked_up(app, "okta", &remote).await, ["second"]);
 
         assert_eq!(app.delete(&app.admin, "u-1", "okta").await.status(), 200);
-        assert_eq!(listed(&app, "u-1").await, none);
-        assert_eq!(looked_up(&app, "okta", &remote).await, none);
+        assert_eq!(listed(app, "u-1").await, none);
+        assert_eq!(looked_up(app, "okta", &remote).await, none);
     }
 }
 

@@ -299,12 +299,30 @@ pub fn assert_database_sound(dir: &Path) {
     }
 }
 
-/// The built-in defaults with every path in a fresh temp dir and port 0.
+/// `LINKID_TEST_ROW_CACHE_BYTES`: when set, `database.row_cache_bytes` for
+/// every app and binary the suite starts. scripts/test.sh runs the SQLite
+/// pass once more with `0`, the plain read path (no row cache, no read
+/// transaction held between reads).
+pub fn row_cache_bytes() -> Option<u64> {
+    let bytes = std::env::var("LINKID_TEST_ROW_CACHE_BYTES").ok()?;
+    if bytes.is_empty() {
+        return None;
+    }
+    Some(bytes.parse().unwrap_or_else(|_| {
+        panic!("LINKID_TEST_ROW_CACHE_BYTES={bytes:?}: use a number of bytes, e.g. 0")
+    }))
+}
+
+/// The built-in defaults with every path in a fresh temp dir and port 0
+/// (and `LINKID_TEST_ROW_CACHE_BYTES`, see `row_cache_bytes`).
 pub fn test_config(dir: &TempDir) -> Config {
-    let figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+    let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
         .merge(("server.addr", "127.0.0.1:0"))
         .merge(("database.path", dir.path().join("linkid.db")))
         .merge(("auth.private_key_file", dir.path().join("root.key")));
+    if let Some(bytes) = row_cache_bytes() {
+        figment = figment.merge(("database.row_cache_bytes", bytes));
+    }
     Config::from_figment(figment).expect("the test config is valid")
 }
 

@@ -12,6 +12,7 @@ use crate::domain::{IdRules, LinkRecord};
 use crate::store::transfer::{
     run_import, write_line, Conflict, ImportOptions, ImportReport, LineOutcome, Source,
 };
+use crate::store::Backend;
 
 /// Links inserted per statement: big enough to be fast, small enough to
 /// show progress.

@@ -112,6 +112,7 @@ async fn the_migrations_make_exactly_schema_postgres_sql() {
         url: Some(DatabaseUrl::new(with_dbname(&server, &migrated_db))),
         pool_size: 1,
         max_batch: 1,
+        row_cache_bytes: 0,
         statement_timeout_secs: 5,
         clock: None,
     };
@@ -214,6 +215,7 @@ fn config_for(url: &str) -> DatabaseConfig {
         url: Some(DatabaseUrl::new(url.to_owned())),
         pool_size: 1,
         max_batch: 1,
+        row_cache_bytes: 0,
         statement_timeout_secs: 5,
         clock: None,
     }

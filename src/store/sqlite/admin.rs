@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::Context;
 use rusqlite::{params, Connection, TransactionBehavior};
 
-use super::{
-    link_of_user, migrate, now, open_writer, owner_of, record_event, record_from_row, OrStore,
-};
+use super::open_writer;
+use super::queries::{link_of_user, now, owner_of, record_event, record_from_row, OrStore};
+use super::schema::migrate;
 use crate::domain::{Actor, EventType, IdRules, LinkRecord, UserId};
 use crate::store::transfer::{
     run_import, write_line, Conflict, ImportOptions, ImportReport, LineOutcome, Source,

@@ -5,20 +5,20 @@
 //! `linkid import`, a `sqlite3` shell — changes the header before it
 //! returns, so a cached answer is never older than the newest commit.
 //!
-//! Bounded in bytes; entries made stale by a commit are replaced when next
-//! read and otherwise age out. When reads hardly ever hit (far more keys
-//! than fit, read at random), keeping every answer only costs: then a full
-//! cache admits one answer in `SAMPLE_MISSES`, enough to notice when the
-//! reads come back to keys that fit.
+//! Bounded in bytes (`database.row_cache_bytes`, which counts each
+//! answer's packed bytes plus its share of the table; 0 turns the cache off
+//! with the rest of the fast read path, see `reads.rs`); entries made stale
+//! by a commit are replaced when next read and otherwise age out. When
+//! reads hardly ever hit (far more keys than fit, read at random), keeping
+//! every answer only costs: then a full cache admits one answer in
+//! `SAMPLE_MISSES`, enough to notice when the reads come back to keys that
+//! fit.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use super::WalStamp;
+use super::wal_stamp::WalStamp;
 use crate::domain::LinkRecord;
-
-/// What the cache holds: at most this many bytes of keys and records.
-pub(crate) const CAPACITY_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Reads per look at the hit rate.
 const WINDOW: u32 = 1024;
@@ -263,6 +263,9 @@ impl RowCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `database.row_cache_bytes`'s default.
+    const CAPACITY_BYTES: u64 = 4 * 1024 * 1024;
 
     fn link(user: &str) -> LinkRecord {
         LinkRecord {

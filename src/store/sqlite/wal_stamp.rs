@@ -16,6 +16,13 @@
 //! While this process has the database open, no other process re-creates
 //! or truncates the `-shm` file (SQLite does that only when it is the
 //! file's only user), so the mapping stays valid.
+//!
+//! Only the fast read path uses it (see `reads.rs`). Where it cannot be had
+//! — no `-shm` file (not WAL mode), one too short, an unknown version, a
+//! failed mapping — `WalIndex::open` answers `None` and the store reads on
+//! the plain path, each read in a transaction of its own; while a commit is
+//! rewriting the header, `stamp` answers `None` and that one read does the
+//! same. `database.row_cache_bytes = 0` never maps it.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
