@@ -20,6 +20,10 @@
 #   6. write-single the same with LINKID_DATABASE__MAX_BATCH=1 (one commit
 #                   per request), same build
 #   7. lookup-big   as lookup-small with BIG_LINKS links stored
+#   7b. lookup-big-cached  the same with database.row_cache_bytes =
+#                   BIG_CACHE_BYTES, sized to hold every one of those
+#                   answers, filled by a pass over every link first
+#                   (CACHE_FILL seconds of lookups in seed order)
 #   8. feed         linkid: GET /linked-identities/events, a random `after`,
 #                   pages of 100, from BIG_LINKS events (made by an import)
 #   and, on a throwaway PostgreSQL (scripts/pg-cluster.sh; PG=0 skips them):
@@ -41,7 +45,11 @@
 #   THREADS=1        wrk threads, every scenario
 #   LINKS=10000      links seeded for list-small, providers and the write DBs
 #   BIG_LINKS=1000000  links seeded for list-big
-#   PORT=18700       first loopback port; scenarios use PORT .. PORT+14
+#   BIG_CACHE_BYTES=402653184  database.row_cache_bytes of lookup-big-cached
+#                    (384 MiB: about 265 bytes an answer, 1,000,000 answers)
+#   CACHE_FILL=60s   the pass that fills that cache before its warm-up (the
+#                    report says when it asked for fewer than BIG_LINKS)
+#   PORT=18700       first loopback port; scenarios use PORT .. PORT+15
 #   OUT=bench/out    scratch directory (databases, key, logs, raw wrk output);
 #                    emptied at the start, so it must be one this script made
 #   RESULTS=bench/RESULTS.md   where the report goes
@@ -58,7 +66,8 @@
 #   SCENARIOS=a,b    run only these rows (names as in the report's first
 #                    column ids: baseline, list-small, providers,
 #                    lookup-small, list-big,
-#                    write-group, write-single, lookup-big, feed, pg-list,
+#                    write-group, write-single, lookup-big,
+#                    lookup-big-cached, feed, pg-list,
 #                    pg-list-x2, pg-write, pg-write-x2, pg-lookup-big,
 #                    pg-feed; default: all). The baseline always runs.
 #
@@ -88,6 +97,8 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-1}
 LINKS=${LINKS:-10000}
 BIG_LINKS=${BIG_LINKS:-1000000}
+BIG_CACHE_BYTES=${BIG_CACHE_BYTES:-402653184}
+CACHE_FILL_S=$(seconds_of "${CACHE_FILL:-60s}")
 PORT=${PORT:-18700}
 OUT=${OUT:-bench/out}
 RESULTS=${RESULTS:-bench/RESULTS.md}
@@ -410,7 +421,7 @@ say "seeding $LINKS links (list, providers, writes) and $BIG_LINKS links (list-b
 mkdir -p "$OUT/db-small" "$OUT/db-big" "$OUT/db-write-group" "$OUT/db-write-single"
 seed "$OUT/db-small/linkid.db" "$LINKS"
 SEED_SECS=? BIG_DB_MIB=?
-if want list-big lookup-big feed pg-feed; then
+if want list-big lookup-big lookup-big-cached feed pg-feed; then
     SEED_START=$(date +%s.%N)
     seed "$OUT/db-big/linkid.db" "$BIG_LINKS"
     SEED_SECS=$(awk -v a="$SEED_START" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
@@ -487,14 +498,27 @@ fi
 
 # lookup_row NAME PORT DATABASE LINKS: the login-time reverse lookup of a
 # random seeded link, against a server on DATABASE (seeded with LINKS links).
+# lookup_row NAME PORT DB LINKS [CACHE_BYTES]: with CACHE_BYTES, the server's
+# row cache has that size and a pass over every link in seed order fills it
+# before the warm-up.
 lookup_row() {
-    local name=$1 port=$2 db=$3 links=$4 probe
+    local name=$1 port=$2 db=$3 links=$4 cache=${5:-} probe line
     wait_idle "$name"
-    start_server "$name" "$port" env $(linkid_env "$port" "$db") "$LINKID" serve
+    start_server "$name" "$port" env $(linkid_env "$port" "$db") \
+        ${cache:+LINKID_DATABASE__ROW_CACHE_BYTES=$cache} "$LINKID" serve
     probe=$(curl -fsS -H "$AUTH" "http://127.0.0.1:$port/api/admin/users/v4/linked-identities?provider_id=okta&linked_user_id=seed-remote-1") \
         || die "the lookup fails before the load starts"
     [[ $probe == *'"user_id":"seed-user-1"'* ]] || die "unexpected lookup answer: $probe"
     export BENCH_USERS=$links BENCH_PROVIDERS=azure-ad,okta,corporate-saml
+    if [[ -n $cache ]]; then
+        say "$name: filling the row cache ($CACHE_FILL_S s of lookups in seed order)"
+        line=$(BENCH_SEQUENTIAL=1 BENCH_RUN_ID="f$RUN_ID" run_wrk "$OUT/$name.fill.txt" "$CACHE_FILL_S" \
+            bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH")
+        (( $(errors_in "$line") == 0 )) || INVALID+=("$name (cache fill): $line")
+        say "$name: the fill made $(field "$line" requests) lookups"
+        (( $(field "$line" requests) >= links )) ||
+            BUSY+=("$name: the cache fill asked for $(field "$line" requests) of the $links links (raise CACHE_FILL)")
+    fi
     measure "$name" "linkid" "$SERVER_PID" bench/lookup.lua "http://127.0.0.1:$port/" -H "$AUTH"
     stop_server "$SERVER_PID" 0 "$name"
 }
@@ -541,6 +565,11 @@ fi
 # 7. reverse lookup, BIG_LINKS links
 if want lookup-big; then
     lookup_row lookup-big $((PORT + 6)) "$OUT/db-big/linkid.db" "$BIG_LINKS"
+fi
+
+# 7b. the same with a row cache that holds every answer
+if want lookup-big-cached; then
+    lookup_row lookup-big-cached $((PORT + 15)) "$OUT/db-big/linkid.db" "$BIG_LINKS" "$BIG_CACHE_BYTES"
 fi
 
 # The import: an export of the big database into an empty one (its events
@@ -660,6 +689,7 @@ declare -A LABEL=(
     [write-single]="write mix POST+DELETE, max_batch=1"
     [lookup-small]="GET reverse lookup, $(commas "$LINKS") links stored"
     [lookup-big]="GET reverse lookup, $(commas "$BIG_LINKS") links stored"
+    [lookup-big-cached]="GET reverse lookup, $(commas "$BIG_LINKS") links, row cache $(( BIG_CACHE_BYTES / 1048576 )) MiB"
     [feed]="GET events (100 a page), $(commas "$BIG_LINKS") stored"
     [pg-list]="PostgreSQL: GET list, $(commas "$LINKS") links"
     [pg-list-x2]="PostgreSQL, 2 instances: GET list"
@@ -709,7 +739,7 @@ targets() {
     echo "|---|---|---|"
     # Issue 12: an authenticated read within 2.5 × bare warp's server CPU
     # per request, at least half its throughput, p99 within 2 ×.
-    for n in list-small providers lookup-small lookup-big; do
+    for n in list-small providers lookup-small lookup-big lookup-big-cached; do
         has "$n" || continue
         r=$(ratio "${CPUREQ[$n]}" "${CPUREQ[$b]}")
         v=$(verdict "$r <= 2.5")
@@ -724,7 +754,7 @@ targets() {
         v=$(verdict "$r >= 4")
         echo "| writes: group commit ≥ 4 × one commit per request (issue 12) | $r × | $v |"
     fi
-    for n in list-small providers lookup-small lookup-big; do
+    for n in list-small providers lookup-small lookup-big lookup-big-cached; do
         has "$n" || continue
         r=$(ratio "${RPS[$n]}" "${RPS[$b]}")
         v=$(verdict "$r >= 0.5")
