@@ -680,3 +680,75 @@ async fn on_postgresql_two_instances_deliver_each_event_once_and_one_takes_over_
     );
     assert_eq!(receiver.received().len(), 210, "no event was sent twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dev_reset_sends_each_webhook_what_changes_after_it_from_the_new_feed() {
+    let receiver = Receiver::start(Arc::new(|_, _| None)).await;
+    let (cwd, tmp) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    configure(
+        cwd.path(),
+        &[Hook {
+            id: "dev",
+            url: receiver.url(),
+        }],
+        5,
+    );
+    let dev = crate::dev::Dev::start(cwd.path(), tmp.path(), &["--print-token"], &[]);
+    let token = dev.token.clone().unwrap();
+    let base = dev.api.replace("/api/admin/users/v4", "");
+    link_users(&base, &token, "before-", 2, 1).await;
+    receiver.wait_for([1, 2], Duration::from_secs(30)).await;
+
+    let reset = client()
+        .post(format!("{base}/_dev/reset"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    link_users(&base, &token, "after-", 1, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while receiver.received().len() < 3 {
+        assert!(Instant::now() < deadline, "{:?}", receiver.received());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    assert_eq!(reset.status(), 204);
+    let received = receiver.received();
+    let last: Value = serde_json::from_slice(&received[2].body).unwrap();
+    assert_eq!(received[2].id, "evt_1", "the feed started again at 1");
+    assert_eq!(last["data"]["user_id"], "after-0");
+}
+
+#[test]
+fn serve_refuses_a_bad_webhook_naming_it_as_check_config_does() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let secret = dir.path().join("hooks.whsec");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!(
+            "[[webhooks]]\nid = \"bad\"\nurl = \"ftp://user:pw-5k@127.0.0.1/x\"\nsecret_file = \"{}\"\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+
+    let checked = linkid(dir.path(), &["check-config"]);
+    let served = crate::cli::output_within(
+        {
+            let mut serve = crate::cli::command(dir.path());
+            serve.env("LINKID_SERVER__ADDR", "127.0.0.1:0").arg("serve");
+            serve
+        },
+        Duration::from_secs(30),
+    );
+
+    for output in [&checked, &served] {
+        assert_eq!(output.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("webhooks[0].url"), "{stderr}");
+        assert!(!stderr.contains("pw-5k"), "{stderr}");
+    }
+}
