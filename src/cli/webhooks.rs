@@ -81,31 +81,40 @@ pub(super) async fn run(config: &Config, command: WebhooksCommand) -> anyhow::Re
         }
         WebhooksCommand::Enable { id } => {
             configured(config, &id)?;
-            match store.enable_webhook(id.clone()).await? {
-                Some(s) if s.state == WebhookState::Active && s.generation > 0 => {
-                    println!(
-                        "{id} is ACTIVE: it resumes with the first event after seq {}",
-                        s.delivered_seq
-                    );
-                }
-                Some(s) => println!(
-                    "{id} is {}, not DISABLED: nothing to enable{}",
-                    s.state.as_str(),
-                    if s.state == WebhookState::Expired {
-                        " (an EXPIRED webhook resumes with `linkid webhooks replay`)"
-                    } else {
-                        ""
-                    }
-                ),
-                None => println!(
-                    "{id} has not delivered anything yet (no server has started it): nothing to enable"
-                ),
-            }
-            Ok(())
+            enable(&store, id).await
         }
     };
     store.close().await;
     outcome
+}
+
+/// `enable`, saying what it did: only a `DISABLED` webhook changes.
+async fn enable(store: &Store, id: String) -> anyhow::Result<()> {
+    let before = store
+        .webhook_standings()
+        .await?
+        .into_iter()
+        .find(|(s, _)| s.webhook == id)
+        .map(|(s, _)| s.state);
+    match before {
+        Some(WebhookState::Disabled) => {
+            if let Some(s) = store.enable_webhook(id.clone()).await? {
+                println!(
+                    "{id} is {}: it resumes with the first event after seq {}",
+                    s.state.as_str(),
+                    s.delivered_seq
+                );
+            }
+        }
+        Some(WebhookState::Expired) => println!(
+            "{id} is EXPIRED, not DISABLED: nothing to enable (an EXPIRED webhook resumes with `linkid webhooks replay {id} --after SEQ`)"
+        ),
+        Some(state) => println!("{id} is {}, not DISABLED: nothing to enable", state.as_str()),
+        None => println!(
+            "{id} has no standing yet (no server has delivered it): nothing to enable"
+        ),
+    }
+    Ok(())
 }
 
 /// Refuses an id that no `[[webhooks]]` entry has.
