@@ -24,7 +24,8 @@
 //! (`Backend`), each operation a transaction of its own; `queries.rs`
 //! holds the link's race-proof insert and the row mapping, `fault.rs` how
 //! the driver's errors are carried, `migrations.rs` the schema, `admin.rs`
-//! seed, export and import, `tls.rs` the TLS connector.
+//! seed, export and import, `tls.rs` the TLS connector, `webhooks.rs` where
+//! each webhook stands and the lease that lets one instance deliver it.
 
 use std::time::Duration;
 

@@ -11,7 +11,8 @@
 //!   plain or fast (`row_cache.rs`, `wal_stamp.rs`; `database.row_cache_bytes`
 //!   chooses), and long reads on a pool;
 //! - `admin.rs`: seed, backup, export and import, beside a running server;
-//!   `lock.rs`: one server per file.
+//!   `lock.rs`: one server per file;
+//! - `webhooks.rs`: where each webhook stands (the delivery engine's ledger).
 //!
 //! This file opens the database and maps each operation to those parts.
 
