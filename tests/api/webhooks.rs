@@ -752,3 +752,65 @@ fn serve_refuses_a_bad_webhook_naming_it_as_check_config_does() {
         assert!(!stderr.contains("pw-5k"), "{stderr}");
     }
 }
+
+/// Runs `sql` on the database the binary uses in `dir`, beside it.
+fn execute_sql(dir: &Path, sql: &str) {
+    match crate::helpers::database_url_for(dir) {
+        Some(url) => {
+            crate::helpers::psql(&url, sql);
+        }
+        None => {
+            let conn = rusqlite::Connection::open(dir.join("data/linkid.db")).unwrap();
+            conn.busy_timeout(Duration::from_secs(10)).unwrap();
+            conn.execute_batch(sql).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_whose_events_were_pruned_is_expired_until_replayed_after_the_pruning() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = TempDir::new().unwrap();
+    let token = configure(
+        dir.path(),
+        &[Hook {
+            id: "late",
+            url: format!("http://127.0.0.1:{port}/hooks"),
+        }],
+        1,
+    );
+    let server = Server::start(dir.path(), &[]);
+    link_users(&server.base, &token, "e", 8, 1).await;
+
+    // Retention prunes events 1..=5 while the receiver is down.
+    execute_sql(
+        dir.path(),
+        "BEGIN; DELETE FROM events WHERE seq <= 5; UPDATE feed_state SET pruned_through = 5; COMMIT;",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let expired = loop {
+        let shown = status(dir.path());
+        if shown[0]["state"] == "EXPIRED" || Instant::now() > deadline {
+            break shown;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let receiver = Receiver::start_on(port, Arc::new(|_, _| None)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let while_expired = receiver.received().len();
+    let replayed = linkid(dir.path(), &["webhooks", "replay", "late", "--after", "5"]);
+    receiver.wait_for(6..=8, Duration::from_secs(10)).await;
+    server.terminate();
+
+    assert_eq!(expired[0]["state"], "EXPIRED", "{expired:?}");
+    assert_eq!(expired[0]["delivered_seq"], 0);
+    assert!(expired[0]["last_error"].is_string(), "{expired:?}");
+    assert_eq!(while_expired, 0, "nothing is sent while expired");
+    assert!(replayed.status.success());
+    let ids: Vec<i64> = receiver.received().iter().map(Received::seq).collect();
+    assert_eq!(ids, [6, 7, 8]);
+}
