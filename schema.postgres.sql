@@ -1,4 +1,4 @@
--- linkid's current schema on PostgreSQL (version 3, recorded in
+-- linkid's current schema on PostgreSQL (version 4, recorded in
 -- linkid_schema_version). linkid creates and upgrades it by itself: the
 -- migrations in src/store/postgres/migrations.rs run at start-up, in order,
 -- in one transaction under an advisory lock; a test holds them to this
@@ -114,5 +114,29 @@ CREATE TABLE feed_state (
 );
 INSERT INTO feed_state (pruned_through) VALUES (0);
 
--- This file is the whole of version 3.
-INSERT INTO linkid_schema_version (version) VALUES (3);
+-- Where each webhook stands: its delivery resumes here after a restart
+-- (domain::WebhookStanding).
+CREATE TABLE webhook_standings (
+    webhook         text PRIMARY KEY,
+    state           text NOT NULL CHECK (state IN ('ACTIVE', 'RETRYING', 'DISABLED', 'EXPIRED')),
+    -- Every event up to this seq was delivered or skipped by the filters.
+    delivered_seq   bigint NOT NULL,
+    attempts        integer NOT NULL,
+    last_attempt_at timestamptz,
+    last_status     integer,
+    last_error      text,
+    next_attempt_at timestamptz,
+    -- Bumped by `linkid webhooks replay` / `enable`.
+    generation      bigint NOT NULL
+);
+
+-- Who delivers for a webhook: one instance at a time, until `until` by the
+-- database's clock unless it renews the lease.
+CREATE TABLE webhook_leases (
+    webhook text PRIMARY KEY,
+    holder  text NOT NULL,
+    until   timestamptz NOT NULL
+);
+
+-- This file is the whole of version 4.
+INSERT INTO linkid_schema_version (version) VALUES (4);

@@ -1,4 +1,4 @@
--- linkid's current schema on SQLite (version 3; PRAGMA user_version holds it).
+-- linkid's current schema on SQLite (version 4; PRAGMA user_version holds it).
 -- A database is created and upgraded by the migrations in
 -- src/store/sqlite.rs, in order; a test holds them to this file.
 
@@ -62,4 +62,20 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS feed_state (
     id             INTEGER PRIMARY KEY CHECK (id = 1),
     pruned_through INTEGER NOT NULL
+) STRICT;
+
+-- Where each webhook stands: its delivery resumes here after a restart
+-- (domain::WebhookStanding). Times are RFC 3339 UTC.
+CREATE TABLE IF NOT EXISTS webhook_standings (
+    webhook         TEXT PRIMARY KEY,
+    state           TEXT NOT NULL CHECK (state IN ('ACTIVE', 'RETRYING', 'DISABLED', 'EXPIRED')),
+    -- Every event up to this seq was delivered or skipped by the filters.
+    delivered_seq   INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL,
+    last_attempt_at TEXT,
+    last_status     INTEGER,
+    last_error      TEXT,
+    next_attempt_at TEXT,
+    -- Bumped by `linkid webhooks replay` / `enable`.
+    generation      INTEGER NOT NULL
 ) STRICT;

@@ -19,6 +19,10 @@
 #                   (database.max_batch as configured, 256 by default)
 #   6. write-single the same with LINKID_DATABASE__MAX_BATCH=1 (one commit
 #                   per request), same build
+#   6b. write-hooked the write-group mix with a webhook attached: every
+#                   change is delivered to a local receiver that answers 204
+#                   at once (examples/webhook_sink.rs); target: throughput
+#                   within 10 % of write-group
 #   7. lookup-big   as lookup-small with BIG_LINKS links stored
 #   7b. lookup-big-cached  the same with database.row_cache_bytes =
 #                   BIG_CACHE_BYTES, sized to hold every one of those
@@ -49,7 +53,7 @@
 #                    (384 MiB: about 265 bytes an answer, 1,000,000 answers)
 #   CACHE_FILL=60s   the pass that fills that cache before its warm-up (the
 #                    report says when it asked for fewer than BIG_LINKS)
-#   PORT=18700       first loopback port; scenarios use PORT .. PORT+15
+#   PORT=18700       first loopback port; scenarios use PORT .. PORT+17
 #   OUT=bench/out    scratch directory (databases, key, logs, raw wrk output);
 #                    emptied at the start, so it must be one this script made
 #   RESULTS=bench/RESULTS.md   where the report goes
@@ -66,7 +70,7 @@
 #   SCENARIOS=a,b    run only these rows (names as in the report's first
 #                    column ids: baseline, list-small, providers,
 #                    lookup-small, list-big,
-#                    write-group, write-single, lookup-big,
+#                    write-group, write-single, write-hooked, lookup-big,
 #                    lookup-big-cached, feed, pg-list,
 #                    pg-list-x2, pg-write, pg-write-x2, pg-lookup-big,
 #                    pg-feed; default: all). The baseline always runs.
@@ -150,10 +154,11 @@ command -v curl >/dev/null 2>&1 || die "curl is needed for the health checks"
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq time >/dev/null || die "could not install time"
 }
 
-say "building release binaries (linkid, examples/baseline)"
-cargo build --release --quiet --bin linkid --example baseline
+say "building release binaries (linkid, examples/baseline, examples/webhook_sink)"
+cargo build --release --quiet --bin linkid --example baseline --example webhook_sink
 LINKID=target/release/linkid
 BASELINE=target/release/examples/baseline
+SINK=target/release/examples/webhook_sink
 
 # $OUT is emptied: only when this script made it (or it is empty).
 if [[ -d $OUT && ! -e $OUT/.linkid-bench ]] && [[ -n $(ls -A "$OUT" 2>/dev/null) ]]; then
@@ -418,7 +423,7 @@ seed() { # seed DBPATH N
         "$LINKID" seed --links "$2" >"$1.seed.log" 2>&1 || die "seeding $1 failed; see $1.seed.log"
 }
 say "seeding $LINKS links (list, providers, writes) and $BIG_LINKS links (list-big, lookup-big, the imports)"
-mkdir -p "$OUT/db-small" "$OUT/db-big" "$OUT/db-write-group" "$OUT/db-write-single"
+mkdir -p "$OUT/db-small" "$OUT/db-big" "$OUT/db-write-group" "$OUT/db-write-single" "$OUT/db-write-hooked"
 seed "$OUT/db-small/linkid.db" "$LINKS"
 SEED_SECS=? BIG_DB_MIB=?
 if want list-big lookup-big lookup-big-cached feed pg-feed; then
@@ -429,6 +434,7 @@ if want list-big lookup-big lookup-big-cached feed pg-feed; then
 fi
 want write-group && seed "$OUT/db-write-group/linkid.db" "$LINKS"
 want write-single && seed "$OUT/db-write-single/linkid.db" "$LINKS"
+want write-hooked && seed "$OUT/db-write-hooked/linkid.db" "$LINKS"
 
 # What one durable write costs on this disk now: 4 KiB appends, each synced
 # (run just before each write scenario; other disk traffic makes it vary).
@@ -562,6 +568,28 @@ if want write-single; then
     stop_server "$SERVER_PID" 0 write-single
 fi
 
+# 6b. write mix, group commit, with a webhook delivering every change to a
+# local receiver (examples/webhook_sink.rs) that answers 204 at once
+HOOK_DELIVERED=?
+if want write-hooked; then
+    port=$((PORT + 15))
+    sink_port=$((PORT + 16))
+    wait_idle write-hooked
+    port_busy "$sink_port" && die "port $sink_port is in use; set PORT to a free range"
+    (umask 077 && echo "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD" >"$OUT/bench.whsec")
+    printf '[[webhooks]]\nid = "bench"\nurl = "http://127.0.0.1:%s/hooks"\nsecret_file = "%s"\n' \
+        "$sink_port" "$(realpath "$OUT/bench.whsec")" >"$OUT/hooked.toml"
+    "$SINK" "$sink_port" >"$OUT/write-hooked.sink.log" 2>&1 &
+    SINK_PID=$!
+    STARTED+=("$SINK_PID")
+    start_server write-hooked "$port" env $(linkid_env "$port" "$OUT/db-write-hooked/linkid.db") \
+        "$LINKID" --config "$OUT/hooked.toml" serve
+    measure write-hooked "linkid + webhook" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
+    stop_server "$SERVER_PID" 0 write-hooked
+    kill -TERM "$SINK_PID" && wait "$SINK_PID" || true
+    HOOK_DELIVERED=$(sed -n 's/.*answered \([0-9]*\) deliveries.*/\1/p' "$OUT/write-hooked.sink.log")
+fi
+
 # 7. reverse lookup, BIG_LINKS links
 if want lookup-big; then
     lookup_row lookup-big $((PORT + 6)) "$OUT/db-big/linkid.db" "$BIG_LINKS"
@@ -569,7 +597,7 @@ fi
 
 # 7b. the same with a row cache that holds every answer
 if want lookup-big-cached; then
-    lookup_row lookup-big-cached $((PORT + 15)) "$OUT/db-big/linkid.db" "$BIG_LINKS" "$BIG_CACHE_BYTES"
+    lookup_row lookup-big-cached $((PORT + 17)) "$OUT/db-big/linkid.db" "$BIG_LINKS" "$BIG_CACHE_BYTES"
 fi
 
 # The import: an export of the big database into an empty one (its events
@@ -687,6 +715,7 @@ declare -A LABEL=(
     [list-big]="GET list, $(commas "$BIG_LINKS") links stored"
     [write-group]="write mix POST+DELETE, group commit"
     [write-single]="write mix POST+DELETE, max_batch=1"
+    [write-hooked]="write mix POST+DELETE, group commit, a webhook attached"
     [lookup-small]="GET reverse lookup, $(commas "$LINKS") links stored"
     [lookup-big]="GET reverse lookup, $(commas "$BIG_LINKS") links stored"
     [lookup-big-cached]="GET reverse lookup, $(commas "$BIG_LINKS") links, row cache $(( BIG_CACHE_BYTES / 1048576 )) MiB"
@@ -748,6 +777,11 @@ targets() {
     if has write-group; then
         v=$(verdict "${CPUREQ[write-group]} <= 25")
         echo "| ${LABEL[write-group]}: server CPU per request ≤ 25 µs | ${CPUREQ[write-group]} µs | $v |"
+    fi
+    if has write-group write-hooked; then
+        r=$(ratio "${RPS[write-hooked]}" "${RPS[write-group]}")
+        v=$(verdict "$r >= 0.9")
+        echo "| writes with a webhook attached: throughput ≥ 0.90 × without (issue 22) | $r × ($(printf %.0f "${RPS[write-hooked]}") vs $(printf %.0f "${RPS[write-group]}") req/s; $HOOK_DELIVERED deliveries answered) | $v |"
     fi
     if has write-group write-single; then
         r=$(ratio "${RPS[write-group]}" "${RPS[write-single]}")

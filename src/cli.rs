@@ -1,5 +1,6 @@
 //! Command-line interface: `serve` (the default), `dev`, `token ...`, the
-//! admin commands (`check-config`, `backup`, `export`, `import`, `seed`),
+//! admin commands (`check-config`, `backup`, `export`, `import`, `seed`,
+//! `webhooks ...`),
 //! `openapi` and `conform`.
 
 use std::path::PathBuf;
@@ -15,6 +16,9 @@ use crate::startup::{self, Application};
 use crate::store::Store;
 
 mod dev;
+mod webhooks;
+
+pub use webhooks::WebhooksCommand;
 
 /// linkid: a small, fast server for the Linked Identities admin API.
 #[derive(Debug, Parser)]
@@ -124,6 +128,13 @@ pub enum Command {
         #[arg(long, value_name = "INSTANT", value_parser = parse_instant)]
         clock: Option<std::time::SystemTime>,
     },
+    /// Where each webhook stands, and the operator's controls: `status`,
+    /// `replay ID --after SEQ`, `enable ID` (DESIGN "Webhooks").
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  linkid webhooks status\n  linkid webhooks status --json\n  linkid webhooks replay crm --after 1200\n  linkid webhooks enable crm"
+    )]
+    Webhooks(WebhooksCommand),
     /// Print the OpenAPI document (JSON) on stdout.
     #[command(after_help = "Example:\n  linkid openapi > openapi/openapi.json")]
     Openapi,
@@ -327,6 +338,7 @@ async fn run_command(cli: Cli, config: Config) -> anyhow::Result<()> {
             status => Err(Exit(status).into()),
         },
         Command::Token(command) => run_token(&config, command).await,
+        Command::Webhooks(command) => webhooks::run(&config, command).await,
         Command::Export { out } => {
             let sink: Box<dyn std::io::Write + Send> = match &out {
                 Some(path) => Box::new(std::io::BufWriter::new(create_private(path)?)),

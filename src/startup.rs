@@ -15,6 +15,10 @@ use crate::http::server;
 use crate::http::AppState;
 use crate::store::{self, DatabaseCheck, Store};
 
+mod webhooks;
+
+pub use webhooks::{StoreFeed, StoreLedger};
+
 /// How often the server reads new revocations (a revoked token is refused
 /// within this period, plus one read).
 pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
@@ -34,6 +38,8 @@ pub struct Application {
     /// Tells streams and long polls that the server is stopping.
     stopping: tokio::sync::watch::Sender<bool>,
     retention_days: u32,
+    /// The webhooks to deliver to, if any are configured.
+    delivery: Option<webhooks::Delivery>,
 }
 
 /// What `check` found: everything start-up needs, short of binding.
@@ -106,6 +112,7 @@ impl Application {
                 tracing::info!(public_key = %key.public, "verifying tokens with auth.public_key")
             }
         }
+        let delivery = webhooks::Delivery::from_config(config)?;
         let store = Store::open_serving(&config.database, &config.id_rules()).await?;
         tracing::info!(database = %store.describe(), "database ready");
         let revoked = Arc::new(RevocationList::default());
@@ -149,6 +156,7 @@ impl Application {
             server,
             stopping,
             retention_days: config.events.retention_days,
+            delivery,
         })
     }
 
@@ -172,6 +180,10 @@ impl Application {
         crate::telemetry::prometheus();
         let store = self.state.store.clone();
         let mut newest = load_revocations(&store, &self.revoked, 0).await?;
+        let engine = self
+            .delivery
+            .map(|delivery| delivery.start(&store))
+            .transpose()?;
         let retention_days = self.retention_days;
         let housekeeping = {
             let state = self.state.clone();
@@ -244,6 +256,10 @@ impl Application {
             signal,
         )
         .await;
+        if let Some(engine) = engine {
+            // Its leases given up, so another instance takes over at once.
+            engine.stop().await;
+        }
         poller.abort();
         housekeeping.abort();
         upkeep.abort();

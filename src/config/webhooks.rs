@@ -157,7 +157,8 @@ impl Start {
         }
     }
 
-    fn parse(text: &str) -> Option<Start> {
+    /// `start` as written (`now` or `beginning`).
+    pub fn parse(text: &str) -> Option<Start> {
         [Start::Now, Start::Beginning]
             .into_iter()
             .find(|s| s.as_str() == text)

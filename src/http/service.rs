@@ -136,6 +136,21 @@ async fn dev_reset(state: Arc<AppState>, bearer: Bearer) -> Result<Response, Rej
         .reread_newest_event()
         .await
         .map_err(ApiError::from)?;
+    // The feed starts again: each webhook resumes at its new end, as if
+    // replayed there, and gets what changes from now on.
+    let end = *state.store.newest_event().borrow();
+    let standings = state
+        .store
+        .webhook_standings()
+        .await
+        .map_err(ApiError::from)?;
+    for (standing, _) in standings {
+        state
+            .store
+            .replay_webhook(standing.webhook, end)
+            .await
+            .map_err(ApiError::from)?;
+    }
     let mut response = Response::new(bytes::Bytes::new().into());
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)

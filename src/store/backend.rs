@@ -32,11 +32,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
 use super::{LinkOutcome, SearchPage, SearchQuery, StoreError};
-use crate::domain::{Actor, Event, LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{Actor, Event, LinkRecord, NewLink, ProviderId, UserId, WebhookStanding};
 
 /// What a store operation answers with, as a future (see `Answer`).
 pub type Reply<'a, T> = Answer<'a, Result<T, StoreError>>;
@@ -150,6 +151,53 @@ pub trait Backend: Send + Sync {
     ///
     /// Errors: `Unavailable`, `Internal`.
     fn count(&self) -> Reply<'_, i64>;
+
+    /// Where `webhook` stands; when it has none yet, an `ACTIVE` standing
+    /// that has delivered everything up to `start_after` is stored first
+    /// (of callers racing, the first stored is everyone's).
+    ///
+    /// Errors: `Unavailable`, `Full`, `Internal`.
+    fn webhook_standing(&self, webhook: String, start_after: i64) -> Reply<'_, WebhookStanding>;
+
+    /// Stores `standing` in place of the stored one, answering true, unless
+    /// its `generation` is no longer the stored one or (PostgreSQL) a holder
+    /// other than `holder` holds an unexpired lease on the webhook: false.
+    ///
+    /// Errors: `Unavailable`, `Full`, `Internal`.
+    fn save_webhook_standing(&self, standing: WebhookStanding, holder: String) -> Reply<'_, bool>;
+
+    /// Gives `holder` the webhook's delivery lease for `ttl` by the
+    /// database's clock when no other holder's lease runs (renewing its
+    /// own); false when another's does. SQLite, which one server opens at
+    /// a time, always grants it.
+    ///
+    /// Errors: `Unavailable`, `Full`, `Internal`.
+    fn lease_webhook(&self, webhook: String, holder: String, ttl: Duration) -> Reply<'_, bool>;
+
+    /// Ends `holder`'s lease on the webhook, if it holds it.
+    ///
+    /// Errors: `Unavailable`, `Internal`.
+    fn release_webhook(&self, webhook: String, holder: String) -> Reply<'_, ()>;
+
+    /// `linkid webhooks replay`: the webhook resumes with the first event
+    /// after `after`, `ACTIVE`, attempts and history cleared, in a new
+    /// generation; stored so when it had no standing yet.
+    ///
+    /// Errors: `Unavailable`, `Full`, `Internal`.
+    fn replay_webhook(&self, webhook: String, after: i64) -> Reply<'_, WebhookStanding>;
+
+    /// `linkid webhooks enable`: a `DISABLED` webhook becomes `ACTIVE` in a
+    /// new generation, resuming with the event that was refused; any other
+    /// is left as it is. The standing after; `None` when there is none.
+    ///
+    /// Errors: `Unavailable`, `Full`, `Internal`.
+    fn enable_webhook(&self, webhook: String) -> Reply<'_, Option<WebhookStanding>>;
+
+    /// Every stored standing, by webhook id, each with how many events
+    /// the feed holds after its `delivered_seq` (before its filters).
+    ///
+    /// Errors: `Unavailable`, `Internal`.
+    fn webhook_standings(&self) -> Reply<'_, Vec<(WebhookStanding, i64)>>;
 
     /// Whether the database answers reads and takes writes now; the error
     /// says why not, in words for `/readyz`.

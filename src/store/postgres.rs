@@ -24,7 +24,8 @@
 //! (`Backend`), each operation a transaction of its own; `queries.rs`
 //! holds the link's race-proof insert and the row mapping, `fault.rs` how
 //! the driver's errors are carried, `migrations.rs` the schema, `admin.rs`
-//! seed, export and import, `tls.rs` the TLS connector.
+//! seed, export and import, `tls.rs` the TLS connector, `webhooks.rs` where
+//! each webhook stands and the lease that lets one instance deliver it.
 
 use std::time::Duration;
 
@@ -39,7 +40,9 @@ use tokio::sync::watch;
 use super::{Answer, Backend, Reply};
 use super::{LinkOutcome, SearchPage, SearchQuery, StoreError};
 use crate::config::{DatabaseConfig, PostgresUrl};
-use crate::domain::{Actor, Event, EventType, IdRules, LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{
+    Actor, Event, EventType, IdRules, LinkRecord, NewLink, ProviderId, UserId, WebhookStanding,
+};
 
 /// linkid's advisory locks are `(LOCK_NAMESPACE, n)`: n = 0 for schema
 /// upgrades, a sequence's oid for appends in commit order (see
@@ -59,6 +62,7 @@ mod fault;
 mod migrations;
 mod queries;
 mod tls;
+mod webhooks;
 
 use fault::{describe, Fault, OrFault};
 use queries::{event_from_row, link_in, record_event, record_from_row};
@@ -448,6 +452,73 @@ impl Backend for PostgresStore {
                 Ok(row.get(0))
             };
             let outcome = self.within(counted).await;
+            self.settle(client, outcome)
+        })
+    }
+
+    fn webhook_standing(&self, webhook: String, start_after: i64) -> Reply<'_, WebhookStanding> {
+        Answer::boxed(async move {
+            let client = self.client().await?;
+            let outcome = self
+                .within(webhooks::standing_in(&client, &webhook, start_after))
+                .await;
+            self.settle(client, outcome)
+        })
+    }
+
+    fn save_webhook_standing(&self, standing: WebhookStanding, holder: String) -> Reply<'_, bool> {
+        Answer::boxed(async move {
+            let client = self.client().await?;
+            let outcome = self
+                .within(webhooks::save_in(&client, &standing, &holder))
+                .await;
+            self.settle(client, outcome)
+        })
+    }
+
+    /// By the database's clock (see `webhooks`).
+    fn lease_webhook(&self, webhook: String, holder: String, ttl: Duration) -> Reply<'_, bool> {
+        Answer::boxed(async move {
+            let client = self.client().await?;
+            let outcome = self
+                .within(webhooks::lease_in(&client, &webhook, &holder, ttl))
+                .await;
+            self.settle(client, outcome)
+        })
+    }
+
+    fn release_webhook(&self, webhook: String, holder: String) -> Reply<'_, ()> {
+        Answer::boxed(async move {
+            let client = self.client().await?;
+            let outcome = self
+                .within(webhooks::release_in(&client, &webhook, &holder))
+                .await;
+            self.settle(client, outcome)
+        })
+    }
+
+    fn replay_webhook(&self, webhook: String, after: i64) -> Reply<'_, WebhookStanding> {
+        Answer::boxed(async move {
+            let client = self.client().await?;
+            let outcome = self
+                .within(webhooks::replay_in(&client, &webhook, after))
+                .await;
+            self.settle(client, outcome)
+        })
+    }
+
+    fn enable_webhook(&self, webhook: String) -> Reply<'_, Option<WebhookStanding>> {
+        Answer::boxed(async move {
+            let client = self.client().await?;
+            let outcome = self.within(webhooks::enable_in(&client, &webhook)).await;
+            self.settle(client, outcome)
+        })
+    }
+
+    fn webhook_standings(&self) -> Reply<'_, Vec<(WebhookStanding, i64)>> {
+        Answer::boxed(async move {
+            let client = self.client().await?;
+            let outcome = self.within(webhooks::standings_in(&client)).await;
             self.settle(client, outcome)
         })
     }

@@ -11,7 +11,8 @@
 //!   plain or fast (`row_cache.rs`, `wal_stamp.rs`; `database.row_cache_bytes`
 //!   chooses), and long reads on a pool;
 //! - `admin.rs`: seed, backup, export and import, beside a running server;
-//!   `lock.rs`: one server per file.
+//!   `lock.rs`: one server per file;
+//! - `webhooks.rs`: where each webhook stands (the delivery engine's ledger).
 //!
 //! This file opens the database and maps each operation to those parts.
 
@@ -27,7 +28,9 @@ use tokio::sync::watch;
 use super::{Answer, Backend, Reply};
 use super::{LinkOutcome, SearchPage, SearchQuery, StoreError};
 use crate::config::{DatabaseConfig, Problem};
-use crate::domain::{Actor, Event, IdRules, LinkRecord, NewLink, ProviderId, UserId};
+use crate::domain::{
+    Actor, Event, IdRules, LinkRecord, NewLink, ProviderId, UserId, WebhookStanding,
+};
 
 pub(crate) mod admin;
 pub(crate) mod lock;
@@ -36,6 +39,7 @@ mod reads;
 mod row_cache;
 mod schema;
 mod wal_stamp;
+mod webhooks;
 mod writer;
 
 pub(crate) use reads::end_inline_reads;
@@ -248,6 +252,52 @@ impl Backend for SqliteStore {
 
     fn count(&self) -> Reply<'_, i64> {
         Answer::boxed(self.reads.pooled(queries::count_links))
+    }
+
+    /// A read first: the engine asks every few seconds, and only a
+    /// webhook's first sight writes.
+    fn webhook_standing(&self, webhook: String, start_after: i64) -> Reply<'_, WebhookStanding> {
+        Answer::boxed(async move {
+            let id = webhook.clone();
+            if let Some(standing) = self
+                .reads
+                .pooled(move |conn| webhooks::standing_of(conn, &id))
+                .await?
+            {
+                return Ok(standing);
+            }
+            self.writer
+                .submit(move |conn, _| webhooks::standing_in(conn, &webhook, start_after))
+                .await
+        })
+    }
+
+    fn save_webhook_standing(&self, standing: WebhookStanding, _holder: String) -> Reply<'_, bool> {
+        self.writer
+            .submit(move |conn, _| webhooks::save_in(conn, &standing))
+    }
+
+    /// One server at a time opens the file (see `lock`): it holds every lease.
+    fn lease_webhook(&self, _webhook: String, _holder: String, _ttl: Duration) -> Reply<'_, bool> {
+        Answer::ready(Ok(true))
+    }
+
+    fn release_webhook(&self, _webhook: String, _holder: String) -> Reply<'_, ()> {
+        Answer::ready(Ok(()))
+    }
+
+    fn replay_webhook(&self, webhook: String, after: i64) -> Reply<'_, WebhookStanding> {
+        self.writer
+            .submit(move |conn, _| webhooks::replay_in(conn, &webhook, after))
+    }
+
+    fn enable_webhook(&self, webhook: String) -> Reply<'_, Option<WebhookStanding>> {
+        self.writer
+            .submit(move |conn, _| webhooks::enable_in(conn, &webhook))
+    }
+
+    fn webhook_standings(&self) -> Reply<'_, Vec<(WebhookStanding, i64)>> {
+        Answer::boxed(self.reads.pooled(webhooks::standings_in))
     }
 
     /// Whether the database answers: the file is the one opened, the writer

@@ -588,7 +588,7 @@ async fn three_instances_started_together_on_an_empty_database_all_come_up() {
     );
     assert_eq!(
         psql(&url, "SELECT version FROM linkid_schema_version"),
-        [[Some("3".to_owned())]]
+        [[Some("4".to_owned())]]
     );
 }
 

@@ -38,3 +38,4 @@ mod slow_readers;
 mod transfer;
 mod upgrades;
 mod webhook_engine;
+mod webhooks;

@@ -274,7 +274,7 @@ async fn a_schema_2_database_upgrades_to_nfc_with_every_link_revocation_and_even
         server.log()
     );
     drop(server);
-    assert_eq!(schema_version(dir.path()), 3);
+    assert_eq!(schema_version(dir.path()), 4);
 }
 
 #[test]

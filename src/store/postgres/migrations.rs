@@ -13,7 +13,7 @@ use crate::store::keys;
 /// Each schema version's upgrade from the one before, in order:
 /// `MIGRATIONS[i]` makes version `i + 1`. Released versions never change.
 /// schema.postgres.sql shows the result; a test holds the two together.
-pub(super) const MIGRATIONS: [&str; 3] = [
+pub(super) const MIGRATIONS: [&str; 4] = [
     // 1: links and revocations.
     "CREATE TABLE linked_identities (
         id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -91,6 +91,25 @@ pub(super) const MIGRATIONS: [&str; 3] = [
         ADD CONSTRAINT one_user_per_remote_identity UNIQUE (provider_id, linked_user_key);
     CREATE TABLE case_insensitive_providers (
         provider_id text PRIMARY KEY
+    );",
+    // 4: where each webhook stands (`domain::WebhookStanding`), and who
+    // delivers for it: one instance at a time holds a webhook's lease,
+    // until `until` by the database's clock unless renewed.
+    "CREATE TABLE webhook_standings (
+        webhook         text PRIMARY KEY,
+        state           text NOT NULL CHECK (state IN ('ACTIVE', 'RETRYING', 'DISABLED', 'EXPIRED')),
+        delivered_seq   bigint NOT NULL,
+        attempts        integer NOT NULL,
+        last_attempt_at timestamptz,
+        last_status     integer,
+        last_error      text,
+        next_attempt_at timestamptz,
+        generation      bigint NOT NULL
+    );
+    CREATE TABLE webhook_leases (
+        webhook text PRIMARY KEY,
+        holder  text NOT NULL,
+        until   timestamptz NOT NULL
     );",
 ];
 

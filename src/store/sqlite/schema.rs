@@ -15,7 +15,7 @@ use crate::store::keys;
 
 /// Each schema version's upgrade from the one before, in order:
 /// `MIGRATIONS[i]` makes version `i + 1`. Released versions never change.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     // 1: release 0.1.0 (which recorded no version): links and revocations.
     "CREATE TABLE linked_identities (
         id              INTEGER PRIMARY KEY,
@@ -87,6 +87,20 @@ const MIGRATIONS: [&str; 3] = [
     CREATE INDEX links_by_provider ON linked_identities (provider_id, user_id);
     CREATE TABLE case_insensitive_providers (
         provider_id TEXT PRIMARY KEY
+    ) STRICT;",
+    // 4: where each webhook stands (`domain::WebhookStanding`), so that a
+    // restart resumes its delivery. Times are RFC 3339 UTC. No lease: one
+    // server at a time opens a SQLite file.
+    "CREATE TABLE webhook_standings (
+        webhook         TEXT PRIMARY KEY,
+        state           TEXT NOT NULL CHECK (state IN ('ACTIVE', 'RETRYING', 'DISABLED', 'EXPIRED')),
+        delivered_seq   INTEGER NOT NULL,
+        attempts        INTEGER NOT NULL,
+        last_attempt_at TEXT,
+        last_status     INTEGER,
+        last_error      TEXT,
+        next_attempt_at TEXT,
+        generation      INTEGER NOT NULL
     ) STRICT;",
 ];
 
