@@ -100,6 +100,8 @@ if ! { [[ -x .venv/bin/python ]] && .venv/bin/python -m pip --version >/dev/null
     fi
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/contract/requirements.txt
+# Tests that need this venv fail without it from here on, instead of skipping.
+export LINKID_TEST_FULL=1
 
 phase "PostgreSQL for the tests"
 # Under /tmp, not $TMPDIR: as root the server runs as the postgres user, who

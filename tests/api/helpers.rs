@@ -570,3 +570,10 @@ pub fn forged_admin() -> String {
     )
     .unwrap()
 }
+
+/// Whether a test that needs the repository's `.venv` must fail rather
+/// than skip without it: under `scripts/test.sh` (which makes the venv and
+/// sets `LINKID_TEST_FULL`) and wherever `CI` is set.
+pub fn venv_is_required() -> bool {
+    std::env::var_os("LINKID_TEST_FULL").is_some() || std::env::var_os("CI").is_some()
+}
