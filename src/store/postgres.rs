@@ -26,6 +26,7 @@
 //! the driver's errors are carried, `migrations.rs` the schema, `admin.rs`
 //! seed, export and import, `tls.rs` the TLS connector.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -55,24 +56,33 @@ macro_rules! record_columns {
 }
 
 pub(crate) mod admin;
+mod batch;
 mod fault;
 mod migrations;
 mod queries;
 mod tls;
+mod writer;
 
+use batch::{LinkWrite, UnlinkWrite};
 use fault::{describe, Fault, OrFault};
 use queries::{event_from_row, link_in, record_event, record_from_row};
+use writer::Writer;
 
-/// The PostgreSQL store: a pool of connections to one database.
+/// The PostgreSQL store: a pool of connections to one database. Cloned
+/// (sharing the pool and the newest event) for the writer task.
+#[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
     url: PostgresUrl,
     /// `database.statement_timeout_secs`.
     timeout: Duration,
     /// The newest committed event's seq (see `Backend::newest_event`).
-    newest_event: watch::Sender<i64>,
+    newest_event: Arc<watch::Sender<i64>>,
     /// How each provider compares remote ids (the keys follow it).
     rules: IdRules,
+    /// Group commit for links and deletes (`database.max_batch` > 1); the
+    /// writer's own handle has none.
+    writer: Option<Writer>,
 }
 
 impl PostgresStore {
@@ -105,8 +115,9 @@ impl PostgresStore {
             pool,
             url: url.clone(),
             timeout,
-            newest_event: watch::Sender::new(0),
+            newest_event: Arc::new(watch::Sender::new(0)),
             rules: rules.clone(),
+            writer: None,
         };
         let mut client = store
             .pool
@@ -117,7 +128,9 @@ impl PostgresStore {
         migrations::migrate(&mut client, &url.to_string(), rules).await?;
         drop(client);
         store.refresh().await?;
-        Ok(store)
+        let writer = (config.max_batch > 1)
+            .then(|| Writer::start(store.clone(), config.max_batch, config.pool_size as usize));
+        Ok(PostgresStore { writer, ..store })
     }
 
     /// Tells long polls about an event this process committed (or saw).
@@ -162,12 +175,21 @@ impl Backend for PostgresStore {
         })
     }
 
-    /// The insert decides who wins (see `link_in`).
+    /// The insert decides who wins (see `link_in`, and `batch.rs` for a
+    /// link written in a batch).
     fn link(&self, user: UserId, link: NewLink, actor: Actor) -> Reply<'_, LinkOutcome> {
+        let key = self
+            .rules
+            .key(link.provider_id.as_str(), link.linked_user_id.as_str());
+        if let Some(writer) = &self.writer {
+            return writer.link(LinkWrite {
+                user,
+                link,
+                key,
+                actor,
+            });
+        }
         Answer::boxed(async move {
-            let key = self
-                .rules
-                .key(link.provider_id.as_str(), link.linked_user_id.as_str());
             let mut client = self.client().await?;
             let linked = link_in(&mut client, &user, &link, &key, &actor);
             let outcome = self.within(linked).await;
@@ -182,6 +204,13 @@ impl Backend for PostgresStore {
     }
 
     fn unlink(&self, user: UserId, provider: ProviderId, actor: Actor) -> Reply<'_, LinkRecord> {
+        if let Some(writer) = &self.writer {
+            return writer.unlink(UnlinkWrite {
+                user,
+                provider,
+                actor,
+            });
+        }
         Answer::boxed(async move {
             let mut client = self.client().await?;
             let deleted = async {
@@ -480,9 +509,12 @@ impl Backend for PostgresStore {
         (status.size as u32, status.available as u32)
     }
 
-    /// Closes the pool; every write was answered already.
+    /// Lets the writer finish what it was asked, then closes the pool.
     fn close(&self) -> Answer<'_, ()> {
         Answer::boxed(async move {
+            if let Some(writer) = &self.writer {
+                writer.close().await;
+            }
             self.pool.close();
         })
     }

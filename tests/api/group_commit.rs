@@ -291,3 +291,46 @@ async fn after_a_write_storm_on_two_instances_the_feed_replays_to_the_stored_lin
         stored.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_postgresql_refuses_fails_alone_and_the_rest_of_its_batch_commits() {
+    if skipped() {
+        return;
+    }
+    let app = spawn_app_with(|_| {}).await;
+    let url = app.database.as_ref().unwrap().url.clone();
+    // A row PostgreSQL refuses, as a check or a trigger of the operator's
+    // would: the batch it lands in fails as a whole at first.
+    psql(
+        &url,
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN IF NEW.user_id = 'poison' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON linked_identities \
+         FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    );
+
+    let users: Vec<String> = (0..24)
+        .map(|i| {
+            if i == 12 {
+                "poison".into()
+            } else {
+                format!("good-{i}")
+            }
+        })
+        .collect();
+    let app = &app;
+    let answers =
+        join_all(users.iter().map(|user| async move {
+            app.link_as_admin(user, "okta", &format!("r-{user}")).await
+        }))
+        .await;
+
+    for (user, response) in users.iter().zip(answers) {
+        let expected = if user == "poison" { 500 } else { 201 };
+        assert_eq!(response.status(), expected, "{user}");
+    }
+    let stored = psql(&url, "SELECT count(*) FROM linked_identities")[0][0].clone();
+    let events = psql(&url, "SELECT count(*) FROM events")[0][0].clone();
+    assert_eq!(stored.as_deref(), Some("23"));
+    assert_eq!(events.as_deref(), Some("23"));
+}
