@@ -128,8 +128,7 @@ impl PostgresStore {
         migrations::migrate(&mut client, &url.to_string(), rules).await?;
         drop(client);
         store.refresh().await?;
-        let writer = (config.max_batch > 1)
-            .then(|| Writer::start(store.clone(), config.max_batch, config.pool_size as usize));
+        let writer = (config.max_batch > 1).then(|| Writer::start(store.clone(), config.max_batch));
         Ok(PostgresStore { writer, ..store })
     }
 

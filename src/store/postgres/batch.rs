@@ -101,12 +101,17 @@ async fn prepare(client: &Object) -> Result<Statements, Fault> {
              ON CONFLICT DO NOTHING \
              RETURNING user_id, provider_id, linked_user_key, linked_username, created_at",
         ),
-        // Seqs are taken (under the feed's lock) before any row is written,
-        // then given out in ascending order to the events in batch order.
+        // Seqs are taken before any event is written: the first from
+        // `linkid_next_seq`, which takes the feed's lock until the commit,
+        // the others from the sequence under that lock (one plpgsql call
+        // per batch, not per event); then given out in ascending order to
+        // the events in batch order.
         client.prepare_cached(
-            "WITH taken AS MATERIALIZED (\
-                 SELECT linkid_next_seq('events_seq') AS seq \
-                 FROM generate_series(1, cardinality($1::text[]))), \
+            "WITH first AS MATERIALIZED (SELECT linkid_next_seq('events_seq') AS seq), \
+             taken AS MATERIALIZED (\
+                 SELECT seq FROM first \
+                 UNION ALL SELECT nextval('events_seq') \
+                 FROM first, generate_series(2, cardinality($1::text[]))), \
              numbered AS (SELECT seq, row_number() OVER (ORDER BY seq) AS n FROM taken) \
              INSERT INTO events (seq, type, occurred_at, user_id, provider_id, linked_user_id, \
                                  linked_username, actor, subject, request_id) \
@@ -184,7 +189,13 @@ async fn apply_in_transaction(
             .await
     };
     // One round trip: the three are sent before the first answer is read.
-    let (begun, deleted, inserted) = tokio::join!(client.batch_execute("BEGIN"), delete, insert);
+    // Generic plans: a custom plan per batch (PostgreSQL's default for
+    // statements whose arrays vary in size) cost more than the batch.
+    let (begun, deleted, inserted) = tokio::join!(
+        client.batch_execute("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan"),
+        delete,
+        insert
+    );
     begun.or_fault("cannot begin a batch")?;
     let deleted = deleted.or_fault("cannot delete links")?;
     let inserted = inserted.or_fault("cannot insert links")?;

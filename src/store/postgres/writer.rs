@@ -5,9 +5,12 @@
 //! once per batch rather than once per write. With `max_batch = 1` there
 //! is no writer: each write is its own transaction (`link_in`).
 //!
-//! A few batches are in flight at once (`IN_FLIGHT`): while one waits for
-//! its commit, the next is already inserting, and the queue fills behind
-//! both. Every write is answered only after its batch's commit.
+//! One batch at a time per instance: while it commits, the queue fills for
+//! the next. More in flight would not commit sooner — every batch of every
+//! instance waits for the feed's lock, held until its commit is flushed —
+//! and would cut the queue into smaller batches (measured: two instances
+//! with two batches in flight each wrote less than one instance). Every
+//! write is answered only after its batch's commit.
 //!
 //! A batch that fails is not the end of its writes: one PostgreSQL chose to
 //! break a deadlock, or a serialization failure, runs again whole; any
@@ -16,18 +19,13 @@
 //! outage (unreachable, shutting down, a timeout) answers every write of
 //! the batch with it, as it would answer each alone.
 
-use std::sync::Arc;
-
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use super::batch::{self, LinkWrite, UnlinkWrite};
 use super::fault::{is_deadlock, Fault};
 use super::PostgresStore;
 use crate::domain::LinkRecord;
 use crate::store::{Answer, LinkOutcome, Reply, StoreError};
-
-/// Batches written at once by one instance (each holds a connection).
-const IN_FLIGHT: usize = 2;
 
 /// How many times a batch that lost a deadlock runs again before its
 /// writes are run one by one.
@@ -38,7 +36,7 @@ type Sender<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Message {
     Link(LinkWrite, Sender<LinkOutcome>),
     Unlink(UnlinkWrite, Sender<LinkRecord>),
-    /// Finish every batch begun, answer, stop.
+    /// Answer once every write before it is answered; stop.
     Close(oneshot::Sender<()>),
 }
 
@@ -55,14 +53,9 @@ fn writer_stopped<T>() -> Result<T, StoreError> {
 
 impl Writer {
     /// Starts the writer task on `store` (a handle without a writer).
-    pub(super) fn start(store: PostgresStore, max_batch: usize, pool_size: usize) -> Writer {
+    pub(super) fn start(store: PostgresStore, max_batch: usize) -> Writer {
         let (queue, inbox) = mpsc::unbounded_channel();
-        tokio::spawn(run(
-            store,
-            inbox,
-            max_batch,
-            IN_FLIGHT.min(pool_size).max(1),
-        ));
+        tokio::spawn(run(store, inbox, max_batch));
         Writer { queue }
     }
 
@@ -112,36 +105,21 @@ impl Batch {
     }
 }
 
-/// Takes what waits, up to `max_batch`, whenever a batch slot is free.
-async fn run(
-    store: PostgresStore,
-    mut inbox: mpsc::UnboundedReceiver<Message>,
-    max_batch: usize,
-    in_flight: usize,
-) {
-    let slots = Arc::new(Semaphore::new(in_flight));
+/// Takes what waits, up to `max_batch`, and writes it; again.
+async fn run(store: PostgresStore, mut inbox: mpsc::UnboundedReceiver<Message>, max_batch: usize) {
     while let Some(first) = inbox.recv().await {
         let mut batch = Batch::default();
         let mut close = batch.add(first);
-        if close.is_none() {
-            // Writes arriving while every slot is busy join this batch.
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                break;
-            };
-            while close.is_none() && batch.len() < max_batch {
-                match inbox.try_recv() {
-                    Ok(message) => close = batch.add(message),
-                    Err(_) => break,
-                }
+        while close.is_none() && batch.len() < max_batch {
+            match inbox.try_recv() {
+                Ok(message) => close = batch.add(message),
+                Err(_) => break,
             }
-            let store = store.clone();
-            tokio::spawn(async move {
-                write(&store, batch).await;
-                drop(slot);
-            });
+        }
+        if batch.len() > 0 {
+            write(&store, batch).await;
         }
         if let Some(done) = close {
-            let _ = slots.acquire_many(in_flight as u32).await;
             let _ = done.send(());
             return;
         }
