@@ -21,8 +21,10 @@
 //! a whole URL is shown), never the password.
 //!
 //! This file opens the pool and implements the storage contract
-//! (`Backend`), each operation a transaction of its own; `queries.rs`
-//! holds the link's race-proof insert and the row mapping, `fault.rs` how
+//! (`Backend`), each operation a transaction of its own — except links and
+//! deletes with `database.max_batch` > 1, which `writer.rs` writes together
+//! (group commit) with `batch.rs`'s statements; `queries.rs` holds the
+//! link's race-proof insert for a write alone and the row mapping, `fault.rs` how
 //! the driver's errors are carried, `migrations.rs` the schema, `admin.rs`
 //! seed, export and import, `tls.rs` the TLS connector.
 
