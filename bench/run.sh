@@ -872,6 +872,10 @@ grep -q 'MISSED' <<<"$TARGETS" && MISSED=1
         printf '> - %s\n' "${INVALID[@]}"
         echo
     fi
+    if [[ $SCENARIOS != all ]]; then
+        echo "> Only some rows were run: \`SCENARIOS=$SCENARIOS\` (and the baseline, which always runs)."
+        echo
+    fi
     if ((${#BUSY[@]})); then
         echo "> **Warning: the machine was not idle** — the figures are skewed by other load:"
         printf '> - %s\n' "${BUSY[@]}"
