@@ -34,7 +34,12 @@
 #   9. pg-list, pg-list-x2   the list row with one instance, and with two
 #                   instances on the same database (two wrk, half the
 #                   connections each, at once; figures summed)
-#  10. pg-write, pg-write-x2 the write mix, likewise
+#  10. pg-write, pg-write-x2 the write mix, likewise (group commit,
+#                   database.max_batch as configured); pg-write-single the
+#                   same instance with LINKID_DATABASE__MAX_BATCH=1 (one
+#                   transaction per write). After the write rows, the feed
+#                   is checked against the stored links (every user's last
+#                   event says what is stored).
 #  11. pg-lookup-big, pg-feed as 7 and 8 on PostgreSQL
 # Besides: `linkid import` of BIG_LINKS lines (an export of the big
 # database) into an empty database on each backend: seconds and peak RSS.
@@ -53,7 +58,7 @@
 #                    (384 MiB: about 265 bytes an answer, 1,000,000 answers)
 #   CACHE_FILL=60s   the pass that fills that cache before its warm-up (the
 #                    report says when it asked for fewer than BIG_LINKS)
-#   PORT=18700       first loopback port; scenarios use PORT .. PORT+17
+#   PORT=18700       first loopback port; scenarios use PORT .. PORT+18
 #   OUT=bench/out    scratch directory (databases, key, logs, raw wrk output);
 #                    emptied at the start, so it must be one this script made
 #   RESULTS=bench/RESULTS.md   where the report goes
@@ -72,8 +77,9 @@
 #                    lookup-small, list-big,
 #                    write-group, write-single, write-hooked, lookup-big,
 #                    lookup-big-cached, feed, pg-list,
-#                    pg-list-x2, pg-write, pg-write-x2, pg-lookup-big,
-#                    pg-feed; default: all). The baseline always runs.
+#                    pg-list-x2, pg-write, pg-write-single, pg-write-x2,
+#                    pg-lookup-big, pg-feed; default: all). The baseline
+#                    always runs.
 #
 # Exit status: 0 when every scenario ran clean; 1 when a scenario saw a
 # non-2xx answer or a socket error, or a server failed (the report is still
@@ -228,9 +234,19 @@ cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 vmhwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 # CPU ticks the whole machine spent busy (user, nice, system, irq, softirq, steal)
 busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+# CPU ticks of the benchmark's PostgreSQL: its postmaster (with its children
+# that ended) and the children running now; 0 when there is none.
+PG_POSTMASTER=
+pg_ticks() {
+    [[ -n $PG_POSTMASTER ]] || { echo 0; return; }
+    {
+        sed 's/^.*) //' "/proc/$PG_POSTMASTER/stat" | awk '{print $12 + $13 + $14 + $15}'
+        awk -v pm="$PG_POSTMASTER" '$4 == pm {print $14 + $15}' /proc/[0-9]*/stat 2>/dev/null
+    } | awk '{s += $1} END {print s + 0}'
+}
 
 # ---------------------------------------------------------------- measuring
-declare -A RPS P50 P99 MEAN RSS CPU CPUREQ WRKCPU OTHER BYTES REQS ERRS NOTE SERVER SPREAD
+declare -A RPS P50 P99 MEAN RSS CPU CPUREQ WRKCPU OTHER BYTES REQS ERRS NOTE SERVER SPREAD PGCPU PGCPUREQ
 declare -a ORDER=() INVALID=() BUSY=()
 
 field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"; }
@@ -269,18 +285,21 @@ measure() {
     fi
     # ROUNDS measured runs against the same server; the one with the median
     # throughput is reported, errors are counted over all of them.
-    local -a lines=() srv=() sys=()
-    local r all_rps="" pick
+    local -a lines=() srv=() sys=() pgs=()
+    local r all_rps="" pick p0 p1
     errs=0
     for ((r = 1; r <= ROUNDS; r++)); do
         s0=$(busy_ticks)
         t0=$(cpu_ticks "$pid")
+        p0=$(pg_ticks)
         line=$(BENCH_RUN_ID="m$r-$RUN_ID" run_wrk "$OUT/$name.wrk$r.txt" "$DURATION_S" "$script" "$url" "$@")
         t1=$(cpu_ticks "$pid")
+        p1=$(pg_ticks)
         s1=$(busy_ticks)
         lines+=("$line")
         srv+=($((t1 - t0)))
         sys+=($((s1 - s0)))
+        pgs+=($((p1 - p0)))
         errs=$((errs + $(errors_in "$line")))
         all_rps+="$(field "$line" rps) "
     done
@@ -288,6 +307,7 @@ measure() {
         sort -n | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) {print $2}')
     line=${lines[$pick]}
     t0=0 t1=${srv[$pick]} s0=0 s1=${sys[$pick]}
+    pg_cpu "$name" "${pgs[$pick]}" "$(field "$line" requests)" "$(field "$line" duration_us)"
     SPREAD[$name]=$(tr ' ' '\n' <<<"$all_rps" | awk 'NF {v = $1 + 0; if (min == "" || v < min) min = v; if (v > max) max = v}
         END {printf "%.0f–%.0f", min, max}')
     ORDER+=("$name")
@@ -308,7 +328,7 @@ measure() {
     CPUREQ[$name]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$requests" 'BEGIN {printf "%.1f", r ? (t / hz) * 1e6 / r : 0}')
     WRKCPU[$name]=$(awk -v w="$wrk_cpu" -v d="$duration_us" 'BEGIN {printf "%.2f", w / (d / 1e6)}')
     # Everything else the machine did meanwhile (should be about 0).
-    OTHER[$name]=$(awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v w="$wrk_cpu" -v d="$duration_us" \
+    OTHER[$name]=$(awk -v s=$((s1 - s0 - ${pgs[$pick]})) -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v w="$wrk_cpu" -v d="$duration_us" \
         'BEGIN {o = ((s - t) / hz - w) / (d / 1e6); if (o < 0) o = 0; printf "%.2f", o}')
     BYTES[$name]=$(awk -v b="$bytes" -v r="$requests" 'BEGIN {printf "%.0f", r ? b / r : 0}')
     NOTE[$name]=$(field "$line" statuses)
@@ -322,6 +342,13 @@ measure() {
     printf '    %-13s %10.0f req/s  p50 %7.2f ms  p99 %7.2f ms  peak RSS %6.1f MiB  CPU: server %s, wrk %s, other %s cores\n' \
         "$name" "${RPS[$name]}" "$(ms "${P50[$name]}")" "$(ms "${P99[$name]}")" \
         "$(mib "${RSS[$name]}")" "${CPU[$name]}" "${WRKCPU[$name]}" "${OTHER[$name]}" >&2
+}
+
+# pg_cpu NAME TICKS REQUESTS DURATION_US: PostgreSQL's CPU for a row.
+pg_cpu() {
+    [[ -n $PG_POSTMASTER ]] || return 0
+    PGCPU[$1]=$(awk -v t="$2" -v hz="$CLK_TCK" -v d="$4" 'BEGIN {printf "%.2f", (t / hz) / (d / 1e6)}')
+    PGCPUREQ[$1]=$(awk -v t="$2" -v hz="$CLK_TCK" -v r="$3" 'BEGIN {printf "%.1f", r ? (t / hz) * 1e6 / r : 0}')
 }
 
 # measure2 NAME LABEL PID1 PID2 SCRIPT URL1 URL2 [wrk args...]: two servers
@@ -341,6 +368,8 @@ measure2() {
         wait "$w1" "$w2" # (not a bare wait: the servers are children too)
     fi
     s0=$(busy_ticks) t0=$(cpu_ticks "$pid1") u0=$(cpu_ticks "$pid2")
+    local p0 p1
+    p0=$(pg_ticks)
     local m1 m2
     ( CONNECTIONS=$half BENCH_RUN_ID="m1$RUN_ID" run_wrk "$OUT/$name.wrk1.txt" "$DURATION_S" "$script" "$url1" "$@" >"$OUT/$name.line1" ) &
     m1=$!
@@ -348,6 +377,7 @@ measure2() {
     m2=$!
     wait "$m1" "$m2"
     t1=$(cpu_ticks "$pid1") u1=$(cpu_ticks "$pid2") s1=$(busy_ticks)
+    p1=$(pg_ticks)
     line1=$(cat "$OUT/$name.line1") line2=$(cat "$OUT/$name.line2")
     [[ -n $line1 && -n $line2 ]] || die "$name: wrk gave no result; see $OUT/$name.wrk1.txt and .wrk2.txt"
     errs=$(( $(errors_in "$line1") + $(errors_in "$line2") ))
@@ -371,7 +401,8 @@ measure2() {
     CPU[$name]=$(awk -v t=$server_ticks -v hz="$CLK_TCK" -v d="$duration_us" 'BEGIN {printf "%.2f", (t / hz) / (d / 1e6)}')
     CPUREQ[$name]=$(awk -v t=$server_ticks -v hz="$CLK_TCK" -v r="$requests" 'BEGIN {printf "%.1f", r ? (t / hz) * 1e6 / r : 0}')
     WRKCPU[$name]=$(awk -v w="$wrk_cpu" -v d="$duration_us" 'BEGIN {printf "%.2f", w / (d / 1e6)}')
-    OTHER[$name]=$(awk -v s=$((s1 - s0)) -v t=$server_ticks -v hz="$CLK_TCK" -v w="$wrk_cpu" -v d="$duration_us" \
+    pg_cpu "$name" $((p1 - p0)) "$requests" "$duration_us"
+    OTHER[$name]=$(awk -v s=$((s1 - s0 - (p1 - p0))) -v t=$server_ticks -v hz="$CLK_TCK" -v w="$wrk_cpu" -v d="$duration_us" \
         'BEGIN {o = ((s - t) / hz - w) / (d / 1e6); if (o < 0) o = 0; printf "%.2f", o}')
     BYTES[$name]=$(awk -v b="$(sum bytes)" -v r="$requests" 'BEGIN {printf "%.0f", r ? b / r : 0}')
     NOTE[$name]="$(field "$line1" statuses) / $(field "$line2" statuses)"
@@ -621,7 +652,7 @@ if want feed; then
 fi
 
 # 9.-11. PostgreSQL
-if (( PG )) && want pg-list pg-list-x2 pg-write pg-write-x2 pg-lookup-big pg-feed; then
+if (( PG )) && want pg-list pg-list-x2 pg-write pg-write-single pg-write-x2 pg-lookup-big pg-feed; then
     say "starting a throwaway PostgreSQL (scripts/pg-cluster.sh)"
     PG_DIR=$(mktemp -d /tmp/linkid-bench-pg.XXXXXX)
     pg_exports=$(scripts/pg-cluster.sh start "$PG_DIR" 2>"$OUT/pg-cluster.log") || die "cannot start PostgreSQL; see $OUT/pg-cluster.log"
@@ -630,6 +661,7 @@ if (( PG )) && want pg-list pg-list-x2 pg-write pg-write-x2 pg-lookup-big pg-fee
     unset LINKID_TEST_PG_URL LINKID_TEST_PG_CA LINKID_TEST_PG_DIR
     pg_url() { sed "s#/postgres\$#/$1#" <<<"$PG_ADMIN_URL"; }
     PG_VERSION=$(psql "$PG_ADMIN_URL" -Atc "SHOW server_version")
+    PG_POSTMASTER=$(head -1 "$PG_DIR/data/postmaster.pid")
     for db in bench_small bench_big bench_write bench_feed; do
         psql "$PG_ADMIN_URL" -qc "CREATE DATABASE $db" || die "cannot create database $db"
     done
@@ -639,7 +671,7 @@ if (( PG )) && want pg-list pg-list-x2 pg-write pg-write-x2 pg-lookup-big pg-fee
     }
     say "seeding PostgreSQL: $LINKS links (list, writes) and $BIG_LINKS links (lookup)"
     want pg-list pg-list-x2 && pg_seed bench_small "$LINKS"
-    want pg-write pg-write-x2 && pg_seed bench_write "$LINKS"
+    want pg-write pg-write-single pg-write-x2 && pg_seed bench_write "$LINKS"
     PG_SEED_SECS=?
     if want pg-lookup-big; then
         PG_SEED_START=$(date +%s.%N)
@@ -681,12 +713,37 @@ if (( PG )) && want pg-list pg-list-x2 pg-write pg-write-x2 pg-lookup-big pg-fee
         start_server pg-write "$port" env $(pg_env "$port" bench_write) "$LINKID" serve
         measure pg-write "linkid, PostgreSQL" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
         first=$SERVER_PID
-        start_server pg-write-x2 "$((port + 1))" env $(pg_env "$((port + 1))" bench_write) "$LINKID" serve
-        wait_idle pg-write-x2
-        measure2 pg-write-x2 "2 × linkid, PostgreSQL" "$first" "$SERVER_PID" bench/write.lua \
-            "http://127.0.0.1:$port/" "http://127.0.0.1:$((port + 1))/" -H "$AUTH"
-        stop_server "$SERVER_PID" 0 pg-write-x2
+        if want pg-write-x2; then
+            start_server pg-write-x2 "$((port + 1))" env $(pg_env "$((port + 1))" bench_write) "$LINKID" serve
+            wait_idle pg-write-x2
+            measure2 pg-write-x2 "2 × linkid, PostgreSQL" "$first" "$SERVER_PID" bench/write.lua \
+                "http://127.0.0.1:$port/" "http://127.0.0.1:$((port + 1))/" -H "$AUTH"
+            stop_server "$SERVER_PID" 0 pg-write-x2
+        fi
         stop_server "$first" 0 pg-write
+    fi
+    if want pg-write-single; then
+        port=$((PORT + 18))
+        wait_idle pg-write-single
+        start_server pg-write-single "$port" env $(pg_env "$port" bench_write) LINKID_DATABASE__MAX_BATCH=1 "$LINKID" serve
+        measure pg-write-single "linkid max_batch=1, PostgreSQL" "$SERVER_PID" bench/write.lua "http://127.0.0.1:$port/" -H "$AUTH"
+        stop_server "$SERVER_PID" 0 pg-write-single
+    fi
+    if want pg-write pg-write-single pg-write-x2; then
+        # Replaying the feed gives the stored links: for each user with
+        # events, the last one says whether a link is stored and which;
+        # the seeded links have none.
+        PG_FEED_EVENTS=$(psql "$(pg_url bench_write)" -Atc "SELECT count(*) FROM events")
+        PG_FEED_MISMATCHES=$(psql "$(pg_url bench_write)" -Atc "
+            WITH last AS (SELECT DISTINCT ON (user_id) user_id, type, linked_user_id, linked_username
+                          FROM events ORDER BY user_id, seq DESC)
+            SELECT (SELECT count(*) FROM last FULL JOIN linked_identities AS s USING (user_id)
+                    WHERE (s.user_id IS NULL) <> (last.type IS NOT DISTINCT FROM 'UNLINKED')
+                       OR s.user_id IS NOT NULL AND last.type IS NULL AND s.user_id NOT LIKE 'seed-user-%'
+                       OR last.type IN ('LINKED', 'UPDATED') AND
+                          (s.linked_user_id, s.linked_username) IS DISTINCT FROM (last.linked_user_id, last.linked_username))")
+        (( PG_FEED_MISMATCHES == 0 )) ||
+            INVALID+=("pg-write: the feed and the stored links disagree for $PG_FEED_MISMATCHES user(s)")
     fi
 
     if want pg-lookup-big; then
@@ -724,6 +781,7 @@ declare -A LABEL=(
     [pg-list-x2]="PostgreSQL, 2 instances: GET list"
     [pg-write]="PostgreSQL: write mix POST+DELETE"
     [pg-write-x2]="PostgreSQL, 2 instances: write mix"
+    [pg-write-single]="PostgreSQL: write mix, max_batch=1"
     [pg-lookup-big]="PostgreSQL: GET reverse lookup, $(commas "$BIG_LINKS") links"
     [pg-feed]="PostgreSQL: GET events (100 a page)"
 )
@@ -742,12 +800,12 @@ table() {
 }
 
 cpu_table() {
-    echo "| scenario | requests | req/s over $ROUNDS round(s) | mean ms | server CPU (cores) | server CPU µs/request | wrk CPU (cores) | other CPU (cores) | bytes/response |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| scenario | requests | req/s over $ROUNDS round(s) | mean ms | server CPU (cores) | server CPU µs/request | PostgreSQL CPU (cores) | PostgreSQL CPU µs/request | wrk CPU (cores) | other CPU (cores) | bytes/response |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     local n
     for n in "${ORDER[@]}"; do
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$n]}" "${REQS[$n]}" "${SPREAD[$n]}" "$(ms "${MEAN[$n]}")" \
-            "${CPU[$n]}" "${CPUREQ[$n]}" "${WRKCPU[$n]}" "${OTHER[$n]}" "${BYTES[$n]}"
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$n]}" "${REQS[$n]}" "${SPREAD[$n]}" "$(ms "${MEAN[$n]}")" \
+            "${CPU[$n]}" "${CPUREQ[$n]}" "${PGCPU[$n]:-—}" "${PGCPUREQ[$n]:-—}" "${WRKCPU[$n]}" "${OTHER[$n]}" "${BYTES[$n]}"
     done
 }
 
@@ -802,6 +860,31 @@ targets() {
         v=$(verdict "$r >= 5")
         echo "| writes, $CONNECTIONS connections: group commit ≥ 5 × one commit per request | $r × ($(printf %.0f "${RPS[write-group]}") vs $(printf %.0f "${RPS[write-single]}") req/s) | $v |"
     fi
+    # Issue 21: group commit on PostgreSQL.
+    if has pg-write pg-write-single; then
+        r=$(ratio "${RPS[pg-write]}" "${RPS[pg-write-single]}")
+        v=$(verdict "$r >= 4")
+        echo "| PostgreSQL writes: group commit ≥ 4 × max_batch=1 (issue 21) | $r × ($(printf %.0f "${RPS[pg-write]}") vs $(printf %.0f "${RPS[pg-write-single]}") req/s) | $v |"
+    fi
+    if has pg-write; then
+        r=$(ratio "${RPS[pg-write]}" 3750)
+        v=$(verdict "$r >= 4")
+        echo "| PostgreSQL writes ≥ 4 × 3,750 req/s (main before issue 21, if the machine allows) | $r × ($(printf %.0f "${RPS[pg-write]}") req/s; PostgreSQL's own CPU ${PGCPU[pg-write]:-?} cores) | $v |"
+    fi
+    if has pg-write pg-write-x2; then
+        r=$(ratio "${RPS[pg-write-x2]}" "${RPS[pg-write]}")
+        v=$(verdict "$r >= 0.9")
+        echo "| PostgreSQL writes: two instances ≥ 0.9 × one (issue 21) | $r × ($(printf %.0f "${RPS[pg-write-x2]}") vs $(printf %.0f "${RPS[pg-write]}") req/s) | $v |"
+    fi
+    if has pg-write write-group; then
+        r=$(ratio "${CPUREQ[pg-write]}" "${CPUREQ[write-group]}")
+        v=$(verdict "$r <= 1.5")
+        echo "| linkid CPU per write on PostgreSQL ≤ 1.5 × on SQLite with group commit (issue 21) | $r × (${CPUREQ[pg-write]} vs ${CPUREQ[write-group]} µs) | $v |"
+    fi
+    if [[ -n ${PG_FEED_MISMATCHES:-} ]]; then
+        v=$(verdict "$PG_FEED_MISMATCHES == 0")
+        echo "| PostgreSQL writes: the feed and the stored links agree at the end (issue 21) | $PG_FEED_MISMATCHES user(s) disagree, over $PG_FEED_EVENTS events | $v |"
+    fi
     if has list-big; then
         v=$(verdict "${RSS[list-big]} < $RSS_LIMIT_KIB")
         echo "| peak RSS < 64 MiB with $(commas "$BIG_LINKS") links stored | $(mib "${RSS[list-big]}") MiB (database file $BIG_DB_MIB MiB) | $v |"
@@ -853,6 +936,10 @@ grep -q 'MISSED' <<<"$TARGETS" && MISSED=1
         printf '> - %s\n' "${INVALID[@]}"
         echo
     fi
+    if [[ $SCENARIOS != all ]]; then
+        echo "> Only some rows were run: \`SCENARIOS=$SCENARIOS\` (and the baseline, which always runs)."
+        echo
+    fi
     if ((${#BUSY[@]})); then
         echo "> **Warning: the machine was not idle** — the figures are skewed by other load:"
         printf '> - %s\n' "${BUSY[@]}"
@@ -872,7 +959,7 @@ grep -q 'MISSED' <<<"$TARGETS" && MISSED=1
     echo "- write mix (bench/write.lua): POST a link to okta for a new user with a new remote id (JSON body, Content-Type: application/json), and once it is answered 201, DELETE it; every answer's status is counted (statuses seen: group ${NOTE[write-group]:-?}; single ${NOTE[write-single]:-?})"
     echo "- admin token minted by \`linkid token mint --admin\` for this run"
     echo "- reverse lookup (bench/lookup.lua): a random seeded link per request, by provider_id and linked_user_id; feed (bench/feed.lua): a random \`after\`, limit 100, from the events an import of $(commas "$BIG_LINKS") lines recorded"
-    (( PG )) && echo "- PostgreSQL ${PG_VERSION:-?} on loopback, a throwaway cluster from scripts/pg-cluster.sh (fsync on, shared_buffers 32 MB); its server processes' CPU is not in the server columns (it shows under other CPU); $(commas "$BIG_LINKS") links seeded in ${PG_SEED_SECS:-?} s; \`-x2\` rows: two linkid processes on one database, each loaded by its own wrk with $((CONNECTIONS / 2)) connections at the same time (one round), throughput and server CPU summed, latency of the slower wrk, RSS of the larger process"
+    (( PG )) && echo "- PostgreSQL ${PG_VERSION:-?} on loopback, a throwaway cluster from scripts/pg-cluster.sh (fsync on, shared_buffers 32 MB); its server processes' CPU is not in the server columns (it has columns of its own; the postmaster, its children, and those that ended); $(commas "$BIG_LINKS") links seeded in ${PG_SEED_SECS:-?} s; \`-x2\` rows: two linkid processes on one database, each loaded by its own wrk with $((CONNECTIONS / 2)) connections at the same time (one round), throughput and server CPU summed, latency of the slower wrk, RSS of the larger process"
     [[ -n $EXTRA_ENV ]] && echo "- inherited environment also set: $EXTRA_ENV"
     echo
     echo "## Results"
@@ -889,7 +976,7 @@ grep -q 'MISSED' <<<"$TARGETS" && MISSED=1
     echo
     echo "$IMPORT_TABLE"
     echo
-    echo "## Targets (issues 4 and 12)"
+    echo "## Targets (issues 4, 12 and 21)"
     echo
     echo "$TARGETS"
     echo

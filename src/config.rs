@@ -231,7 +231,8 @@ pub struct DatabaseConfig {
     #[serde(default)]
     pub url: Option<DatabaseUrl>,
     pub pool_size: u32,
-    /// SQLite's group commit: most writes in one transaction.
+    /// Group commit (SQLite, and PostgreSQL per instance): most writes in
+    /// one transaction.
     pub max_batch: usize,
     /// SQLite: the most memory the row cache may use; 0 = plain reads (no
     /// row cache, no read transaction held between reads, no WAL-index

@@ -21,12 +21,15 @@
 //! a whole URL is shown), never the password.
 //!
 //! This file opens the pool and implements the storage contract
-//! (`Backend`), each operation a transaction of its own; `queries.rs`
-//! holds the link's race-proof insert and the row mapping, `fault.rs` how
+//! (`Backend`), each operation a transaction of its own — except links and
+//! deletes with `database.max_batch` > 1, which `writer.rs` writes together
+//! (group commit) with `batch.rs`'s statements; `queries.rs` holds the
+//! link's race-proof insert for a write alone and the row mapping, `fault.rs` how
 //! the driver's errors are carried, `migrations.rs` the schema, `admin.rs`
 //! seed, export and import, `tls.rs` the TLS connector, `webhooks.rs` where
 //! each webhook stands and the lease that lets one instance deliver it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -58,25 +61,34 @@ macro_rules! record_columns {
 }
 
 pub(crate) mod admin;
+mod batch;
 mod fault;
 mod migrations;
 mod queries;
 mod tls;
 mod webhooks;
+mod writer;
 
+use batch::{LinkWrite, UnlinkWrite};
 use fault::{describe, Fault, OrFault};
 use queries::{event_from_row, link_in, record_event, record_from_row};
+use writer::Writer;
 
-/// The PostgreSQL store: a pool of connections to one database.
+/// The PostgreSQL store: a pool of connections to one database. Cloned
+/// (sharing the pool and the newest event) for the writer task.
+#[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
     url: PostgresUrl,
     /// `database.statement_timeout_secs`.
     timeout: Duration,
     /// The newest committed event's seq (see `Backend::newest_event`).
-    newest_event: watch::Sender<i64>,
+    newest_event: Arc<watch::Sender<i64>>,
     /// How each provider compares remote ids (the keys follow it).
     rules: IdRules,
+    /// Group commit for links and deletes (`database.max_batch` > 1); the
+    /// writer's own handle has none.
+    writer: Option<Writer>,
 }
 
 impl PostgresStore {
@@ -109,8 +121,9 @@ impl PostgresStore {
             pool,
             url: url.clone(),
             timeout,
-            newest_event: watch::Sender::new(0),
+            newest_event: Arc::new(watch::Sender::new(0)),
             rules: rules.clone(),
+            writer: None,
         };
         let mut client = store
             .pool
@@ -121,7 +134,8 @@ impl PostgresStore {
         migrations::migrate(&mut client, &url.to_string(), rules).await?;
         drop(client);
         store.refresh().await?;
-        Ok(store)
+        let writer = (config.max_batch > 1).then(|| Writer::start(store.clone(), config.max_batch));
+        Ok(PostgresStore { writer, ..store })
     }
 
     /// Tells long polls about an event this process committed (or saw).
@@ -166,12 +180,21 @@ impl Backend for PostgresStore {
         })
     }
 
-    /// The insert decides who wins (see `link_in`).
+    /// The insert decides who wins (see `link_in`, and `batch.rs` for a
+    /// link written in a batch).
     fn link(&self, user: UserId, link: NewLink, actor: Actor) -> Reply<'_, LinkOutcome> {
+        let key = self
+            .rules
+            .key(link.provider_id.as_str(), link.linked_user_id.as_str());
+        if let Some(writer) = &self.writer {
+            return writer.link(LinkWrite {
+                user,
+                link,
+                key,
+                actor,
+            });
+        }
         Answer::boxed(async move {
-            let key = self
-                .rules
-                .key(link.provider_id.as_str(), link.linked_user_id.as_str());
             let mut client = self.client().await?;
             let linked = link_in(&mut client, &user, &link, &key, &actor);
             let outcome = self.within(linked).await;
@@ -186,6 +209,13 @@ impl Backend for PostgresStore {
     }
 
     fn unlink(&self, user: UserId, provider: ProviderId, actor: Actor) -> Reply<'_, LinkRecord> {
+        if let Some(writer) = &self.writer {
+            return writer.unlink(UnlinkWrite {
+                user,
+                provider,
+                actor,
+            });
+        }
         Answer::boxed(async move {
             let mut client = self.client().await?;
             let deleted = async {
@@ -551,9 +581,12 @@ impl Backend for PostgresStore {
         (status.size as u32, status.available as u32)
     }
 
-    /// Closes the pool; every write was answered already.
+    /// Lets the writer finish what it was asked, then closes the pool.
     fn close(&self) -> Answer<'_, ()> {
         Answer::boxed(async move {
+            if let Some(writer) = &self.writer {
+                writer.close().await;
+            }
             self.pool.close();
         })
     }

@@ -34,7 +34,7 @@ fn skipped() -> bool {
     )
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
@@ -43,17 +43,22 @@ fn client() -> reqwest::Client {
 
 /// `n` linkid processes serving the database of one directory, with an
 /// admin token minted there (so the key exists before they start).
-struct Instances {
+pub(crate) struct Instances {
     dir: TempDir,
-    servers: Vec<Server>,
-    token: String,
+    pub(crate) servers: Vec<Server>,
+    pub(crate) token: String,
 }
 
 impl Instances {
-    fn start(n: usize) -> Instances {
+    pub(crate) fn start(n: usize) -> Instances {
+        Instances::start_with(n, &[])
+    }
+
+    /// `start`, with these environment variables set for every instance.
+    pub(crate) fn start_with(n: usize, env: &[(&str, &str)]) -> Instances {
         let dir = TempDir::new().unwrap();
         let token = mint(dir.path(), &["--admin"]);
-        let servers = start_together(dir.path(), n, &[]);
+        let servers = start_together(dir.path(), n, env);
         Instances {
             dir,
             servers,
@@ -61,7 +66,7 @@ impl Instances {
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 }
@@ -76,12 +81,12 @@ fn start_together(dir: &Path, n: usize, env: &[(&str, &str)]) -> Vec<Server> {
     })
 }
 
-async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
+pub(crate) async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn post_link(
+pub(crate) async fn post_link(
     client: &reqwest::Client,
     base: &str,
     token: &str,
@@ -1112,7 +1117,7 @@ async fn feed_page(client: &reqwest::Client, base: &str, token: &str, query: &st
     response.json().await.unwrap()
 }
 
-async fn whole_feed(client: &reqwest::Client, base: &str, token: &str) -> Vec<Value> {
+pub(crate) async fn whole_feed(client: &reqwest::Client, base: &str, token: &str) -> Vec<Value> {
     let mut all = Vec::new();
     let mut after = 0;
     loop {

@@ -21,6 +21,7 @@ mod feed;
 mod first_start;
 mod freshness;
 mod get;
+mod group_commit;
 mod hostile;
 mod hostile_tokens;
 mod identity_providers;

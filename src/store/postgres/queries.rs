@@ -245,6 +245,6 @@ pub(super) fn record_from_row(row: &Row) -> LinkRecord {
 }
 
 /// A stored time as RFC 3339 UTC with seconds, as the SQLite backend writes.
-fn rfc3339(time: SystemTime) -> String {
+pub(super) fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }
