@@ -33,10 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
-};
-use tokio_postgres::error::SqlState;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use tokio::sync::watch;
 
@@ -70,7 +67,7 @@ mod webhooks;
 mod writer;
 
 use batch::{LinkWrite, UnlinkWrite};
-use fault::{describe, Fault, OrFault};
+use fault::{Fault, OrFault};
 use queries::{event_from_row, link_in, record_event, record_from_row};
 use writer::Writer;
 
@@ -589,117 +586,6 @@ impl Backend for PostgresStore {
             }
             self.pool.close();
         })
-    }
-}
-
-impl PostgresStore {
-    /// A pooled connection, within the timeout.
-    async fn client(&self) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(|e| self.pool_error(e))
-    }
-
-    /// Runs `work` within the statement timeout, plus a margin for the
-    /// server's own cancellation to arrive first.
-    async fn within<T>(
-        &self,
-        work: impl std::future::Future<Output = Result<T, Fault>>,
-    ) -> Result<Result<T, Fault>, tokio::time::error::Elapsed> {
-        tokio::time::timeout(self.timeout + Duration::from_secs(1), work).await
-    }
-
-    /// Maps what `work` on `client` gave. A connection that did not answer
-    /// in time, or broke, is dropped rather than handed to the next request.
-    fn settle<T>(
-        &self,
-        client: Object,
-        outcome: Result<Result<T, Fault>, tokio::time::error::Elapsed>,
-    ) -> Result<T, StoreError> {
-        match outcome {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(Fault::Store(error))) => Err(error),
-            Ok(Err(Fault::Postgres { error, what })) => {
-                if error.is_closed() || error.as_db_error().is_none() {
-                    drop(Object::take(client));
-                }
-                Err(self.postgres_error(error, what))
-            }
-            Err(_) => {
-                drop(Object::take(client));
-                Err(StoreError::Unavailable(format!(
-                    "the database at {} did not answer within {}s (database.statement_timeout_secs)",
-                    self.hosts(),
-                    self.timeout.as_secs()
-                )))
-            }
-        }
-    }
-
-    /// The hosts of the URL, for messages.
-    fn hosts(&self) -> String {
-        let hosts: Vec<String> = self.url.hosts().iter().map(|h| h.to_string()).collect();
-        hosts.join(",")
-    }
-
-    fn pool_error(&self, error: PoolError) -> StoreError {
-        let secs = self.timeout.as_secs();
-        let hosts = self.hosts();
-        match error {
-            PoolError::Timeout(TimeoutType::Wait) => StoreError::Unavailable(format!(
-                "no database connection was free within {secs}s (database.pool_size connections are all busy)"
-            )),
-            PoolError::Timeout(TimeoutType::Create) => StoreError::Unavailable(format!(
-                "cannot connect to PostgreSQL at {hosts}: no answer within {secs}s"
-            )),
-            PoolError::Timeout(TimeoutType::Recycle) => StoreError::Unavailable(format!(
-                "the connection to PostgreSQL at {hosts} did not answer within {secs}s"
-            )),
-            PoolError::Backend(error) => StoreError::Unavailable(format!(
-                "cannot connect to PostgreSQL at {hosts}: {}",
-                describe(&error)
-            )),
-            PoolError::Closed => StoreError::Unavailable("the database connections are closed".into()),
-            other => anyhow::anyhow!("the connection pool failed: {other}").into(),
-        }
-    }
-
-    /// Turns a statement's error into the store's: an unreachable, stopping,
-    /// overloaded or slow database is `Unavailable`, a full disk is `Full`.
-    fn postgres_error(&self, error: tokio_postgres::Error, what: &'static str) -> StoreError {
-        let hosts = self.hosts();
-        let Some(db) = error.as_db_error() else {
-            let broken = error.is_closed()
-                || std::error::Error::source(&error).is_some_and(|s| s.is::<std::io::Error>());
-            if !broken {
-                // (A value the driver cannot convert: a bug, not an outage.)
-                return anyhow::Error::new(error).context(what).into();
-            }
-            return StoreError::Unavailable(format!(
-                "the connection to PostgreSQL at {hosts} was lost: {}",
-                describe(&error)
-            ));
-        };
-        let code = db.code();
-        let class = &code.code()[..2];
-        if *code == SqlState::QUERY_CANCELED {
-            StoreError::Unavailable(format!(
-                "PostgreSQL at {hosts} did not finish a statement within {}s (database.statement_timeout_secs)",
-                self.timeout.as_secs()
-            ))
-        } else if *code == SqlState::DISK_FULL {
-            StoreError::Full(format!("PostgreSQL at {hosts}: {}", db.message()))
-        } else if matches!(class, "08" | "53" | "57" | "58")
-            || *code == SqlState::READ_ONLY_SQL_TRANSACTION
-            || *code == SqlState::T_R_SERIALIZATION_FAILURE
-            || *code == SqlState::T_R_DEADLOCK_DETECTED
-        {
-            StoreError::Unavailable(format!(
-                "PostgreSQL at {hosts}: {} (SQLSTATE {})",
-                db.message(),
-                code.code()
-            ))
-        } else {
-            anyhow::Error::new(error).context(what).into()
-        }
     }
 }
 
