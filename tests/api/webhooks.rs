@@ -399,11 +399,7 @@ async fn the_standard_webhooks_library_verifies_deliveries_from_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_fails_times_out_redirects_or_is_down_gets_every_event_in_order() {
     // Down at first: its port is free until the receiver starts on it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = TempDir::new().unwrap();
     let token = configure(
         dir.path(),
@@ -586,11 +582,7 @@ async fn a_dead_receiver_delays_only_its_own_webhook() {
     let hanging =
         Receiver::start(Arc::new(|_, _| Some(Answer::Hang(Duration::from_secs(60))))).await;
     let healthy = Receiver::start(Arc::new(|_, _| None)).await;
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead_port = free_port();
     let dir = TempDir::new().unwrap();
     let token = configure(
         dir.path(),
@@ -771,11 +763,7 @@ fn execute_sql(dir: &Path, sql: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_whose_events_were_pruned_is_expired_until_replayed_after_the_pruning() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = TempDir::new().unwrap();
     let token = configure(
         dir.path(),
@@ -815,4 +803,14 @@ async fn a_webhook_whose_events_were_pruned_is_expired_until_replayed_after_the_
     assert!(replayed.status.success());
     let ids: Vec<i64> = receiver.received().iter().map(Received::seq).collect();
     assert_eq!(ids, [6, 7, 8]);
+}
+
+/// A loopback port nothing listens on (a receiver that is down until it
+/// starts there).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
